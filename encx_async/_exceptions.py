@@ -1,0 +1,88 @@
+"""The errors encx-async raises.
+
+Every error derives from :class:`EncxError`, which is never raised itself, so
+``except EncxError`` catches everything this library raises on purpose::
+
+    EncxError
+    ├── ConfigurationError (also ValueError)
+    ├── ClosedError (also RuntimeError)
+    ├── KMSError
+    │   ├── KMSUnavailableError
+    │   ├── KMSAccessDeniedError
+    │   ├── KMSKeyNotFoundError
+    │   └── KMSRegionMismatchError (also ValueError)
+    ├── EncryptionError
+    └── DecryptionError
+
+Messages name aliases, key ids, regions and sizes, never key material,
+peppers or plaintext. When an error comes from botocore or the KMS, the
+original exception is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClosedError",
+    "ConfigurationError",
+    "DecryptionError",
+    "EncryptionError",
+    "EncxError",
+    "KMSAccessDeniedError",
+    "KMSError",
+    "KMSKeyNotFoundError",
+    "KMSRegionMismatchError",
+    "KMSUnavailableError",
+]
+
+
+class EncxError(Exception):
+    """Base class of every encx-async error; never raised directly."""
+
+
+class ConfigurationError(EncxError, ValueError):
+    """A setting or argument is invalid: a pepper of the wrong size, a bad context..."""
+
+
+class ClosedError(EncxError, RuntimeError):
+    """The object was used after ``aclose()``."""
+
+
+class KMSError(EncxError):
+    """The KMS refused or failed a request that none of the subclasses describe.
+
+    It is raised as itself for rare KMS answers (a disabled key, a key pending
+    deletion); ``code`` holds the KMS error code when there is one.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KMSUnavailableError(KMSError):
+    """The KMS could not be reached in time: network failure, timeout, 5xx or
+    throttling, after the configured retries. Retrying later may succeed."""
+
+
+class KMSAccessDeniedError(KMSError):
+    """The caller's credentials lack a permission (or there are no credentials)."""
+
+
+class KMSKeyNotFoundError(KMSError):
+    """The key or alias does not exist in this account and region."""
+
+
+class KMSRegionMismatchError(KMSError, ValueError):
+    """A key ARN names a region other than the one the KMS client talks to."""
+
+
+class EncryptionError(EncxError):
+    """Encryption failed for a reason other than the KMS."""
+
+
+class DecryptionError(EncxError):
+    """A ciphertext could not be decrypted: it was tampered with, truncated,
+    is not an encx-async ciphertext, or the key, context or aad is wrong.
+
+    The message never says which of these, on purpose.
+    """

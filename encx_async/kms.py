@@ -1,0 +1,55 @@
+"""The contract between :class:`~encx_async.Crypto` and a key management service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+__all__ = ["KeyManagementService"]
+
+
+@runtime_checkable
+class KeyManagementService(Protocol):
+    """What a KMS provider implements: wrap and unwrap data keys under a KEK.
+
+    ``context`` is the KMS encryption context: non-secret, authenticated, and
+    required again, unchanged, to unwrap. With AWS it appears in CloudTrail.
+
+    A provider is an async resource: ``aclose()`` (idempotent) or ``async with``.
+    Whoever opens a provider closes it; :class:`~encx_async.Crypto` never closes
+    a provider it was handed.
+    """
+
+    async def get_key_id(self, alias: str) -> str:
+        """Resolve an alias (``alias/...``), key id or key ARN to a key id."""
+        ...
+
+    async def create_key(self, description: str, *, alias: str | None = None) -> str:
+        """Create a symmetric encryption key, and an alias for it if given; return its id."""
+        ...
+
+    async def encrypt_dek(
+        self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Wrap a data key under the KEK ``key_id``."""
+        ...
+
+    async def decrypt_dek(
+        self, key_id: str, ciphertext_dek: bytes, *, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Unwrap a data key wrapped by :meth:`encrypt_dek` with the same ``context``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the provider's resources; calling it again does nothing."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

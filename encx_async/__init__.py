@@ -1,0 +1,48 @@
+"""encx-async: asyncio-native envelope encryption for Python services.
+
+Start with :class:`Crypto`; pick a KMS from :mod:`encx_async.providers`.
+"""
+
+from __future__ import annotations
+
+from ._cache import NIST_GCM_RANDOM_NONCE_LIMIT, CacheSideStats, DEKCache, DEKCacheStats
+from ._crypto import DEFAULT_THREAD_THRESHOLD, Crypto, CryptoStats
+from ._exceptions import (
+    ClosedError,
+    ConfigurationError,
+    DecryptionError,
+    EncryptionError,
+    EncxError,
+    KMSAccessDeniedError,
+    KMSError,
+    KMSKeyNotFoundError,
+    KMSRegionMismatchError,
+    KMSUnavailableError,
+)
+from ._keys import DataKey
+from .kms import KeyManagementService
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_THREAD_THRESHOLD",
+    "NIST_GCM_RANDOM_NONCE_LIMIT",
+    "CacheSideStats",
+    "ClosedError",
+    "ConfigurationError",
+    "Crypto",
+    "CryptoStats",
+    "DEKCache",
+    "DEKCacheStats",
+    "DataKey",
+    "DecryptionError",
+    "EncryptionError",
+    "EncxError",
+    "KMSAccessDeniedError",
+    "KMSError",
+    "KMSKeyNotFoundError",
+    "KMSRegionMismatchError",
+    "KMSUnavailableError",
+    "KeyManagementService",
+    "__version__",
+]

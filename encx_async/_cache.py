@@ -1,0 +1,375 @@
+"""DEKCache: reuse data keys within safe limits, and never ask the KMS twice at once.
+
+Two sides, each a bounded LRU map with a TTL:
+
+* encrypt side, keyed by (KEK id, KEK version, context): one DEK and its wrapped
+  form serve up to ``max_messages_per_dek`` messages and ``max_bytes_per_dek``
+  bytes for ``ttl`` seconds. A use is counted *before* the key is handed out, and
+  a key that reaches a limit is never handed out again;
+* decrypt side, keyed by (KEK id, wrapped DEK, context): unwrapped DEKs for
+  ``ttl`` seconds.
+
+Misses are single-flight: the first caller starts the KMS call as a task of its
+own and every concurrent caller for the same entry awaits that task through
+:func:`asyncio.shield`, so a cancelled caller cancels nobody else, and a failure
+reaches every waiter and is not cached. Within ``refresh_ahead`` of an entry's
+end (in time or in uses), one background task fetches its successor while
+callers keep using the current entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Generic, Protocol, TypeVar
+
+from ._exceptions import ClosedError, ConfigurationError
+
+__all__ = ["NIST_GCM_RANDOM_NONCE_LIMIT", "CacheSideStats", "DEKCache", "DEKCacheStats"]
+
+logger = logging.getLogger("encx_async.cache")
+
+#: NIST SP 800-38D, 8.3: at most 2**32 AES-GCM invocations with random 96-bit
+#: nonces under one key. No setting can exceed it.
+NIST_GCM_RANDOM_NONCE_LIMIT = 2**32
+_REASONS = ("ttl", "messages", "bytes")
+
+
+class _Wipeable(Protocol):
+    def wipe(self) -> None: ...
+
+
+V = TypeVar("V", bound=_Wipeable)
+Load = Callable[[], Awaitable[V]]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSideStats:
+    """Counters of one side of the cache since it was created."""
+
+    hits: int
+    misses: int
+    #: callers that found a KMS call for their entry under way and waited for it
+    coalesced: int
+    #: background refresh-ahead fetches started, and how many of them failed
+    refreshes: int
+    refresh_failures: int
+    #: entries dropped to respect ``max_entries``
+    evictions: int
+    #: entries retired by reason: "ttl", "messages", "bytes"
+    expirations: Mapping[str, int]
+    entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class DEKCacheStats:
+    encrypt: CacheSideStats
+    decrypt: CacheSideStats
+
+    @property
+    def hit_ratio(self) -> float:
+        """Hits over all lookups, both sides together (0.0 before any lookup)."""
+        hits = self.encrypt.hits + self.decrypt.hits
+        total = hits + self.encrypt.misses + self.decrypt.misses
+        total += self.encrypt.coalesced + self.decrypt.coalesced
+        return hits / total if total else 0.0
+
+
+class _Entry(Generic[V]):
+    __slots__ = ("bytes", "dead", "expires_at", "messages", "refresh_at", "refreshing", "value")
+
+    def __init__(self, value: V, now: float, ttl: float, refresh_ahead: float) -> None:
+        self.value = value
+        self.expires_at = now + ttl
+        self.refresh_at = now + ttl - refresh_ahead
+        self.messages = 0
+        self.bytes = 0
+        self.refreshing = False
+        self.dead = False  # retired: never handed out again
+
+
+@dataclass(slots=True)
+class _Limits:
+    ttl: float
+    max_entries: int
+    refresh_ahead: float
+    max_messages: int | None = None
+    max_bytes: int | None = None
+
+    def near_end(self, entry: _Entry[V], now: float) -> bool:
+        if now >= entry.refresh_at:
+            return True
+        # Refresh-ahead on uses too: the last 10% of a key's messages or bytes.
+        if self.max_messages is not None and entry.messages * 10 >= self.max_messages * 9:
+            return True
+        return self.max_bytes is not None and entry.bytes * 10 >= self.max_bytes * 9
+
+
+@dataclass(slots=True)
+class _Side(Generic[V]):
+    limits: _Limits
+    clock: Callable[[], float]
+    entries: OrderedDict[Hashable, _Entry[V]] = field(default_factory=OrderedDict)
+    inflight: dict[Hashable, asyncio.Task[_Entry[V]]] = field(default_factory=dict)
+    successors: dict[Hashable, _Entry[V]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[_Entry[V]]] = field(default_factory=set)
+    closed: bool = False
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    refreshes: int = 0
+    refresh_failures: int = 0
+    evictions: int = 0
+    expirations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_REASONS, 0))
+
+    def stats(self) -> CacheSideStats:
+        return CacheSideStats(
+            hits=self.hits,
+            misses=self.misses,
+            coalesced=self.coalesced,
+            refreshes=self.refreshes,
+            refresh_failures=self.refresh_failures,
+            evictions=self.evictions,
+            expirations=MappingProxyType(dict(self.expirations)),
+            entries=len(self.entries),
+        )
+
+    async def get(self, key: Hashable, load: Load[V], cost: int | None) -> V:
+        """The value for ``key``, loading it at most once however many callers ask.
+
+        ``cost`` (encrypt side only) is the size of the message about to use the
+        key: the use is counted now, before the key is returned.
+        """
+        while True:
+            if self.closed:
+                raise ClosedError("the DEK cache is closed")
+            entry = self.entries.get(key)
+            if entry is not None:
+                now = self.clock()
+                if now >= entry.expires_at:
+                    self._drop(key, entry, "ttl")
+                elif self._reserve(key, entry, cost):
+                    self.entries.move_to_end(key)
+                    self.hits += 1
+                    if not entry.refreshing and self.limits.near_end(entry, now):
+                        self._refresh(key, entry, load)
+                    return entry.value
+            successor = self.successors.pop(key, None)
+            if successor is not None:  # fetched ahead: take over without a KMS call
+                self._install(key, successor)
+                continue
+            task = self.inflight.get(key)
+            if task is None:
+                self.misses += 1
+                task = self.inflight[key] = self._spawn(self._load(key, load, ahead=False))
+            else:
+                self.coalesced += 1
+            try:
+                loaded = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled() and self.closed:
+                    raise ClosedError("the DEK cache was closed while a key was loading") from None
+                raise
+            # A waiter takes its use from the entry it waited for, so a brand-new
+            # entry is never missed because of the clock; if other waiters used it
+            # up already, go round again.
+            if self._reserve(key, loaded, cost):
+                return loaded.value
+
+    def _spawn(self, coro: Awaitable[_Entry[V]]) -> asyncio.Task[_Entry[V]]:
+        task: asyncio.Task[_Entry[V]] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[_Entry[V]]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here: a failure nobody waited for is not an error
+
+    async def _load(self, key: Hashable, load: Load[V], *, ahead: bool) -> _Entry[V]:
+        try:
+            value = await load()
+        except Exception:
+            if ahead:
+                self.refresh_failures += 1
+                logger.warning("DEK refresh-ahead failed; the current key stays until it ends")
+            raise
+        finally:
+            del self.inflight[key]
+        if self.closed:
+            value.wipe()
+            raise ClosedError("the DEK cache was closed while a key was loading")
+        entry = _Entry(value, self.clock(), self.limits.ttl, self.limits.refresh_ahead)
+        current = self.entries.get(key)
+        if ahead and current is not None and not current.dead:
+            # Keep every remaining use of the current key: the new one waits its turn.
+            self._retire_successor(key)
+            self.successors[key] = entry
+        else:
+            self._install(key, entry)
+        return entry
+
+    def _install(self, key: Hashable, entry: _Entry[V]) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            _retire(old)
+        self.entries[key] = entry
+        while len(self.entries) > self.limits.max_entries:
+            evicted_key, evicted = self.entries.popitem(last=False)
+            self.evictions += 1
+            _retire(evicted)
+            self._retire_successor(evicted_key)
+
+    def _retire_successor(self, key: Hashable) -> None:
+        successor = self.successors.pop(key, None)
+        if successor is not None:
+            _retire(successor)
+
+    def _refresh(self, key: Hashable, entry: _Entry[V], load: Load[V]) -> None:
+        entry.refreshing = True
+        if key in self.inflight or key in self.successors:
+            return
+        self.refreshes += 1
+        self.inflight[key] = self._spawn(self._load(key, load, ahead=True))
+
+    def _reserve(self, key: Hashable, entry: _Entry[V], cost: int | None) -> bool:
+        if entry.dead:
+            return False
+        limits = self.limits
+        if cost is None or limits.max_messages is None or limits.max_bytes is None:
+            return True
+        if entry.messages >= limits.max_messages:
+            self._drop(key, entry, "messages")
+            return False
+        if entry.bytes + cost > limits.max_bytes:
+            self._drop(key, entry, "bytes")
+            return False
+        entry.messages += 1
+        entry.bytes += cost
+        if entry.messages >= limits.max_messages:
+            self._drop(key, entry, "messages")
+        elif entry.bytes >= limits.max_bytes:
+            self._drop(key, entry, "bytes")
+        return True
+
+    def _drop(self, key: Hashable, entry: _Entry[V], reason: str) -> None:
+        if self.entries.get(key) is entry:
+            del self.entries[key]
+            self.expirations[reason] += 1
+        _retire(entry)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for entry in (*self.entries.values(), *self.successors.values()):
+            entry.dead = True
+            entry.value.wipe()
+        self.entries.clear()
+        self.successors.clear()
+
+
+def _retire(entry: _Entry[V]) -> None:
+    if entry.dead:
+        return
+    entry.dead = True
+    # The caller that took this key last may still be about to use it in this
+    # same step of the event loop (it seals without awaiting): wipe on the next.
+    asyncio.get_running_loop().call_soon(entry.value.wipe)
+
+
+class DEKCache:
+    """A cache of data keys for one :class:`~encx_async.Crypto`.
+
+    :param ttl: seconds a key is used for (both sides). Default 300.
+    :param max_entries: entries per side, least recently used dropped first.
+    :param max_messages_per_dek: messages one DEK encrypts, at most 2**32.
+    :param max_bytes_per_dek: plaintext bytes one DEK encrypts.
+    :param refresh_ahead: seconds before a key's end in which one background task
+        fetches its successor; also applies to the last 10% of its uses. 0 disables.
+    :param clock: a monotonic clock in seconds, injectable for tests.
+
+    The trade-off: every message encrypted under one cached DEK is exposed if that
+    DEK leaks (for instance from process memory), so ``max_messages_per_dek`` is
+    the blast radius. See ``docs/caching.md``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 300.0,
+        max_entries: int = 1000,
+        max_messages_per_dek: int = 10_000,
+        max_bytes_per_dek: int = 2**32,
+        refresh_ahead: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl > 0:
+            raise ConfigurationError("ttl must be positive")
+        if max_entries < 1:
+            raise ConfigurationError("max_entries must be at least 1")
+        if not 1 <= max_messages_per_dek <= NIST_GCM_RANDOM_NONCE_LIMIT:
+            raise ConfigurationError(
+                "max_messages_per_dek must be 1..2**32 (the NIST SP 800-38D limit), "
+                f"got {max_messages_per_dek}"
+            )
+        if max_bytes_per_dek < 1:
+            raise ConfigurationError("max_bytes_per_dek must be at least 1")
+        if not 0 <= refresh_ahead < ttl:
+            raise ConfigurationError("refresh_ahead must be at least 0 and less than ttl")
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.max_messages_per_dek = max_messages_per_dek
+        self.max_bytes_per_dek = max_bytes_per_dek
+        self.refresh_ahead = refresh_ahead
+        self._encrypt: _Side[_Wipeable] = _Side(
+            _Limits(ttl, max_entries, refresh_ahead, max_messages_per_dek, max_bytes_per_dek),
+            clock,
+        )
+        self._decrypt: _Side[_Wipeable] = _Side(_Limits(ttl, max_entries, refresh_ahead), clock)
+        self._owner: object | None = None
+
+    def _bind(self, owner: object) -> None:
+        if self._owner is not None and self._owner is not owner:
+            raise ConfigurationError("a DEKCache serves one Crypto; create one per Crypto")
+        self._owner = owner
+
+    async def for_encrypt(self, key: Hashable, size: int, load: Load[V]) -> V:
+        """A key for one message of ``size`` bytes; counts the use before returning."""
+        return await self._encrypt.get(key, load, size)  # type: ignore[return-value]
+
+    async def for_decrypt(self, key: Hashable, load: Load[V]) -> V:
+        return await self._decrypt.get(key, load, None)  # type: ignore[return-value]
+
+    def remember_for_decrypt(self, key: Hashable, value: _Wipeable) -> None:
+        """Seed the decrypt side with a key just made for encryption.
+
+        ``value`` must be an object of its own, not the encrypt side's: each side
+        wipes what it retires.
+        """
+        side = self._decrypt
+        if not side.closed and key not in side.entries:
+            limits = side.limits
+            side._install(key, _Entry(value, side.clock(), limits.ttl, limits.refresh_ahead))
+
+    def stats(self) -> DEKCacheStats:
+        return DEKCacheStats(encrypt=self._encrypt.stats(), decrypt=self._decrypt.stats())
+
+    async def aclose(self) -> None:
+        """Drop and wipe every key, and stop background refreshes. Idempotent."""
+        await self._encrypt.aclose()
+        await self._decrypt.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"<DEKCache ttl={self.ttl}s max_messages_per_dek={self.max_messages_per_dek} "
+            f"entries={len(self._encrypt.entries)}+{len(self._decrypt.entries)}>"
+        )

@@ -1,0 +1,81 @@
+"""Canonical encoding of an encryption context.
+
+The context is a flat ``str -> str`` mapping. It is never secret: the KMS logs
+it (CloudTrail shows it in cleartext). Its canonical bytes are authenticated in
+every envelope, so key order and Python's dict ordering do not matter.
+
+Encoding, version 1: the pairs sorted by the UTF-8 bytes of their key, each as
+``u16 len(key) || key || u16 len(value) || value`` (big-endian). The empty
+context encodes to ``b""``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+from ._exceptions import ConfigurationError
+
+__all__ = ["Context", "encode_context", "normalize_context"]
+
+Context = Mapping[str, str]
+
+MAX_CONTEXT_BYTES = 8192
+_U16 = struct.Struct(">H")
+_memo: dict[tuple[tuple[str, str], ...], tuple[bytes, dict[str, str]]] = {}
+_MEMO_LIMIT = 1024
+
+
+def _encode(items: tuple[tuple[str, str], ...]) -> tuple[bytes, dict[str, str]]:
+    pairs: list[tuple[bytes, bytes]] = []
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigurationError("encryption context keys and values must be str")
+        if not key:
+            raise ConfigurationError("encryption context keys must not be empty")
+        try:
+            pairs.append((key.encode(), value.encode()))
+        except UnicodeEncodeError:
+            raise ConfigurationError(
+                f"encryption context entry {key!r} is not valid UTF-8"
+            ) from None
+    pairs.sort()
+    out = bytearray()
+    for k, v in pairs:
+        out += _U16.pack(len(k)) + k + _U16.pack(len(v)) + v
+    if len(out) > MAX_CONTEXT_BYTES:
+        raise ConfigurationError(
+            f"encryption context is {len(out)} bytes encoded; the limit is {MAX_CONTEXT_BYTES}"
+        )
+    return bytes(out), dict(items)
+
+
+def _lookup(context: Context | None) -> tuple[bytes, dict[str, str]]:
+    if not context:
+        if context is not None and not isinstance(context, Mapping):
+            raise ConfigurationError("an encryption context must be a mapping of str to str")
+        return b"", {}
+    if not isinstance(context, Mapping):
+        raise ConfigurationError("an encryption context must be a mapping of str to str")
+    items = tuple(context.items())
+    # A service sends the same few contexts over and over: remember their encoding.
+    try:
+        hit = _memo.get(items)
+    except TypeError:  # an unhashable value: certainly not a str
+        raise ConfigurationError("encryption context keys and values must be str") from None
+    if hit is None:
+        hit = _encode(items)
+        if len(_memo) >= _MEMO_LIMIT:
+            _memo.clear()
+        _memo[items] = hit
+    return hit
+
+
+def encode_context(context: Context | None) -> bytes:
+    """The canonical bytes of ``context``; raises ConfigurationError if it is malformed."""
+    return _lookup(context)[0]
+
+
+def normalize_context(context: Context | None) -> dict[str, str]:
+    """A plain dict copy of a validated ``context``, as the KMS wants it."""
+    return dict(_lookup(context)[1])

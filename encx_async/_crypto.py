@@ -1,0 +1,381 @@
+"""Crypto: the facade most users touch. It orchestrates; the pieces below it
+(envelope, AEAD, cache, KMS provider) do not know about each other."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Self, TypeVar
+
+import anyio.to_thread
+
+from ._aead import Bytes, EnvelopeCipher, open_raw, seal_raw
+from ._cache import DEKCache, DEKCacheStats
+from ._context import Context, encode_context, normalize_context
+from ._envelope import BODY_GCM, MAX_WRAPPED_DEK, Envelope, Sealer, parse
+from ._exceptions import ClosedError, ConfigurationError, DecryptionError, EncryptionError
+from ._keys import DEK_SIZE, DataKey
+from .kms import KeyManagementService
+
+__all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats"]
+
+logger = logging.getLogger("encx_async")
+
+#: Payloads of this many bytes or more are processed in a worker thread (a hop
+#: costs ~75 µs; AES-GCM does 128 KiB in about as long), and the high-level
+#: envelope uses Cobblestone-256 for them, fed in slices so the thread lets go of
+#: the GIL and the event loop keeps running.
+DEFAULT_THREAD_THRESHOLD = 128 * 1024
+PEPPER_SIZE = 32
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class CryptoStats:
+    """A snapshot of one Crypto's counters; cheap enough to take per request."""
+
+    #: calls made to the KMS, by operation ("encrypt_dek", "decrypt_dek", "get_key_id")
+    kms_calls: Mapping[str, int]
+    #: the DEK cache's counters, or None without a cache
+    cache: DEKCacheStats | None
+
+    @property
+    def total_kms_calls(self) -> int:
+        return sum(self.kms_calls.values())
+
+
+def _check_bytes(name: str, value: object) -> Bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
+    return value
+
+
+def _check_aad(aad: object) -> bytes | None:
+    if aad is None:
+        return None
+    return bytes(_check_bytes("aad", aad))
+
+
+class Crypto:
+    """Envelope encryption under a key-encryption key (KEK) held in a KMS.
+
+    Create one per process with :meth:`create` and share it; it is safe to use
+    from many tasks at once. ``aclose()`` (or ``async with``) wipes cached keys;
+    it does not close the KMS service, which belongs to whoever opened it.
+    """
+
+    def __init__(
+        self,
+        *,
+        kms: KeyManagementService,
+        kek_alias: str,
+        key_id: str,
+        pepper: bytes | None,
+        dek_cache: DEKCache | None,
+        thread_threshold: int,
+    ) -> None:
+        # Use Crypto.create(): it validates the settings and resolves the alias.
+        self._kms = kms
+        self._kek_alias = kek_alias
+        self._pepper = pepper
+        self._cache = dek_cache
+        self._thread_threshold = thread_threshold
+        self._kek_version = 1
+        self._key_ids = {1: key_id}
+        self._kms_calls: Counter[str] = Counter()
+        self._closed = False
+        if dek_cache is not None:
+            dek_cache._bind(self)
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        kms: KeyManagementService,
+        kek_alias: str,
+        pepper: Bytes | None = None,
+        dek_cache: DEKCache | None = None,
+        thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+    ) -> Crypto:
+        """Validate the settings, resolve ``kek_alias`` through the KMS, and return a Crypto.
+
+        :param kms: a :class:`~encx_async.KeyManagementService`, already open.
+        :param kek_alias: ``alias/...`` (recommended), a key id or a key ARN.
+        :param pepper: 32 random bytes, not all zero, for the keyed hashes.
+        :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
+            wraps a new DEK and every decrypt unwraps through the KMS.
+        :param thread_threshold: payloads of at least this many bytes go to a
+            worker thread.
+        """
+        if not isinstance(kms, KeyManagementService):
+            raise ConfigurationError("kms must implement encx_async.KeyManagementService")
+        if not isinstance(kek_alias, str) or not kek_alias:
+            raise ConfigurationError("kek_alias must be a non-empty str such as 'alias/my-key'")
+        if pepper is not None:
+            if not isinstance(pepper, bytes | bytearray | memoryview):
+                raise ConfigurationError("the pepper must be bytes")
+            if len(pepper) != PEPPER_SIZE:
+                raise ConfigurationError(
+                    f"the pepper must be exactly {PEPPER_SIZE} bytes, got {len(pepper)}"
+                )
+            if not any(bytes(pepper)):
+                raise ConfigurationError("the pepper must not be all zero bytes")
+        if dek_cache is not None and not isinstance(dek_cache, DEKCache):
+            raise ConfigurationError("dek_cache must be an encx_async.DEKCache")
+        if thread_threshold < 1:
+            raise ConfigurationError("thread_threshold must be at least 1")
+        self = cls(
+            kms=kms,
+            kek_alias=kek_alias,
+            key_id="",
+            pepper=None if pepper is None else bytes(pepper),
+            dek_cache=dek_cache,
+            thread_threshold=thread_threshold,
+        )
+        key_id = await self._call_kms("get_key_id", kms.get_key_id(kek_alias))
+        self._key_ids[1] = key_id
+        logger.info("Crypto ready: KEK %s is %s, version %d", kek_alias, key_id, 1)
+        return self
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Wipe cached keys and refuse further use. Idempotent; leaves the KMS open."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._cache is not None:
+            await self._cache.aclose()
+
+    async def __aenter__(self) -> Self:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this Crypto is closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        cache = "on" if self._cache is not None else "off"
+        return (
+            f"<Crypto kek_alias={self._kek_alias!r} kek_version={self._kek_version} "
+            f"dek_cache={cache} {state}>"
+        )
+
+    # -- introspection -----------------------------------------------------------
+
+    @property
+    def kek_alias(self) -> str:
+        return self._kek_alias
+
+    @property
+    def kek_version(self) -> int:
+        """The KEK version new data is encrypted under."""
+        return self._kek_version
+
+    @property
+    def key_id(self) -> str:
+        """The KMS key id of the current KEK version."""
+        return self._key_ids[self._kek_version]
+
+    def stats(self) -> CryptoStats:
+        cache = self._cache.stats() if self._cache is not None else None
+        return CryptoStats(kms_calls=MappingProxyType(dict(self._kms_calls)), cache=cache)
+
+    # -- high-level API ----------------------------------------------------------
+
+    async def encrypt(
+        self, plaintext: Bytes, *, context: Context | None = None, aad: Bytes | None = None
+    ) -> bytes:
+        """Encrypt ``plaintext`` into a self-describing envelope.
+
+        :param context: the KMS encryption context (for example a tenant): not
+            secret, logged by the KMS, needed again to decrypt. Messages under
+            different contexts never share a DEK.
+        :param aad: per-record associated data (for example the record's id):
+            authenticated, not stored, not sent to the KMS, needed again to
+            decrypt. It does not split the cache, so it is the place for ids.
+        """
+        self._check_open()
+        data = _check_bytes("plaintext", plaintext)
+        extra = _check_aad(aad)
+        ctx = encode_context(context)
+        version = self._kek_version
+        key_id = self._key_ids[version]
+
+        def load() -> Awaitable[Sealer]:
+            return self._new_sealer(version, key_id, context, ctx)
+
+        if self._cache is None:
+            sealer = await load()
+            try:
+                return await self._seal(sealer, data, extra)
+            finally:
+                sealer.wipe()
+        sealer = await self._cache.for_encrypt((key_id, version, ctx), len(data), load)
+        return await self._seal(sealer, data, extra)
+
+    async def decrypt(
+        self, blob: Bytes, *, context: Context | None = None, aad: Bytes | None = None
+    ) -> bytes:
+        """Decrypt an envelope made by :meth:`encrypt` with the same context and aad.
+
+        Any tampering, truncation, wrong key, context or aad raises
+        :class:`~encx_async.DecryptionError`.
+        """
+        self._check_open()
+        envelope = parse(blob)
+        extra = _check_aad(aad)
+        ctx = encode_context(context)
+        key_id = self._key_id_for(envelope.kek_version)
+        wrapped = envelope.wrapped_dek
+
+        def load() -> Awaitable[Sealer]:
+            return self._open_sealer(envelope.kek_version, key_id, wrapped, context, ctx)
+
+        if self._cache is None:
+            sealer = await load()
+            try:
+                return await self._open(sealer, envelope, extra)
+            finally:
+                sealer.wipe()
+        sealer = await self._cache.for_decrypt((key_id, wrapped, ctx), load)
+        return await self._open(sealer, envelope, extra)
+
+    async def _seal(self, sealer: Sealer, data: Bytes, aad: bytes | None) -> bytes:
+        if len(data) < self._thread_threshold:
+            return sealer.seal_small(bytes(data), aad)
+        return await anyio.to_thread.run_sync(sealer.seal_large_job(data, aad))
+
+    async def _open(self, sealer: Sealer, envelope: Envelope, aad: bytes | None) -> bytes:
+        if envelope.body_kind == BODY_GCM:
+            if len(envelope.body) < self._thread_threshold:
+                return sealer.open_small(envelope, aad)
+            return await anyio.to_thread.run_sync(sealer.open_small, envelope, aad)
+        return await anyio.to_thread.run_sync(sealer.open_large_job(envelope, aad))
+
+    async def _new_sealer(
+        self, version: int, key_id: str, context: Context | None, ctx: bytes
+    ) -> Sealer:
+        dek = DataKey.generate()
+        try:
+            wrapped = await self._wrap(key_id, dek, context)
+            if not 0 < len(wrapped) <= MAX_WRAPPED_DEK:
+                raise EncryptionError(
+                    f"the KMS returned a wrapped key of {len(wrapped)} bytes; "
+                    f"the envelope holds at most {MAX_WRAPPED_DEK}"
+                )
+            sealer = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
+            if self._cache is not None:
+                # What we just wrapped we can read back without asking the KMS.
+                twin = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
+                self._cache.remember_for_decrypt((key_id, wrapped, ctx), twin)
+            return sealer
+        finally:
+            dek.wipe()
+
+    async def _open_sealer(
+        self, version: int, key_id: str, wrapped: bytes, context: Context | None, ctx: bytes
+    ) -> Sealer:
+        dek = await self._unwrap(key_id, wrapped, context)
+        try:
+            return Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
+        finally:
+            dek.wipe()
+
+    def _key_id_for(self, version: int) -> str:
+        key_id = self._key_ids.get(version)
+        if key_id is None:
+            raise DecryptionError(f"the ciphertext names KEK version {version}, which is unknown")
+        return key_id
+
+    # -- low-level API -----------------------------------------------------------
+
+    def generate_dek(self) -> DataKey:
+        """A fresh random DEK. Wrap it with :meth:`encrypt_dek` before storing it."""
+        return DataKey.generate()
+
+    async def encrypt_data(
+        self, plaintext: Bytes, dek: DataKey, *, aad: Bytes | None = None
+    ) -> bytes:
+        """AES-256-GCM of ``plaintext`` under ``dek``: ``nonce || ciphertext || tag``.
+
+        The raw layer: no header, no commitment, no KEK version. You keep the
+        wrapped DEK and its KEK version next to the ciphertext yourself.
+        """
+        self._check_open()
+        data = _check_bytes("plaintext", plaintext)
+        _check_dek(dek)
+        extra = _check_aad(aad)
+        if len(data) < self._thread_threshold:
+            return seal_raw(dek, data, extra)
+        dek.aesgcm()  # built here, in the loop, before the hop
+        return await anyio.to_thread.run_sync(seal_raw, dek, data, extra)
+
+    async def decrypt_data(
+        self, ciphertext: Bytes, dek: DataKey, *, aad: Bytes | None = None
+    ) -> bytes:
+        """Reverse :meth:`encrypt_data`; DecryptionError if anything was changed."""
+        self._check_open()
+        data = _check_bytes("ciphertext", ciphertext)
+        _check_dek(dek)
+        extra = _check_aad(aad)
+        if len(data) < self._thread_threshold:
+            return open_raw(dek, bytes(data), extra)
+        dek.aesgcm()
+        return await anyio.to_thread.run_sync(open_raw, dek, bytes(data), extra)
+
+    async def encrypt_dek(self, dek: DataKey, *, context: Context | None = None) -> bytes:
+        """Wrap ``dek`` under the current KEK version (see :attr:`kek_version`)."""
+        self._check_open()
+        _check_dek(dek)
+        encode_context(context)
+        return await self._wrap(self.key_id, dek, context)
+
+    async def decrypt_dek(
+        self,
+        encrypted_dek: Bytes,
+        *,
+        context: Context | None = None,
+        kek_version: int | None = None,
+    ) -> DataKey:
+        """Unwrap a DEK wrapped by :meth:`encrypt_dek` under ``kek_version`` (default current)."""
+        self._check_open()
+        wrapped = bytes(_check_bytes("encrypted_dek", encrypted_dek))
+        encode_context(context)
+        version = self._kek_version if kek_version is None else kek_version
+        return await self._unwrap(self._key_id_for(version), wrapped, context)
+
+    # -- the KMS, counted --------------------------------------------------------
+
+    async def _wrap(self, key_id: str, dek: DataKey, context: Context | None) -> bytes:
+        call = self._kms.encrypt_dek(key_id, bytes(dek), context=normalize_context(context))
+        return await self._call_kms("encrypt_dek", call)
+
+    async def _unwrap(self, key_id: str, wrapped: bytes, context: Context | None) -> DataKey:
+        call = self._kms.decrypt_dek(key_id, wrapped, context=normalize_context(context))
+        plaintext = await self._call_kms("decrypt_dek", call)
+        if len(plaintext) != DEK_SIZE:
+            raise DecryptionError("the KMS returned a data key of the wrong size")
+        return DataKey(plaintext)
+
+    async def _call_kms(self, operation: str, call: Awaitable[T]) -> T:
+        self._kms_calls[operation] += 1
+        return await call
+
+
+def _check_dek(dek: object) -> None:
+    if not isinstance(dek, DataKey):
+        raise TypeError(f"dek must be a DataKey (from generate_dek), not {type(dek).__name__}")

@@ -12,9 +12,10 @@ Two sides, each a bounded LRU map with a TTL:
 Misses are single-flight: the first caller starts the KMS call as a task of its
 own and every concurrent caller for the same entry awaits that task through
 :func:`asyncio.shield`, so a cancelled caller cancels nobody else, and a failure
-reaches every waiter and is not cached. Within ``refresh_ahead`` of an entry's
-end (in time or in uses), one background task fetches its successor while
-callers keep using the current entry.
+reaches every waiter and is not cached. Within ``refresh_ahead`` seconds of an
+entry's end (and, if asked, near its last uses), one background task fetches its
+successor while callers keep using the current entry; the successor takes over
+only when the current entry ends, so no use of a key is wasted.
 """
 
 from __future__ import annotations
@@ -100,14 +101,15 @@ class _Limits:
     refresh_ahead: float
     max_messages: int | None = None
     max_bytes: int | None = None
+    refresh_ahead_uses: float = 0.0
 
     def near_end(self, entry: _Entry[V], now: float) -> bool:
         if now >= entry.refresh_at:
             return True
-        # Refresh-ahead on uses too: the last 10% of a key's messages or bytes.
-        if self.max_messages is not None and entry.messages * 10 >= self.max_messages * 9:
-            return True
-        return self.max_bytes is not None and entry.bytes * 10 >= self.max_bytes * 9
+        share = 1.0 - self.refresh_ahead_uses
+        if share >= 1.0 or self.max_messages is None or self.max_bytes is None:
+            return False
+        return entry.messages >= self.max_messages * share or entry.bytes >= self.max_bytes * share
 
 
 @dataclass(slots=True)
@@ -153,8 +155,9 @@ class _Side(Generic[V]):
                 now = self.clock()
                 if now >= entry.expires_at:
                     self._drop(key, entry, "ttl")
-                elif self._reserve(key, entry, cost):
+                else:
                     self.entries.move_to_end(key)
+                if not entry.dead and self._reserve(key, entry, cost):
                     self.hits += 1
                     if not entry.refreshing and self.limits.near_end(entry, now):
                         self._refresh(key, entry, load)
@@ -294,7 +297,11 @@ class DEKCache:
     :param max_messages_per_dek: messages one DEK encrypts, at most 2**32.
     :param max_bytes_per_dek: plaintext bytes one DEK encrypts.
     :param refresh_ahead: seconds before a key's end in which one background task
-        fetches its successor; also applies to the last 10% of its uses. 0 disables.
+        fetches its successor while callers keep using the key. 0 disables.
+    :param refresh_ahead_uses: the same on the encrypt side in terms of uses: with
+        0.1, the successor is fetched when 10% of a key's messages or bytes remain.
+        Off (0.0) by default: a successor fetched just before traffic stops is a
+        KMS call that serves nothing.
     :param clock: a monotonic clock in seconds, injectable for tests.
 
     The trade-off: every message encrypted under one cached DEK is exposed if that
@@ -310,6 +317,7 @@ class DEKCache:
         max_messages_per_dek: int = 10_000,
         max_bytes_per_dek: int = 2**32,
         refresh_ahead: float = 30.0,
+        refresh_ahead_uses: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not ttl > 0:
@@ -325,15 +333,23 @@ class DEKCache:
             raise ConfigurationError("max_bytes_per_dek must be at least 1")
         if not 0 <= refresh_ahead < ttl:
             raise ConfigurationError("refresh_ahead must be at least 0 and less than ttl")
+        if not 0.0 <= refresh_ahead_uses < 1.0:
+            raise ConfigurationError("refresh_ahead_uses must be in [0, 1)")
         self.ttl = ttl
         self.max_entries = max_entries
         self.max_messages_per_dek = max_messages_per_dek
         self.max_bytes_per_dek = max_bytes_per_dek
         self.refresh_ahead = refresh_ahead
-        self._encrypt: _Side[_Wipeable] = _Side(
-            _Limits(ttl, max_entries, refresh_ahead, max_messages_per_dek, max_bytes_per_dek),
-            clock,
+        self.refresh_ahead_uses = refresh_ahead_uses
+        limits = _Limits(
+            ttl,
+            max_entries,
+            refresh_ahead,
+            max_messages_per_dek,
+            max_bytes_per_dek,
+            refresh_ahead_uses,
         )
+        self._encrypt: _Side[_Wipeable] = _Side(limits, clock)
         self._decrypt: _Side[_Wipeable] = _Side(_Limits(ttl, max_entries, refresh_ahead), clock)
         self._owner: object | None = None
 
@@ -341,6 +357,10 @@ class DEKCache:
         if self._owner is not None and self._owner is not owner:
             raise ConfigurationError("a DEKCache serves one Crypto; create one per Crypto")
         self._owner = owner
+
+    def accepts(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may use a cached key at all."""
+        return size <= self.max_bytes_per_dek
 
     async def for_encrypt(self, key: Hashable, size: int, load: Load[V]) -> V:
         """A key for one message of ``size`` bytes; counts the use before returning."""

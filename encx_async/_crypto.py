@@ -218,7 +218,7 @@ class Crypto:
         def load() -> Awaitable[Sealer]:
             return self._new_sealer(version, key_id, context, ctx)
 
-        if self._cache is None:
+        if self._cache is None or not self._cache.accepts(len(data)):
             sealer = await load()
             try:
                 return await self._seal(sealer, data, extra)

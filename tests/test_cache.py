@@ -1,0 +1,350 @@
+"""DEKCache: exact KMS call counts, single-flight, limits, expiry, refresh-ahead."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from encx_async import (
+    ClosedError,
+    ConfigurationError,
+    Crypto,
+    DecryptionError,
+    DEKCache,
+    KeyManagementService,
+    KMSUnavailableError,
+)
+from encx_async._envelope import parse
+from encx_async.providers.local import LocalKMSService
+
+from .support import FakeClock, GatedKMS
+
+ALIAS = "alias/cache-test"
+CTX = {"tenant": "acme"}
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[LocalKMSService]:
+    async with LocalKMSService() as kms:
+        await kms.create_key("cache tests", alias=ALIAS)
+        yield kms
+
+
+@pytest.fixture
+async def gated(local: LocalKMSService) -> GatedKMS:
+    return GatedKMS(local)
+
+
+async def make(kms: KeyManagementService, cache: DEKCache | None = None) -> Crypto:
+    return await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache)
+
+
+def wrapped_of(blob: bytes) -> bytes:
+    return parse(blob).wrapped_dek
+
+
+def calls(crypto: Crypto, kind: str) -> int:
+    return crypto.stats().kms_calls.get(kind, 0)
+
+
+async def test_100k_encrypts_need_100_wraps_and_100_unwraps(local: LocalKMSService) -> None:
+    writer = await make(local, DEKCache(max_messages_per_dek=1000))
+    blobs: list[bytes] = []
+    for start in range(0, 100_000, 1000):
+        batch = [
+            writer.encrypt(b"record %d" % i, context=CTX, aad=b"%d" % i)
+            for i in range(start, start + 1000)
+        ]
+        blobs += await asyncio.gather(*batch)
+    assert calls(writer, "encrypt_dek") == 100
+    assert len({wrapped_of(b) for b in blobs}) == 100
+
+    reader = await make(local, DEKCache())
+    for start in range(0, 100_000, 1000):
+        batch = [
+            reader.decrypt(blobs[i], context=CTX, aad=b"%d" % i) for i in range(start, start + 1000)
+        ]
+        plain = await asyncio.gather(*batch)
+        assert plain[-1] == b"record %d" % (start + 999)
+    assert calls(reader, "decrypt_dek") == 100
+    await writer.aclose()
+    await reader.aclose()
+
+
+async def test_1000_concurrent_encrypts_on_cold_cache_make_one_wrap(
+    kms: KeyManagementService,
+) -> None:
+    await kms.create_key("cache tests", alias=ALIAS)
+    crypto = await make(kms, DEKCache())
+    blobs = await asyncio.gather(*(crypto.encrypt(b"x", context=CTX) for _ in range(1000)))
+    assert calls(crypto, "encrypt_dek") == 1
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.misses == 1
+    assert stats.encrypt.coalesced == 999
+    assert len({wrapped_of(b) for b in blobs}) == 1
+    await crypto.aclose()
+
+
+async def test_1000_concurrent_decrypts_on_cold_cache_make_one_unwrap(
+    kms: KeyManagementService,
+) -> None:
+    await kms.create_key("cache tests", alias=ALIAS)
+    writer = await make(kms, DEKCache())
+    blobs = [await writer.encrypt(b"row %d" % i, context=CTX) for i in range(1000)]
+    assert len({wrapped_of(b) for b in blobs}) == 1
+
+    reader = await make(kms, DEKCache())
+    plain = await asyncio.gather(*(reader.decrypt(b, context=CTX) for b in blobs))
+    assert plain == [b"row %d" % i for i in range(1000)]
+    assert calls(reader, "decrypt_dek") == 1
+    await writer.aclose()
+    await reader.aclose()
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_others(gated: GatedKMS) -> None:
+    crypto = await make(gated, DEKCache())
+    gated.gate.clear()
+    first = asyncio.ensure_future(crypto.encrypt(b"a", context=CTX))
+    others = [asyncio.ensure_future(crypto.encrypt(b"b", context=CTX)) for _ in range(5)]
+    await gated.entered.wait()
+    first.cancel()  # the caller whose miss started the KMS call
+    others[0].cancel()
+    await asyncio.sleep(0)
+    gated.gate.set()
+    results = await asyncio.gather(*others[1:])
+    assert first.cancelled()
+    assert others[0].cancelled()
+    assert len({wrapped_of(b) for b in results}) == 1
+    assert calls(crypto, "encrypt_dek") == 1
+    # The entry was installed despite the cancellations: the next call is a hit.
+    assert wrapped_of(await crypto.encrypt(b"c", context=CTX)) == wrapped_of(results[0])
+    assert calls(crypto, "encrypt_dek") == 1
+    await crypto.aclose()
+
+
+async def test_a_failed_kms_call_reaches_every_waiter_and_is_not_cached(gated: GatedKMS) -> None:
+    crypto = await make(gated, DEKCache())
+    gated.failures.append(KMSUnavailableError("KMS down"))
+    results = await asyncio.gather(
+        *(crypto.encrypt(b"x", context=CTX) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, KMSUnavailableError) for r in results)
+    assert calls(crypto, "encrypt_dek") == 1
+    # The next caller retries, and succeeds.
+    blob = await crypto.encrypt(b"x", context=CTX)
+    assert calls(crypto, "encrypt_dek") == 2
+    assert await crypto.decrypt(blob, context=CTX) == b"x"
+    await crypto.aclose()
+
+
+async def test_decrypt_side_failure_is_shared_then_retried(gated: GatedKMS) -> None:
+    writer = await make(gated)
+    blob = await writer.encrypt(b"secret", context=CTX)
+    reader = await make(gated, DEKCache())
+    gated.failures.append(KMSUnavailableError("KMS down"))
+    results = await asyncio.gather(
+        *(reader.decrypt(blob, context=CTX) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, KMSUnavailableError) for r in results)
+    assert calls(reader, "decrypt_dek") == 1
+    assert await reader.decrypt(blob, context=CTX) == b"secret"
+    assert calls(reader, "decrypt_dek") == 2
+
+
+async def test_ttl_expires_both_sides(local: LocalKMSService) -> None:
+    clock = FakeClock()
+    crypto = await make(local, DEKCache(ttl=60, refresh_ahead=0, clock=clock))
+    first = await crypto.encrypt(b"1", context=CTX)
+    clock.advance(59)
+    assert wrapped_of(await crypto.encrypt(b"2", context=CTX)) == wrapped_of(first)
+    clock.advance(2)
+    third = await crypto.encrypt(b"3", context=CTX)
+    assert wrapped_of(third) != wrapped_of(first)
+    assert calls(crypto, "encrypt_dek") == 2
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.expirations["ttl"] == 1
+
+    reader = await make(local, DEKCache(ttl=60, refresh_ahead=0, clock=clock))
+    await reader.decrypt(third, context=CTX)
+    clock.advance(59)
+    await reader.decrypt(third, context=CTX)
+    assert calls(reader, "decrypt_dek") == 1
+    clock.advance(2)
+    await reader.decrypt(third, context=CTX)
+    assert calls(reader, "decrypt_dek") == 2
+    rstats = reader.stats().cache
+    assert rstats is not None
+    assert rstats.decrypt.expirations["ttl"] == 1
+
+
+async def test_lru_bound_evicts_least_recently_used(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_entries=2))
+    a = await crypto.encrypt(b"", context={"tenant": "a"})
+    b = await crypto.encrypt(b"", context={"tenant": "b"})
+    await crypto.encrypt(b"", context={"tenant": "a"})  # a is now the most recent
+    await crypto.encrypt(b"", context={"tenant": "c"})  # evicts b
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.evictions == 1
+    assert stats.encrypt.entries == 2
+    assert wrapped_of(await crypto.encrypt(b"", context={"tenant": "a"})) == wrapped_of(a)
+    assert wrapped_of(await crypto.encrypt(b"", context={"tenant": "b"})) != wrapped_of(b)
+    assert calls(crypto, "encrypt_dek") == 4
+
+
+async def test_message_limit_retires_a_dek_for_good(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_messages_per_dek=3))
+    blobs = [await crypto.encrypt(b"m", context=CTX) for _ in range(7)]
+    groups = [wrapped_of(b) for b in blobs]
+    assert groups[0] == groups[1] == groups[2]
+    assert groups[3] == groups[4] == groups[5] != groups[0]
+    assert groups[6] not in (groups[0], groups[3])
+    assert calls(crypto, "encrypt_dek") == 3
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.expirations["messages"] == 2
+
+
+async def test_byte_limit_retires_a_dek(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_bytes_per_dek=100))
+    blobs = [await crypto.encrypt(b"x" * 40, context=CTX) for _ in range(4)]
+    groups = [wrapped_of(b) for b in blobs]
+    assert groups[0] == groups[1] != groups[2]
+    assert groups[2] == groups[3]
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.expirations["bytes"] == 1
+    # A message bigger than the whole budget gets a DEK of its own, never cached.
+    big = await crypto.encrypt(b"y" * 150, context=CTX)
+    assert wrapped_of(big) not in groups
+    assert wrapped_of(await crypto.encrypt(b"z", context=CTX)) == groups[3]
+
+
+async def test_contexts_never_share_a_dek(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache())
+    a = await crypto.encrypt(b"", context={"tenant": "a"})
+    b = await crypto.encrypt(b"", context={"tenant": "b"})
+    none = await crypto.encrypt(b"")
+    assert len({wrapped_of(a), wrapped_of(b), wrapped_of(none)}) == 3
+    with pytest.raises(DecryptionError):
+        await crypto.decrypt(a, context={"tenant": "b"})
+
+
+async def test_refresh_ahead_fetches_the_successor_in_the_background(
+    local: LocalKMSService,
+) -> None:
+    clock = FakeClock()
+    crypto = await make(local, DEKCache(ttl=100, refresh_ahead=10, clock=clock))
+    first = wrapped_of(await crypto.encrypt(b"", context=CTX))
+    clock.advance(95)  # inside the window: served at once from the current key
+    assert wrapped_of(await crypto.encrypt(b"", context=CTX)) == first
+    for _ in range(5):
+        await asyncio.sleep(0)  # let the refresh task run
+    assert calls(crypto, "encrypt_dek") == 2
+    clock.advance(2)  # the successor waits until the current key ends
+    assert wrapped_of(await crypto.encrypt(b"", context=CTX)) == first
+    clock.advance(5)  # t=102: current key expired; the successor takes over, no KMS call
+    successor = wrapped_of(await crypto.encrypt(b"", context=CTX))
+    assert successor != first
+    assert calls(crypto, "encrypt_dek") == 2
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.refreshes == 1
+    assert stats.encrypt.misses == 1
+
+
+async def test_refresh_ahead_on_uses_when_asked(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_messages_per_dek=10, refresh_ahead_uses=0.2))
+    for _ in range(8):
+        await crypto.encrypt(b"", context=CTX)
+    await asyncio.sleep(0.01)
+    assert calls(crypto, "encrypt_dek") == 2  # fetched while 2 uses remained
+    groups = [wrapped_of(await crypto.encrypt(b"", context=CTX)) for _ in range(3)]
+    assert groups[0] == groups[1] != groups[2]  # both remaining uses spent, then the successor
+    assert calls(crypto, "encrypt_dek") == 2
+
+
+async def test_failed_refresh_keeps_the_current_key(gated: GatedKMS) -> None:
+    clock = FakeClock()
+    crypto = await make(gated, DEKCache(ttl=100, refresh_ahead=10, clock=clock))
+    first = wrapped_of(await crypto.encrypt(b"", context=CTX))
+    gated.failures.append(KMSUnavailableError("down"))
+    clock.advance(95)
+    assert wrapped_of(await crypto.encrypt(b"", context=CTX)) == first
+    await asyncio.sleep(0.01)
+    assert wrapped_of(await crypto.encrypt(b"", context=CTX)) == first
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.refresh_failures == 1
+    clock.advance(10)
+    assert wrapped_of(await crypto.encrypt(b"", context=CTX)) != first
+
+
+async def test_retired_keys_are_wiped(local: LocalKMSService) -> None:
+    clock = FakeClock()
+    cache = DEKCache(ttl=10, refresh_ahead=0, clock=clock)
+    crypto = await make(local, cache)
+    await crypto.encrypt(b"", context=CTX)
+    (entry,) = cache._encrypt.entries.values()
+    assert entry.value.cipher._gcm is not None  # type: ignore[attr-defined]
+    clock.advance(11)
+    await crypto.encrypt(b"", context=CTX)
+    await asyncio.sleep(0)
+    assert entry.dead
+    assert entry.value.cipher._gcm is None  # type: ignore[attr-defined]
+    assert not any(entry.value.cipher._stream_key)  # type: ignore[attr-defined]
+
+
+async def test_close_wipes_everything_and_refuses_use(local: LocalKMSService) -> None:
+    cache = DEKCache()
+    crypto = await make(local, cache)
+    blob = await crypto.encrypt(b"x", context=CTX)
+    entries = [*cache._encrypt.entries.values(), *cache._decrypt.entries.values()]
+    assert len(entries) == 2
+    await crypto.aclose()
+    await crypto.aclose()  # idempotent
+    assert all(e.value.cipher._gcm is None for e in entries)  # type: ignore[attr-defined]
+    with pytest.raises(ClosedError):
+        await crypto.decrypt(blob, context=CTX)
+    with pytest.raises(ClosedError):
+        await cache.for_decrypt("k", asyncio.sleep)  # type: ignore[arg-type, type-var]
+
+
+async def test_close_while_a_key_is_loading(gated: GatedKMS) -> None:
+    crypto = await make(gated, DEKCache())
+    gated.gate.clear()
+    pending = asyncio.ensure_future(crypto.encrypt(b"x", context=CTX))
+    await gated.entered.wait()
+    await crypto.aclose()
+    with pytest.raises(ClosedError):
+        await pending
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigurationError, match="2\\*\\*32"):
+        DEKCache(max_messages_per_dek=2**32 + 1)
+    DEKCache(max_messages_per_dek=2**32)
+    for bad in ({"ttl": 0}, {"max_entries": 0}, {"max_bytes_per_dek": 0}, {"refresh_ahead": 400}):
+        with pytest.raises(ConfigurationError):
+            DEKCache(**bad)  # type: ignore[arg-type]
+
+
+async def test_one_cache_serves_one_crypto(local: LocalKMSService) -> None:
+    cache = DEKCache()
+    await make(local, cache)
+    with pytest.raises(ConfigurationError):
+        await make(local, cache)
+
+
+async def test_repr_shows_counts_not_keys(local: LocalKMSService) -> None:
+    cache = DEKCache()
+    crypto = await make(local, cache)
+    await crypto.encrypt(b"x", context=CTX)
+    text = repr(cache)
+    assert "entries=1+1" in text
+    (entry,) = cache._encrypt.entries.values()
+    assert entry.value.cipher.commitment.hex() not in text  # type: ignore[attr-defined]

@@ -12,7 +12,6 @@ Two layers live in this module:
 
 from __future__ import annotations
 
-import hmac
 import os
 from collections.abc import Callable
 from functools import partial
@@ -64,43 +63,20 @@ def open_raw(dek: DataKey, ciphertext: Bytes, aad: bytes | None) -> bytes:
 class EnvelopeCipher:
     """The derived keys of one DEK. Building one costs an HKDF (~8 µs): once per DEK."""
 
-    __slots__ = ("_gcm", "_stream_key", "commitment")
+    __slots__ = ("_stream_key", "commitment", "gcm")
 
     def __init__(self, dek: DataKey) -> None:
         okm = HKDF(algorithm=hashes.SHA256(), length=96, salt=None, info=_HKDF_INFO).derive(
             bytes(dek)
         )
-        self._gcm: AESGCM | None = AESGCM(okm[:32])
+        self.gcm: AESGCM | None = AESGCM(okm[:32])
         self._stream_key = bytearray(okm[32:64])
         self.commitment = okm[64:]
 
     def wipe(self) -> None:
-        self._gcm = None
+        self.gcm = None
         for i in range(len(self._stream_key)):
             self._stream_key[i] = 0
-
-    def _cipher(self) -> AESGCM:
-        if self._gcm is None:
-            raise RuntimeError("this key has been wiped")
-        return self._gcm
-
-    def check_commitment(self, commitment: bytes | memoryview) -> None:
-        if not hmac.compare_digest(self.commitment, commitment):
-            raise DecryptionError("decryption failed: the data key does not match this ciphertext")
-
-    def seal_small(self, plaintext: bytes, aad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._cipher().encrypt(nonce, plaintext, aad)
-
-    def open_small(self, body: memoryview, aad: bytes) -> bytes:
-        if len(body) < NONCE_SIZE + TAG_SIZE:
-            raise DecryptionError("ciphertext is truncated")
-        try:
-            return self._cipher().decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)
-        except InvalidTag:
-            raise DecryptionError(
-                "decryption failed: wrong key, context or aad, or modified data"
-            ) from None
 
     def stream_job(self, data: Bytes, aad: bytes, *, seal: bool) -> Callable[[], bytes]:
         """A Cobblestone-256 job over ``data``, to run in a worker thread.
@@ -108,8 +84,9 @@ class EnvelopeCipher:
         The key is captured now, in the caller's thread, so wiping this cipher
         afterwards cannot change what the job does.
         """
+        if self.gcm is None:
+            raise RuntimeError("this data key has been wiped")
         key = bytes(self._stream_key)
-        self._cipher()  # refuses a wiped cipher
         return partial(_stream, key, aad, data, seal)
 
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._exceptions import ClosedError, ConfigurationError
 
@@ -46,7 +46,12 @@ class _Wipeable(Protocol):
 
 
 V = TypeVar("V", bound=_Wipeable)
-Load = Callable[[], Awaitable[V]]
+#: Makes the value for a cache key (a KMS call); given by the Crypto that owns the cache.
+Loader = Callable[[Hashable], Awaitable[V]]
+
+
+async def _unbound(key: Hashable) -> Any:
+    raise RuntimeError("this DEKCache is not attached to a Crypto")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +111,9 @@ class _Limits:
     def near_end(self, entry: _Entry[V], now: float) -> bool:
         if now >= entry.refresh_at:
             return True
-        share = 1.0 - self.refresh_ahead_uses
-        if share >= 1.0 or self.max_messages is None or self.max_bytes is None:
+        if not self.refresh_ahead_uses or self.max_messages is None or self.max_bytes is None:
             return False
+        share = 1.0 - self.refresh_ahead_uses
         return entry.messages >= self.max_messages * share or entry.bytes >= self.max_bytes * share
 
 
@@ -116,6 +121,7 @@ class _Limits:
 class _Side(Generic[V]):
     limits: _Limits
     clock: Callable[[], float]
+    loader: Loader[V] = field(default=_unbound)
     entries: OrderedDict[Hashable, _Entry[V]] = field(default_factory=OrderedDict)
     inflight: dict[Hashable, asyncio.Task[_Entry[V]]] = field(default_factory=dict)
     successors: dict[Hashable, _Entry[V]] = field(default_factory=dict)
@@ -141,15 +147,35 @@ class _Side(Generic[V]):
             entries=len(self.entries),
         )
 
-    async def get(self, key: Hashable, load: Load[V], cost: int | None) -> V:
-        """The value for ``key``, loading it at most once however many callers ask.
+    def take(self, key: Hashable, cost: int | None) -> V | None:
+        """The cached value for ``key`` with one use counted, or None on a miss.
 
-        ``cost`` (encrypt side only) is the size of the message about to use the
-        key: the use is counted now, before the key is returned.
+        Synchronous, so a hit costs no extra await. ``cost`` (encrypt side only)
+        is the size of the message about to use the key.
         """
+        if self.closed:
+            raise ClosedError("the DEK cache is closed")
+        # The common hit, spelled out: this runs for every message.
+        entry = self.entries.get(key)
+        if entry is not None and not entry.dead:
+            now = self.clock()
+            if now < entry.expires_at:
+                limits = self.limits
+                if cost is None:
+                    ok = True
+                else:
+                    messages, size = entry.messages + 1, entry.bytes + cost
+                    # Not the last use (that one retires the key, below).
+                    ok = messages < limits.max_messages and size < limits.max_bytes  # type: ignore[operator]
+                    if ok:
+                        entry.messages, entry.bytes = messages, size
+                if ok:
+                    self.entries.move_to_end(key)
+                    self.hits += 1
+                    if not entry.refreshing and limits.near_end(entry, now):
+                        self._refresh(key, entry)
+                    return entry.value
         while True:
-            if self.closed:
-                raise ClosedError("the DEK cache is closed")
             entry = self.entries.get(key)
             if entry is not None:
                 now = self.clock()
@@ -160,16 +186,23 @@ class _Side(Generic[V]):
                 if not entry.dead and self._reserve(key, entry, cost):
                     self.hits += 1
                     if not entry.refreshing and self.limits.near_end(entry, now):
-                        self._refresh(key, entry, load)
+                        self._refresh(key, entry)
                     return entry.value
             successor = self.successors.pop(key, None)
-            if successor is not None:  # fetched ahead: take over without a KMS call
-                self._install(key, successor)
-                continue
+            if successor is None:
+                return None
+            self._install(key, successor)  # fetched ahead: takes over without a KMS call
+
+    async def get(self, key: Hashable, cost: int | None) -> V:
+        """Like :meth:`take`, but a miss loads the value: once, however many callers ask."""
+        while True:
+            value = self.take(key, cost)
+            if value is not None:
+                return value
             task = self.inflight.get(key)
             if task is None:
                 self.misses += 1
-                task = self.inflight[key] = self._spawn(self._load(key, load, ahead=False))
+                task = self.inflight[key] = self._spawn(self._load(key, ahead=False))
             else:
                 self.coalesced += 1
             try:
@@ -195,9 +228,9 @@ class _Side(Generic[V]):
         if not task.cancelled():
             task.exception()  # retrieved here: a failure nobody waited for is not an error
 
-    async def _load(self, key: Hashable, load: Load[V], *, ahead: bool) -> _Entry[V]:
+    async def _load(self, key: Hashable, *, ahead: bool) -> _Entry[V]:
         try:
-            value = await load()
+            value = await self.loader(key)
         except Exception:
             if ahead:
                 self.refresh_failures += 1
@@ -234,12 +267,12 @@ class _Side(Generic[V]):
         if successor is not None:
             _retire(successor)
 
-    def _refresh(self, key: Hashable, entry: _Entry[V], load: Load[V]) -> None:
+    def _refresh(self, key: Hashable, entry: _Entry[V]) -> None:
         entry.refreshing = True
         if key in self.inflight or key in self.successors:
             return
         self.refreshes += 1
-        self.inflight[key] = self._spawn(self._load(key, load, ahead=True))
+        self.inflight[key] = self._spawn(self._load(key, ahead=True))
 
     def _reserve(self, key: Hashable, entry: _Entry[V], cost: int | None) -> bool:
         if entry.dead:
@@ -353,21 +386,20 @@ class DEKCache:
         self._decrypt: _Side[_Wipeable] = _Side(_Limits(ttl, max_entries, refresh_ahead), clock)
         self._owner: object | None = None
 
-    def _bind(self, owner: object) -> None:
+    def _bind(
+        self, owner: object, encrypt_loader: Loader[V], decrypt_loader: Loader[V]
+    ) -> tuple[_Side[V], _Side[V]]:
+        """Attach to the one Crypto this cache serves; returns its (encrypt, decrypt) sides."""
         if self._owner is not None and self._owner is not owner:
             raise ConfigurationError("a DEKCache serves one Crypto; create one per Crypto")
         self._owner = owner
+        self._encrypt.loader = encrypt_loader
+        self._decrypt.loader = decrypt_loader
+        return self._encrypt, self._decrypt  # type: ignore[return-value]
 
     def accepts(self, size: int) -> bool:
         """Whether a message of ``size`` bytes may use a cached key at all."""
         return size <= self.max_bytes_per_dek
-
-    async def for_encrypt(self, key: Hashable, size: int, load: Load[V]) -> V:
-        """A key for one message of ``size`` bytes; counts the use before returning."""
-        return await self._encrypt.get(key, load, size)  # type: ignore[return-value]
-
-    async def for_decrypt(self, key: Hashable, load: Load[V]) -> V:
-        return await self._decrypt.get(key, load, None)  # type: ignore[return-value]
 
     def remember_for_decrypt(self, key: Hashable, value: _Wipeable) -> None:
         """Seed the decrypt side with a key just made for encryption.

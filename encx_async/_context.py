@@ -16,13 +16,15 @@ from collections.abc import Mapping
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Context", "encode_context", "normalize_context"]
+__all__ = ["Context", "decode_context", "encode_context", "normalize_context"]
 
 Context = Mapping[str, str]
 
 MAX_CONTEXT_BYTES = 8192
 _U16 = struct.Struct(">H")
 _memo: dict[tuple[tuple[str, str], ...], tuple[bytes, dict[str, str]]] = {}
+_decoded: dict[bytes, dict[str, str]] = {}
+_last: tuple[bytes, dict[str, str]] = (b"", {})
 _MEMO_LIMIT = 1024
 
 
@@ -55,6 +57,10 @@ def _lookup(context: Context | None) -> tuple[bytes, dict[str, str]]:
         if context is not None and not isinstance(context, Mapping):
             raise ConfigurationError("an encryption context must be a mapping of str to str")
         return b"", {}
+    global _last
+    last = _last
+    if context == last[1] and type(context) is dict:
+        return last  # a service tends to send the same context many times in a row
     if not isinstance(context, Mapping):
         raise ConfigurationError("an encryption context must be a mapping of str to str")
     items = tuple(context.items())
@@ -67,7 +73,10 @@ def _lookup(context: Context | None) -> tuple[bytes, dict[str, str]]:
         hit = _encode(items)
         if len(_memo) >= _MEMO_LIMIT:
             _memo.clear()
+            _decoded.clear()
         _memo[items] = hit
+        _decoded[hit[0]] = hit[1]
+    _last = hit
     return hit
 
 
@@ -79,3 +88,20 @@ def encode_context(context: Context | None) -> bytes:
 def normalize_context(context: Context | None) -> dict[str, str]:
     """A plain dict copy of a validated ``context``, as the KMS wants it."""
     return dict(_lookup(context)[1])
+
+
+def decode_context(encoded: bytes) -> dict[str, str]:
+    """The context whose canonical encoding is ``encoded`` (the inverse of encode_context)."""
+    known = _decoded.get(encoded)
+    if known is not None:
+        return dict(known)
+    out: dict[str, str] = {}
+    view, at = memoryview(encoded), 0
+    while at < len(view):
+        (klen,) = _U16.unpack_from(view, at)
+        key = bytes(view[at + 2 : at + 2 + klen]).decode()
+        at += 2 + klen
+        (vlen,) = _U16.unpack_from(view, at)
+        out[key] = bytes(view[at + 2 : at + 2 + vlen]).decode()
+        at += 2 + vlen
+    return out

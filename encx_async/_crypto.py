@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -12,9 +13,9 @@ from typing import Self, TypeVar
 
 import anyio.to_thread
 
-from ._aead import Bytes, EnvelopeCipher, open_raw, seal_raw
-from ._cache import DEKCache, DEKCacheStats
-from ._context import Context, encode_context, normalize_context
+from ._aead import NONCE_SIZE, Bytes, EnvelopeCipher, open_raw, seal_raw
+from ._cache import DEKCache, DEKCacheStats, _Side
+from ._context import Context, decode_context, encode_context, normalize_context
 from ._envelope import BODY_GCM, MAX_WRAPPED_DEK, Envelope, Sealer, parse
 from ._exceptions import ClosedError, ConfigurationError, DecryptionError, EncryptionError
 from ._keys import DEK_SIZE, DataKey
@@ -31,6 +32,8 @@ logger = logging.getLogger("encx_async")
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
 PEPPER_SIZE = 32
 T = TypeVar("T")
+EncryptKey = tuple[str, int, bytes]  # KEK id, KEK version, encoded context
+DecryptKey = tuple[str, int, bytes, bytes]  # KEK id, KEK version, wrapped DEK, encoded context
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +90,16 @@ class Crypto:
         self._key_ids = {1: key_id}
         self._kms_calls: Counter[str] = Counter()
         self._closed = False
+        self._encrypt_side: _Side[Sealer] | None = None
+        self._decrypt_side: _Side[Sealer] | None = None
+        self._max_cached_bytes = 0
         if dek_cache is not None:
-            dek_cache._bind(self)
+            self._encrypt_side, self._decrypt_side = dek_cache._bind(
+                self,
+                self._load_for_encrypt,  # type: ignore[arg-type]
+                self._open_sealer,  # type: ignore[arg-type]
+            )
+            self._max_cached_bytes = dek_cache.max_bytes_per_dek
 
     @classmethod
     async def create(
@@ -208,24 +219,31 @@ class Crypto:
             authenticated, not stored, not sent to the KMS, needed again to
             decrypt. It does not split the cache, so it is the place for ids.
         """
-        self._check_open()
-        data = _check_bytes("plaintext", plaintext)
-        extra = _check_aad(aad)
+        # The cached path runs without a single suspension: keep it lean.
+        if self._closed:
+            raise ClosedError("this Crypto is closed")
+        if type(plaintext) is not bytes:
+            plaintext = bytes(_check_bytes("plaintext", plaintext))
+        if aad is not None and type(aad) is not bytes:
+            aad = bytes(_check_bytes("aad", aad))
         ctx = encode_context(context)
         version = self._kek_version
         key_id = self._key_ids[version]
-
-        def load() -> Awaitable[Sealer]:
-            return self._new_sealer(version, key_id, context, ctx)
-
-        if self._cache is None or not self._cache.accepts(len(data)):
-            sealer = await load()
-            try:
-                return await self._seal(sealer, data, extra)
-            finally:
-                sealer.wipe()
-        sealer = await self._cache.for_encrypt((key_id, version, ctx), len(data), load)
-        return await self._seal(sealer, data, extra)
+        size = len(plaintext)
+        side = self._encrypt_side
+        if side is not None and size <= self._max_cached_bytes:
+            key = (key_id, version, ctx)
+            sealer = side.take(key, size) or await side.get(key, size)
+            if size < self._thread_threshold:
+                return sealer.seal_small(plaintext, aad)
+            return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
+        sealer = await self._new_sealer(version, key_id, ctx)
+        try:
+            if size < self._thread_threshold:
+                return sealer.seal_small(plaintext, aad)
+            return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
+        finally:
+            sealer.wipe()
 
     async def decrypt(
         self, blob: Bytes, *, context: Context | None = None, aad: Bytes | None = None
@@ -235,43 +253,42 @@ class Crypto:
         Any tampering, truncation, wrong key, context or aad raises
         :class:`~encx_async.DecryptionError`.
         """
-        self._check_open()
+        if self._closed:
+            raise ClosedError("this Crypto is closed")
         envelope = parse(blob)
-        extra = _check_aad(aad)
+        if aad is not None and type(aad) is not bytes:
+            aad = bytes(_check_bytes("aad", aad))
         ctx = encode_context(context)
-        key_id = self._key_id_for(envelope.kek_version)
-        wrapped = envelope.wrapped_dek
-
-        def load() -> Awaitable[Sealer]:
-            return self._open_sealer(envelope.kek_version, key_id, wrapped, context, ctx)
-
-        if self._cache is None:
-            sealer = await load()
-            try:
-                return await self._open(sealer, envelope, extra)
-            finally:
-                sealer.wipe()
-        sealer = await self._cache.for_decrypt((key_id, wrapped, ctx), load)
-        return await self._open(sealer, envelope, extra)
-
-    async def _seal(self, sealer: Sealer, data: Bytes, aad: bytes | None) -> bytes:
-        if len(data) < self._thread_threshold:
-            return sealer.seal_small(bytes(data), aad)
-        return await anyio.to_thread.run_sync(sealer.seal_large_job(data, aad))
+        version = envelope.kek_version
+        key_id = self._key_ids.get(version) or self._key_id_for(version)
+        side = self._decrypt_side
+        if side is not None:
+            key = (key_id, version, envelope.wrapped_dek, ctx)
+            sealer = side.take(key, None) or await side.get(key, None)
+            if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
+                return sealer.open_small(envelope, aad)
+            return await self._open(sealer, envelope, aad)
+        sealer = await self._open_sealer((key_id, version, envelope.wrapped_dek, ctx))
+        try:
+            return await self._open(sealer, envelope, aad)
+        finally:
+            sealer.wipe()
 
     async def _open(self, sealer: Sealer, envelope: Envelope, aad: bytes | None) -> bytes:
         if envelope.body_kind == BODY_GCM:
-            if len(envelope.body) < self._thread_threshold:
+            if len(envelope.blob) < self._thread_threshold:
                 return sealer.open_small(envelope, aad)
             return await anyio.to_thread.run_sync(sealer.open_small, envelope, aad)
         return await anyio.to_thread.run_sync(sealer.open_large_job(envelope, aad))
 
-    async def _new_sealer(
-        self, version: int, key_id: str, context: Context | None, ctx: bytes
-    ) -> Sealer:
+    async def _load_for_encrypt(self, key: EncryptKey) -> Sealer:
+        key_id, version, ctx = key
+        return await self._new_sealer(version, key_id, ctx)
+
+    async def _new_sealer(self, version: int, key_id: str, ctx: bytes) -> Sealer:
         dek = DataKey.generate()
         try:
-            wrapped = await self._wrap(key_id, dek, context)
+            wrapped = await self._wrap(key_id, dek, decode_context(ctx))
             if not 0 < len(wrapped) <= MAX_WRAPPED_DEK:
                 raise EncryptionError(
                     f"the KMS returned a wrapped key of {len(wrapped)} bytes; "
@@ -281,15 +298,14 @@ class Crypto:
             if self._cache is not None:
                 # What we just wrapped we can read back without asking the KMS.
                 twin = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
-                self._cache.remember_for_decrypt((key_id, wrapped, ctx), twin)
+                self._cache.remember_for_decrypt((key_id, version, wrapped, ctx), twin)
             return sealer
         finally:
             dek.wipe()
 
-    async def _open_sealer(
-        self, version: int, key_id: str, wrapped: bytes, context: Context | None, ctx: bytes
-    ) -> Sealer:
-        dek = await self._unwrap(key_id, wrapped, context)
+    async def _open_sealer(self, key: DecryptKey) -> Sealer:
+        key_id, version, wrapped, ctx = key
+        dek = await self._unwrap(key_id, wrapped, decode_context(ctx))
         try:
             return Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
         finally:
@@ -313,29 +329,43 @@ class Crypto:
         """AES-256-GCM of ``plaintext`` under ``dek``: ``nonce || ciphertext || tag``.
 
         The raw layer: no header, no commitment, no KEK version. You keep the
-        wrapped DEK and its KEK version next to the ciphertext yourself.
+        wrapped DEK and its KEK version next to the ciphertext yourself. A payload
+        at or above the thread threshold is encrypted in a worker thread, in one
+        AES-GCM call that holds the GIL throughout; prefer :meth:`encrypt` for
+        multi-megabyte payloads.
         """
-        self._check_open()
-        data = _check_bytes("plaintext", plaintext)
-        _check_dek(dek)
-        extra = _check_aad(aad)
-        if len(data) < self._thread_threshold:
-            return seal_raw(dek, data, extra)
+        # As lean as the high-level path: checks inline, no helper calls.
+        if self._closed:
+            raise ClosedError("this Crypto is closed")
+        if type(dek) is not DataKey:
+            _check_dek(dek)
+        if type(plaintext) is not bytes:
+            plaintext = _check_bytes("plaintext", plaintext)
+        if aad is not None and type(aad) is not bytes:
+            aad = bytes(_check_bytes("aad", aad))
+        if len(plaintext) < self._thread_threshold:
+            gcm = dek.aesgcm()
+            nonce = os.urandom(NONCE_SIZE)
+            return nonce + gcm.encrypt(nonce, plaintext, aad)
         dek.aesgcm()  # built here, in the loop, before the hop
-        return await anyio.to_thread.run_sync(seal_raw, dek, data, extra)
+        return await anyio.to_thread.run_sync(seal_raw, dek, plaintext, aad)
 
     async def decrypt_data(
         self, ciphertext: Bytes, dek: DataKey, *, aad: Bytes | None = None
     ) -> bytes:
         """Reverse :meth:`encrypt_data`; DecryptionError if anything was changed."""
-        self._check_open()
-        data = _check_bytes("ciphertext", ciphertext)
-        _check_dek(dek)
-        extra = _check_aad(aad)
-        if len(data) < self._thread_threshold:
-            return open_raw(dek, bytes(data), extra)
+        if self._closed:
+            raise ClosedError("this Crypto is closed")
+        if type(dek) is not DataKey:
+            _check_dek(dek)
+        if type(ciphertext) is not bytes:
+            ciphertext = bytes(_check_bytes("ciphertext", ciphertext))
+        if aad is not None and type(aad) is not bytes:
+            aad = bytes(_check_bytes("aad", aad))
+        if len(ciphertext) < self._thread_threshold:
+            return open_raw(dek, ciphertext, aad)
         dek.aesgcm()
-        return await anyio.to_thread.run_sync(open_raw, dek, bytes(data), extra)
+        return await anyio.to_thread.run_sync(open_raw, dek, ciphertext, aad)
 
     async def encrypt_dek(self, dek: DataKey, *, context: Context | None = None) -> bytes:
         """Wrap ``dek`` under the current KEK version (see :attr:`kek_version`)."""

@@ -23,9 +23,14 @@ by exactly one DEK.
 
 from __future__ import annotations
 
+import hmac
+import os
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ._aead import COMMITMENT_SIZE, NONCE_SIZE, TAG_SIZE, Bytes, EnvelopeCipher
 from ._exceptions import DecryptionError
@@ -55,9 +60,21 @@ class Envelope(NamedTuple):
     body_kind: int
     kek_version: int
     wrapped_dek: bytes
-    commitment: memoryview
-    header: memoryview
-    body: memoryview
+    commitment: bytes
+    blob: bytes
+    body_at: int
+
+    @property
+    def header(self) -> bytes:
+        return self.blob[: self.body_at]
+
+    @property
+    def body(self) -> bytes:
+        return self.blob[self.body_at :]
+
+
+# What NamedTuple._make does, minus a Python-level call: parse runs per message.
+_make_envelope = tuple.__new__
 
 
 def pack_header(body_kind: int, kek_version: int, wrapped_dek: bytes, commitment: bytes) -> bytes:
@@ -75,12 +92,13 @@ def associated_data(header: bytes | memoryview, context: bytes, aad: bytes | Non
 
 def parse(blob: bytes | bytearray | memoryview) -> Envelope:
     """Split a blob into its fields, checking every length; DecryptionError if malformed."""
-    if not isinstance(blob, bytes | bytearray | memoryview):
-        raise TypeError(f"a ciphertext is bytes, not {type(blob).__name__}")
-    view = memoryview(blob)
-    if len(view) < _FIXED.size:
+    if type(blob) is not bytes:
+        if not isinstance(blob, bytearray | memoryview):
+            raise TypeError(f"a ciphertext is bytes, not {type(blob).__name__}")
+        blob = bytes(blob)
+    if len(blob) < _FIXED.size:
         raise DecryptionError("not an encx-async ciphertext: too short")
-    magic, version, kind, kek_version, wrapped_len = _FIXED.unpack_from(view)
+    magic, version, kind, kek_version, wrapped_len = _FIXED.unpack_from(blob)
     if magic != MAGIC:
         raise DecryptionError("not an encx-async ciphertext: bad magic bytes")
     if version != VERSION:
@@ -89,18 +107,12 @@ def parse(blob: bytes | bytearray | memoryview) -> Envelope:
         raise DecryptionError(f"unknown ciphertext body kind {kind}")
     if not 0 < wrapped_len <= MAX_WRAPPED_DEK:
         raise DecryptionError("malformed ciphertext: bad wrapped-key length")
-    body_at = _FIXED.size + wrapped_len + COMMITMENT_SIZE
-    if len(view) < body_at + MIN_BODY[kind]:
-        raise DecryptionError("ciphertext is truncated")
     wrapped_end = _FIXED.size + wrapped_len
-    return Envelope(
-        body_kind=kind,
-        kek_version=kek_version,
-        wrapped_dek=bytes(view[_FIXED.size : wrapped_end]),
-        commitment=view[wrapped_end:body_at],
-        header=view[:body_at],
-        body=view[body_at:],
-    )
+    body_at = wrapped_end + COMMITMENT_SIZE
+    if len(blob) < body_at + MIN_BODY[kind]:
+        raise DecryptionError("ciphertext is truncated")
+    fields = (kind, kek_version, blob[_FIXED.size : wrapped_end], blob[wrapped_end:body_at])
+    return _make_envelope(Envelope, (*fields, blob, body_at))
 
 
 class Sealer:
@@ -110,7 +122,16 @@ class Sealer:
     associated data are computed here, so a message costs one AES-GCM call.
     """
 
-    __slots__ = ("_aad_prefix", "_context", "_header", "cipher", "kek_version", "wrapped_dek")
+    __slots__ = (
+        "_aad_prefix",
+        "_commitment",
+        "_context",
+        "_gcm",
+        "_header",
+        "cipher",
+        "kek_version",
+        "wrapped_dek",
+    )
 
     def __init__(
         self, cipher: EnvelopeCipher, kek_version: int, wrapped_dek: bytes, context: bytes
@@ -119,38 +140,57 @@ class Sealer:
         self.kek_version = kek_version
         self.wrapped_dek = wrapped_dek
         self._context = context
+        self._gcm: AESGCM | None = cipher.gcm
+        self._commitment = cipher.commitment
         self._header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
         self._aad_prefix = associated_data(self._header, context, None)
 
     def wipe(self) -> None:
+        self._gcm = None
         self.cipher.wipe()
 
-    def seal_small(self, plaintext: bytes, aad: bytes | None) -> bytes:
-        sealed = self.cipher.seal_small(
-            plaintext, self._aad_prefix + aad if aad else self._aad_prefix
-        )
-        return self._header + sealed
+    def _live_gcm(self) -> AESGCM:
+        gcm = self._gcm
+        if gcm is None:
+            raise RuntimeError("this data key has been wiped")
+        return gcm
+
+    def seal_small(self, plaintext: Bytes, aad: bytes | None) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        full_aad = self._aad_prefix + aad if aad else self._aad_prefix
+        return b"".join((self._header, nonce, self._live_gcm().encrypt(nonce, plaintext, full_aad)))
+
+    def open_small(self, envelope: Envelope, aad: bytes | None) -> bytes:
+        """Open a parsed AES-GCM envelope whose wrapped DEK and context are ours."""
+        if not hmac.compare_digest(self._commitment, envelope.commitment):
+            raise DecryptionError("decryption failed: the data key does not match this ciphertext")
+        blob, at = envelope.blob, envelope.body_at
+        # Our own header went into the associated data, not the blob's: a changed
+        # header field fails the tag.
+        full_aad = self._aad_prefix + aad if aad else self._aad_prefix
+        try:
+            return self._live_gcm().decrypt(
+                blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad
+            )
+        except InvalidTag:
+            raise DecryptionError(
+                "decryption failed: wrong key, context or aad, or modified data"
+            ) from None
 
     def seal_large_job(self, plaintext: Bytes, aad: bytes | None) -> Callable[[], bytes]:
         """A job sealing a large payload with Cobblestone-256, for a worker thread."""
         header = self._stream_header()
-        job = self.cipher.stream_job(
-            plaintext, associated_data(header, self._context, aad), seal=True
-        )
+        full_aad = associated_data(header, self._context, aad)
+        job = self.cipher.stream_job(plaintext, full_aad, seal=True)
         return lambda: header + job()
-
-    def _stream_header(self) -> bytes:
-        return pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self.cipher.commitment)
-
-    def open_small(self, envelope: Envelope, aad: bytes | None) -> bytes:
-        """Open a parsed AES-GCM envelope whose wrapped DEK and context are ours."""
-        self.cipher.check_commitment(envelope.commitment)
-        prefix = self._aad_prefix
-        return self.cipher.open_small(envelope.body, prefix + aad if aad else prefix)
 
     def open_large_job(self, envelope: Envelope, aad: bytes | None) -> Callable[[], bytes]:
         """A job opening a Cobblestone envelope, for a worker thread."""
-        self.cipher.check_commitment(envelope.commitment)
-        # Our own header, not the blob's: a tampered header field fails the tag.
+        if not hmac.compare_digest(self._commitment, envelope.commitment):
+            raise DecryptionError("decryption failed: the data key does not match this ciphertext")
         full_aad = associated_data(self._stream_header(), self._context, aad)
-        return self.cipher.stream_job(envelope.body, full_aad, seal=False)
+        body = memoryview(envelope.blob)[envelope.body_at :]
+        return self.cipher.stream_job(body, full_aad, seal=False)
+
+    def _stream_header(self) -> bytes:
+        return pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)

@@ -290,13 +290,13 @@ async def test_retired_keys_are_wiped(local: LocalKMSService) -> None:
     crypto = await make(local, cache)
     await crypto.encrypt(b"", context=CTX)
     (entry,) = cache._encrypt.entries.values()
-    assert entry.value.cipher._gcm is not None  # type: ignore[attr-defined]
+    assert entry.value._gcm is not None  # type: ignore[attr-defined]
     clock.advance(11)
     await crypto.encrypt(b"", context=CTX)
     await asyncio.sleep(0)
     assert entry.dead
-    assert entry.value.cipher._gcm is None  # type: ignore[attr-defined]
-    assert not any(entry.value.cipher._stream_key)  # type: ignore[attr-defined]
+    assert entry.value._gcm is None  # type: ignore[attr-defined]
+    assert not any(entry.value.cipher._stream_key)
 
 
 async def test_close_wipes_everything_and_refuses_use(local: LocalKMSService) -> None:
@@ -307,11 +307,11 @@ async def test_close_wipes_everything_and_refuses_use(local: LocalKMSService) ->
     assert len(entries) == 2
     await crypto.aclose()
     await crypto.aclose()  # idempotent
-    assert all(e.value.cipher._gcm is None for e in entries)  # type: ignore[attr-defined]
+    assert all(e.value._gcm is None for e in entries)  # type: ignore[attr-defined]
     with pytest.raises(ClosedError):
         await crypto.decrypt(blob, context=CTX)
     with pytest.raises(ClosedError):
-        await cache.for_decrypt("k", asyncio.sleep)  # type: ignore[arg-type, type-var]
+        await crypto.encrypt(b"x", context=CTX)
 
 
 async def test_close_while_a_key_is_loading(gated: GatedKMS) -> None:
@@ -347,4 +347,4 @@ async def test_repr_shows_counts_not_keys(local: LocalKMSService) -> None:
     text = repr(cache)
     assert "entries=1+1" in text
     (entry,) = cache._encrypt.entries.values()
-    assert entry.value.cipher.commitment.hex() not in text  # type: ignore[attr-defined]
+    assert entry.value._commitment.hex() not in text  # type: ignore[attr-defined]

@@ -1,0 +1,784 @@
+"""AWS KMS as a :class:`~encx_async.kms.KeyManagementService`, on aiobotocore.
+
+Data keys are generated locally and wrapped with the KMS ``Encrypt`` call, so
+the IAM policy of the caller needs only ``kms:Encrypt``, ``kms:Decrypt`` and
+``kms:DescribeKey`` (plus ``kms:CreateKey`` and ``kms:CreateAlias`` to use
+:meth:`KMSService.create_key`).
+
+Typical use::
+
+    from encx_async.providers.aws import Config, KMSService
+
+    async with KMSService(Config(region="eu-west-1")) as kms:
+        key_arn = await kms.get_key_id("alias/orders")
+        wrapped = await kms.encrypt_dek(key_arn, dek, context={"table": "orders"})
+
+One service holds one aiobotocore client (one connection pool) for its whole
+life; share it between tasks rather than creating one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Self, TypeVar, cast
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from encx_async._exceptions import (
+    ClosedError,
+    ConfigurationError,
+    DecryptionError,
+    EncxError,
+    KMSAccessDeniedError,
+    KMSError,
+    KMSKeyNotFoundError,
+    KMSRegionMismatchError,
+    KMSUnavailableError,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_kms import KMSClient
+
+__all__ = ["Config", "KMSService", "RetryMode"]
+
+_log = logging.getLogger("encx_async.kms")
+
+_T = TypeVar("_T")
+
+RetryMode = Literal["standard", "adaptive", "legacy"]
+"""The botocore retry modes."""
+
+_RETRY_MODES: Final = frozenset({"standard", "adaptive", "legacy"})
+
+_DEFAULT_MAX_POOL_CONNECTIONS: Final = 10
+_DEFAULT_MAX_ATTEMPTS: Final = 3
+_DEFAULT_RETRY_MODE: Final[RetryMode] = "standard"
+_DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+_DEFAULT_READ_TIMEOUT: Final = 10.0
+
+# KMS limits on the sizes of what we send.
+_MAX_PLAINTEXT: Final = 4096
+_MAX_CIPHERTEXT: Final = 6144
+_MAX_KEY_REF: Final = 2048
+
+# A key id is a uuid, or "mrk-" and 32 hex digits for a multi-region key
+# (moto writes the latter as "mrk-" and a uuid).
+_KEY_ID_RE: Final = re.compile(
+    r"^(?:mrk-[0-9a-f]{32}|(?:mrk-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$",
+    re.IGNORECASE,
+)
+_ALIAS_NAME_RE: Final = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
+_KMS_ARN_RE: Final = re.compile(
+    r"^arn:(?P<partition>[a-z0-9-]+):kms:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
+    r"(?P<type>key|alias)/(?P<name>.+)$"
+)
+# Some KMS-compatible endpoints (moto's IAM checks among them) answer a JSON
+# request with an XML error document; botocore then reports the HTTP status
+# as the code and the whole document as the message.
+_XML_CODE_RE: Final = re.compile(r"<Code>([^<]{1,200})</Code>")
+_XML_MESSAGE_RE: Final = re.compile(r"<Message>([^<]{0,2000})</Message>")
+
+_NOT_FOUND_CODES: Final = frozenset({"NotFoundException"})
+_DECRYPT_FAILURE_CODES: Final = frozenset(
+    {"InvalidCiphertextException", "IncorrectKeyException", "InvalidKeyUsageException"}
+)
+_ACCESS_DENIED_CODES: Final = frozenset({"AccessDeniedException", "AccessDenied"})
+_BAD_CREDENTIAL_CODES: Final = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    }
+)
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+    }
+)
+_CREDENTIAL_HINT: Final = (
+    "check the credentials botocore found: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+    "(and AWS_SESSION_TOKEN), the shared credentials and config files, AWS_PROFILE "
+    "or Config(profile=...), or the instance/task role"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """How :class:`KMSService` reaches AWS KMS.
+
+    Every field is optional. The client options are resolved in this order:
+    a field set here, then the same option set on ``client_config``, then these
+    defaults:
+
+    ========================  ==============================================
+    ``max_pool_connections``  10 concurrent connections to KMS
+    ``max_attempts``          3 attempts in total (the first try plus 2 retries)
+    ``retry_mode``            ``"standard"`` (exponential backoff with jitter)
+    ``connect_timeout``       5 seconds per attempt
+    ``read_timeout``          10 seconds per attempt
+    ========================  ==============================================
+
+    So a call to an unreachable KMS gives up after roughly
+    ``max_attempts * (connect_timeout or read_timeout)`` plus backoff.
+
+    ``region`` falls back to ``AWS_REGION``, then to botocore's chain
+    (``AWS_DEFAULT_REGION``, the profile in the shared config file).
+    Credentials always come from botocore's chain (environment, shared files,
+    SSO, container or instance role). ``profile`` picks a named profile;
+    ``session`` reuses an existing :class:`~aiobotocore.session.AioSession`
+    (it is not closed by the service), and excludes ``profile``.
+    ``endpoint_url`` points at a VPC endpoint, LocalStack or moto.
+
+    ``alias_cache_ttl`` is how many seconds :meth:`KMSService.get_key_id`
+    remembers what an alias resolved to; 0 disables the cache.
+    """
+
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    session: AioSession | None = field(default=None, repr=False)
+    client_config: AioConfig | None = field(default=None, repr=False)
+    max_pool_connections: int | None = None
+    max_attempts: int | None = None
+    retry_mode: RetryMode | None = None
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+    alias_cache_ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.region is not None and not _is_region_name(self.region):
+            raise ConfigurationError(f"Config(region={self.region!r}) is not an AWS region name")
+        if self.session is not None and self.profile is not None:
+            raise ConfigurationError(
+                "give Config either session= or profile=, not both: "
+                "a profile is chosen when the session is created"
+            )
+        _check_positive_int("max_pool_connections", self.max_pool_connections)
+        _check_positive_int("max_attempts", self.max_attempts)
+        if self.retry_mode is not None and self.retry_mode not in _RETRY_MODES:
+            raise ConfigurationError(
+                f"Config(retry_mode={self.retry_mode!r}) must be one of {sorted(_RETRY_MODES)}"
+            )
+        _check_positive_number("connect_timeout", self.connect_timeout)
+        _check_positive_number("read_timeout", self.read_timeout)
+        if isinstance(self.alias_cache_ttl, bool) or not (
+            isinstance(self.alias_cache_ttl, int | float) and self.alias_cache_ttl >= 0
+        ):
+            raise ConfigurationError(
+                f"Config(alias_cache_ttl={self.alias_cache_ttl!r}) must be a number >= 0"
+            )
+
+    def build_client_config(self) -> AioConfig:
+        """Return the effective :class:`~aiobotocore.config.AioConfig` for the KMS client."""
+        user = self.client_config
+        base = AioConfig(
+            max_pool_connections=_DEFAULT_MAX_POOL_CONNECTIONS,
+            connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+            read_timeout=_DEFAULT_READ_TIMEOUT,
+        )
+        merged = base if user is None else base.merge(user)
+        overrides: dict[str, Any] = {"retries": self._effective_retries()}
+        if self.max_pool_connections is not None:
+            overrides["max_pool_connections"] = self.max_pool_connections
+        if self.connect_timeout is not None:
+            overrides["connect_timeout"] = self.connect_timeout
+        if self.read_timeout is not None:
+            overrides["read_timeout"] = self.read_timeout
+        return merged.merge(AioConfig(**overrides))
+
+    def _effective_retries(self) -> dict[str, Any]:
+        retries: dict[str, Any] = {
+            "total_max_attempts": _DEFAULT_MAX_ATTEMPTS,
+            "mode": _DEFAULT_RETRY_MODE,
+        }
+        user_retries = _user_retries(self.client_config)
+        if user_retries:
+            if "max_attempts" in user_retries or "total_max_attempts" in user_retries:
+                del retries["total_max_attempts"]
+            retries.update(user_retries)
+        if self.max_attempts is not None:
+            retries.pop("max_attempts", None)
+            retries["total_max_attempts"] = self.max_attempts
+        if self.retry_mode is not None:
+            retries["mode"] = self.retry_mode
+        return retries
+
+
+def _user_retries(client_config: AioConfig | None) -> dict[str, Any]:
+    if client_config is None:
+        return {}
+    retries = getattr(client_config, "retries", None)
+    return dict(cast("Mapping[str, Any]", retries)) if retries else {}
+
+
+def _total_attempts(client_config: AioConfig) -> int:
+    retries = cast("Mapping[str, Any]", getattr(client_config, "retries", None) or {})
+    if "total_max_attempts" in retries:
+        return int(retries["total_max_attempts"])
+    if "max_attempts" in retries:
+        return int(retries["max_attempts"]) + 1
+    return _DEFAULT_MAX_ATTEMPTS
+
+
+def _check_positive_int(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(f"Config({name}={value!r}) must be an integer >= 1")
+
+
+def _check_positive_number(name: str, value: float | None) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+    ):
+        raise ConfigurationError(f"Config({name}={value!r}) must be a number > 0")
+
+
+def _is_region_name(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[a-z]{2,}(?:-[a-z0-9]+)+", value) is not None
+
+
+class _KmsArn(NamedTuple):
+    """The parts of a KMS key or alias ARN."""
+
+    partition: str
+    region: str
+    account: str
+    resource_type: Literal["key", "alias"]
+    resource_id: str
+    """The key id (``1234abcd-...`` or ``mrk-...``) or the alias name without ``alias/``."""
+
+    @property
+    def is_multi_region_key(self) -> bool:
+        return self.resource_type == "key" and self.resource_id.startswith("mrk-")
+
+    def with_region(self, region: str) -> str:
+        """This ARN, as a string, with its region replaced by ``region``."""
+        return (
+            f"arn:{self.partition}:kms:{region}:{self.account}:"
+            f"{self.resource_type}/{self.resource_id}"
+        )
+
+
+def _parse_kms_arn(value: str) -> _KmsArn | None:
+    """Split a KMS key or alias ARN; ``None`` when ``value`` is not an ARN at all.
+
+    Raises :class:`ConfigurationError` for a string that starts with ``arn:``
+    but is not a KMS key or alias ARN.
+    """
+    if not value.startswith("arn:"):
+        return None
+    match = _KMS_ARN_RE.fullmatch(value)
+    if match is None:
+        raise ConfigurationError(
+            f"{value!r} is not a KMS key or alias ARN "
+            "(expected arn:<partition>:kms:<region>:<account>:key/<id> or .../alias/<name>)"
+        )
+    resource_type: Literal["key", "alias"] = "key" if match["type"] == "key" else "alias"
+    return _KmsArn(
+        match["partition"], match["region"], match["account"], resource_type, match["name"]
+    )
+
+
+def _looks_like_key_ref(value: str) -> bool:
+    """Whether KMS would read ``value`` as something other than a bare alias name."""
+    return value.startswith(("alias/", "arn:")) or _KEY_ID_RE.fullmatch(value) is not None
+
+
+def _not_found_message(key_ref: str, region: str | None) -> str:
+    where = f"region {region}" if region else "this region"
+    if _looks_like_key_ref(key_ref):
+        return (
+            f"KMS key {key_ref!r} was not found in {where}; check that the key or alias "
+            "exists in this account and region (alias names start with 'alias/')"
+        )
+    return (
+        f"KMS key {key_ref!r} was not found in {where}: it is not a key id, key ARN or "
+        f"alias name; alias names start with 'alias/' (did you mean 'alias/{key_ref}'?)"
+    )
+
+
+def _client_error_details(exc: ClientError) -> tuple[str, str, int]:
+    response = exc.response
+    error = response.get("Error", {})
+    code = str(error.get("Code") or "")
+    message = str(error.get("Message") or "")
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if message.lstrip().startswith("<"):
+        code_match = _XML_CODE_RE.search(message)
+        if code_match is not None and (not code or code.isdigit()):
+            code = html.unescape(code_match.group(1)).strip()
+        message_match = _XML_MESSAGE_RE.search(message)
+        message = html.unescape(message_match.group(1)).strip() if message_match else ""
+    if len(message) > 500:
+        message = message[:500] + "..."
+    return code, message, status
+
+
+def _translate_error(
+    exc: Exception,
+    *,
+    operation: str,
+    key_ref: str | None,
+    region: str | None,
+    endpoint: str | None,
+    attempts: int,
+) -> EncxError:
+    """Turn a botocore exception into the encx-async error that describes it.
+
+    The single place where botocore errors are mapped; the caller raises the
+    result ``from exc``. Messages never contain request payloads.
+    """
+    subject = f" on {key_ref!r}" if key_ref else ""
+    where = f"region {region}" if region else "the configured region"
+    target = f"{endpoint or 'the KMS endpoint'} ({where})"
+
+    if isinstance(exc, ClientError):
+        code, message, status = _client_error_details(exc)
+        detail = f": {message}" if message else ""
+        if code in _NOT_FOUND_CODES:
+            return KMSKeyNotFoundError(_not_found_message(key_ref or "", region), code=code)
+        if operation == "Decrypt" and code in _DECRYPT_FAILURE_CODES:
+            return DecryptionError(
+                "the data key could not be decrypted: the ciphertext, key or "
+                "encryption context does not match"
+            )
+        if code in _BAD_CREDENTIAL_CODES:
+            return KMSAccessDeniedError(
+                f"KMS {operation}{subject} in {where} was refused ({code}{detail}); "
+                f"{_CREDENTIAL_HINT}",
+                code=code,
+            )
+        if code in _ACCESS_DENIED_CODES or status == 403:
+            return KMSAccessDeniedError(
+                f"KMS {operation}{subject} in {where} was denied ({code or status}){detail}; "
+                "the caller's IAM policy or the key policy must allow it",
+                code=code or None,
+            )
+        if code in _UNAVAILABLE_CODES or status >= 500:
+            return KMSUnavailableError(
+                f"KMS {operation}{subject} failed at {target} with {code or status}{detail}, "
+                f"after {attempts} attempt(s); retry later",
+                code=code or None,
+            )
+        return KMSError(
+            f"KMS {operation}{subject} in {where} failed: {code or status}{detail}",
+            code=code or None,
+        )
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return KMSAccessDeniedError(
+            f"KMS {operation}{subject} could not be signed ({type(exc).__name__}); "
+            f"{_CREDENTIAL_HINT}"
+        )
+    if isinstance(exc, ProfileNotFound):
+        return ConfigurationError(f"the AWS profile for KMS {operation} does not exist: {exc}")
+    if isinstance(exc, NoRegionError):
+        return ConfigurationError(
+            "no AWS region is configured for KMS: set AWS_REGION or pass Config(region=...)"
+        )
+    if isinstance(exc, ParamValidationError):
+        # botocore's report can quote parameter values, so it stays in __cause__ only.
+        return ConfigurationError(f"botocore rejected the parameters of KMS {operation}{subject}")
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return KMSUnavailableError(
+            f"KMS {operation}{subject}: {target} could not be reached "
+            f"({type(exc).__name__}); gave up after {attempts} attempt(s)"
+        )
+    return KMSError(f"KMS {operation}{subject} in {where} failed: {type(exc).__name__}")
+
+
+def _check_context(context: Mapping[str, str] | None) -> dict[str, str]:
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise ConfigurationError("the encryption context must be a mapping of str to str")
+    checked: dict[str, str] = {}
+    for name, value in context.items():
+        if not isinstance(name, str) or not isinstance(value, str) or not name:
+            raise ConfigurationError(
+                "the encryption context must map non-empty str names to str values"
+            )
+        checked[name] = value
+    return checked
+
+
+def _check_bytes(value: object, what: str, limit: int) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ConfigurationError(f"the {what} must be bytes, not {type(value).__name__}")
+    data = bytes(value)
+    if not 1 <= len(data) <= limit:
+        raise ConfigurationError(f"the {what} must be 1 to {limit} bytes long, got {len(data)}")
+    return data
+
+
+def _check_key_ref(key_ref: object) -> str:
+    if not isinstance(key_ref, str) or not key_ref.strip():
+        raise ConfigurationError("a KMS key id, key ARN or alias must be a non-empty str")
+    if len(key_ref) > _MAX_KEY_REF:
+        raise ConfigurationError(f"a KMS key reference is at most {_MAX_KEY_REF} characters")
+    return key_ref
+
+
+class KMSService:
+    """AWS KMS over one shared aiobotocore client.
+
+    ``KMSService(config)`` does no I/O. Open it with ``await KMSService.create(config)``
+    or ``async with KMSService(config) as kms``; a method called on a service
+    that was never opened opens it first. :meth:`aclose` is idempotent, and
+    any call after it raises :class:`~encx_async.ClosedError`.
+
+    Key references may be alias names (``alias/orders``), key ids, key ARNs or
+    alias ARNs. An ARN naming another region is refused with
+    :class:`~encx_async.KMSRegionMismatchError` before any request, except for
+    multi-region keys (``key/mrk-...``), whose replica in this service's region
+    is used instead.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        self._config = config if config is not None else Config()
+        self._client_config = self._config.build_client_config()
+        self._attempts = _total_attempts(self._client_config)
+        self._region: str | None = self._config.region
+        self._endpoint: str | None = self._config.endpoint_url
+        self._client: KMSClient | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+        self._alias_cache: dict[str, tuple[str, float]] = {}
+        # Monotonic clock for the alias cache; tests replace it.
+        self._clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    async def create(cls, config: Config | None = None) -> Self:
+        """Create and open a service."""
+        service = cls(config)
+        await service._ensure_client()
+        return service
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def region(self) -> str | None:
+        """The resolved region; ``None`` before opening when it comes from the environment."""
+        return self._region
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The KMS endpoint in use; ``None`` until opened unless set in the config."""
+        return self._endpoint
+
+    def __repr__(self) -> str:
+        if self._closed:
+            state = "closed"
+        elif self._client is not None:
+            state = "open"
+        else:
+            state = "not opened"
+        return (
+            f"{type(self).__name__}(region={self._region!r}, "
+            f"endpoint_url={self._endpoint!r}, {state})"
+        )
+
+    async def __aenter__(self) -> Self:
+        await self._ensure_client()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client and its connections; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._open_lock:  # let an open in progress finish, then undo it
+            stack, self._stack, self._client = self._stack, None, None
+            self._alias_cache.clear()
+        if stack is not None:
+            await stack.aclose()
+            _log.debug("KMS client closed region=%s", self._region)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{type(self).__name__} is closed")
+
+    async def _ensure_client(self) -> KMSClient:
+        self._raise_if_closed()
+        client = self._client
+        if client is not None:
+            return client
+        async with self._open_lock:
+            self._raise_if_closed()
+            if self._client is None:
+                await self._open_locked()
+            assert self._client is not None
+            return self._client
+
+    async def _open_locked(self) -> None:
+        config = self._config
+        try:
+            session = (
+                config.session if config.session is not None else AioSession(profile=config.profile)
+            )
+            region = (
+                config.region
+                or os.environ.get("AWS_REGION")
+                or cast("str | None", session.get_config_variable("region"))
+            )
+        except ProfileNotFound as exc:
+            raise ConfigurationError(
+                f"the AWS profile {config.profile!r} is not in the shared config files"
+            ) from exc
+        if not region:
+            raise ConfigurationError(
+                "no AWS region is configured for KMS: set AWS_REGION (or AWS_DEFAULT_REGION, "
+                "or a region in the AWS profile) or pass Config(region=...)"
+            )
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(
+                session.create_client(
+                    "kms",
+                    region_name=region,
+                    endpoint_url=config.endpoint_url,
+                    config=self._client_config,
+                )
+            )
+        except BotoCoreError as exc:
+            await stack.aclose()
+            raise ConfigurationError(
+                f"could not create a KMS client for region {region}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self._client = client
+        self._region = client.meta.region_name or region
+        self._endpoint = client.meta.endpoint_url
+        _log.debug("KMS client opened region=%s endpoint=%s", self._region, self._endpoint)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _route(self, key_ref: str) -> str:
+        """Check an ARN's region against ours; return the reference to send to KMS."""
+        arn = _parse_kms_arn(key_ref)
+        if arn is None or self._region is None or arn.region == self._region:
+            return key_ref
+        if arn.is_multi_region_key:
+            return arn.with_region(self._region)
+        raise KMSRegionMismatchError(
+            f"{key_ref!r} is in region {arn.region}, but this KMSService uses region "
+            f"{self._region}; use a KMSService for {arn.region}, or a key in {self._region}"
+        )
+
+    async def _call(
+        self,
+        operation: str,
+        key_ref: str | None,
+        request: Callable[[KMSClient], Awaitable[_T]],
+    ) -> _T:
+        client = await self._ensure_client()
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            result = await request(client)
+            outcome = "ok"
+            return result
+        except (ClientError, BotoCoreError) as exc:
+            if self._closed:
+                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
+            raise _translate_error(
+                exc,
+                operation=operation,
+                key_ref=key_ref,
+                region=self._region,
+                endpoint=self._endpoint,
+                attempts=self._attempts,
+            ) from exc
+        except Exception as exc:
+            if self._closed:
+                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
+            raise
+        finally:
+            _log.debug(
+                "KMS %s key=%s region=%s %s in %.1f ms",
+                operation,
+                key_ref,
+                self._region,
+                outcome,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    # -- KeyManagementService ---------------------------------------------
+
+    async def get_key_id(self, alias: str) -> str:
+        """Resolve an alias, key id, key ARN or alias ARN to the key's ARN.
+
+        Results are cached for ``Config.alias_cache_ttl`` seconds; see
+        :meth:`invalidate_alias`.
+        """
+        key_ref = _check_key_ref(alias)
+        await self._ensure_client()
+        target = self._route(key_ref)
+        cached = self._alias_cache.get(target)
+        if cached is not None:
+            if cached[1] > self._clock():
+                return cached[0]
+            self._alias_cache.pop(target, None)
+        response = await self._call(
+            "DescribeKey", target, lambda client: client.describe_key(KeyId=target)
+        )
+        metadata = response["KeyMetadata"]
+        arn = metadata.get("Arn") or metadata["KeyId"]
+        ttl = self._config.alias_cache_ttl
+        if ttl > 0 and not self._closed:
+            self._alias_cache[target] = (arn, self._clock() + ttl)
+        return arn
+
+    def invalidate_alias(self, alias: str | None = None) -> None:
+        """Forget what ``alias`` resolved to (every alias when ``None``).
+
+        Call it after pointing an alias at a new key, so the next
+        :meth:`get_key_id` asks KMS again instead of waiting for the cache TTL.
+        """
+        if alias is None:
+            self._alias_cache.clear()
+            return
+        self._alias_cache.pop(alias, None)
+        with contextlib.suppress(EncxError):
+            self._alias_cache.pop(self._route(alias), None)
+
+    async def create_key(self, description: str, *, alias: str | None = None) -> str:
+        """Create a symmetric ``ENCRYPT_DECRYPT`` key, and ``alias`` for it; return its ARN."""
+        if not isinstance(description, str):
+            raise ConfigurationError("the key description must be a str")
+        if alias is not None and (
+            not isinstance(alias, str)
+            or _ALIAS_NAME_RE.fullmatch(alias) is None
+            or alias.startswith("alias/aws/")
+        ):
+            raise ConfigurationError(
+                f"alias {alias!r} is not a valid alias name: it must start with 'alias/', "
+                "contain only letters, digits, '/', '_' and '-', and not start with 'alias/aws/'"
+            )
+        response = await self._call(
+            "CreateKey",
+            None,
+            lambda client: client.create_key(
+                Description=description,
+                KeySpec="SYMMETRIC_DEFAULT",
+                KeyUsage="ENCRYPT_DECRYPT",
+            ),
+        )
+        metadata = response["KeyMetadata"]
+        key_id = metadata["KeyId"]
+        arn = metadata.get("Arn") or key_id
+        if alias is not None:
+            try:
+                await self._call(
+                    "CreateAlias",
+                    alias,
+                    lambda client: client.create_alias(AliasName=alias, TargetKeyId=key_id),
+                )
+            except KMSError as err:
+                raise type(err)(
+                    f"{err} (the key {arn} was created without the alias)", code=err.code
+                ) from err.__cause__
+            ttl = self._config.alias_cache_ttl
+            if ttl > 0:
+                self._alias_cache[alias] = (arn, self._clock() + ttl)
+        return arn
+
+    async def encrypt_dek(
+        self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Wrap ``plaintext_dek`` with KMS ``Encrypt`` under ``key_id``."""
+        key_ref = _check_key_ref(key_id)
+        plaintext = _check_bytes(plaintext_dek, "data key", _MAX_PLAINTEXT)
+        encryption_context = _check_context(context)
+        await self._ensure_client()
+        target = self._route(key_ref)
+
+        async def request(client: KMSClient) -> bytes:
+            if encryption_context:
+                response = await client.encrypt(
+                    KeyId=target, Plaintext=plaintext, EncryptionContext=encryption_context
+                )
+            else:
+                response = await client.encrypt(KeyId=target, Plaintext=plaintext)
+            return response["CiphertextBlob"]
+
+        return await self._call("Encrypt", target, request)
+
+    async def decrypt_dek(
+        self, key_id: str, ciphertext_dek: bytes, *, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Unwrap a data key with KMS ``Decrypt``, insisting on the key ``key_id``."""
+        key_ref = _check_key_ref(key_id)
+        if not isinstance(ciphertext_dek, bytes | bytearray | memoryview):
+            raise ConfigurationError(
+                f"the wrapped data key must be bytes, not {type(ciphertext_dek).__name__}"
+            )
+        ciphertext = bytes(ciphertext_dek)
+        if not 1 <= len(ciphertext) <= _MAX_CIPHERTEXT:
+            raise DecryptionError("the data key could not be decrypted: bad wrapped key length")
+        encryption_context = _check_context(context)
+        await self._ensure_client()
+        target = self._route(key_ref)
+
+        async def request(client: KMSClient) -> bytes:
+            if encryption_context:
+                response = await client.decrypt(
+                    KeyId=target, CiphertextBlob=ciphertext, EncryptionContext=encryption_context
+                )
+            else:
+                response = await client.decrypt(KeyId=target, CiphertextBlob=ciphertext)
+            plaintext = response.get("Plaintext")
+            if plaintext is None:
+                raise KMSError("KMS Decrypt returned no plaintext")
+            return plaintext
+
+        return await self._call("Decrypt", target, request)

@@ -15,6 +15,12 @@ Typical use::
 
 One service holds one aiobotocore client (one connection pool) for its whole
 life; share it between tasks rather than creating one per request.
+
+At DEBUG level botocore logs whole request and response bodies, which for
+``Encrypt`` and ``Decrypt`` contain the plaintext data key. Opening a service
+therefore attaches the filter of :mod:`encx_async.providers._redact` to the
+``botocore.endpoint`` and ``botocore.parsers`` loggers, which replaces those
+payloads with a placeholder; nothing else about botocore's logging changes.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from encx_async._exceptions import (
     KMSRegionMismatchError,
     KMSUnavailableError,
 )
+from encx_async.providers import _redact
 
 if TYPE_CHECKING:
     from types_aiobotocore_kms import KMSClient
@@ -155,7 +162,7 @@ class Config:
     So a call to an unreachable KMS gives up after roughly
     ``max_attempts * (connect_timeout or read_timeout)`` plus backoff.
 
-    ``region`` falls back to ``AWS_REGION``, then to botocore's chain
+    ``region`` falls back to ``client_config.region_name``, ``AWS_REGION``, then botocore's chain
     (``AWS_DEFAULT_REGION``, the profile in the shared config file).
     Credentials always come from botocore's chain (environment, shared files,
     SSO, container or instance role). ``profile`` picks a named profile;
@@ -564,6 +571,7 @@ class KMSService:
             )
             region = (
                 config.region
+                or cast("str | None", getattr(config.client_config, "region_name", None))
                 or os.environ.get("AWS_REGION")
                 or cast("str | None", session.get_config_variable("region"))
             )
@@ -576,6 +584,7 @@ class KMSService:
                 "no AWS region is configured for KMS: set AWS_REGION (or AWS_DEFAULT_REGION, "
                 "or a region in the AWS profile) or pass Config(region=...)"
             )
+        _redact.install()
         stack = contextlib.AsyncExitStack()
         try:
             client = await stack.enter_async_context(

@@ -1,0 +1,157 @@
+"""Shared fixtures: a moto KMS server on loopback, and both KMS providers.
+
+The moto server runs in a thread of this process and is reached over real
+sockets, the way the SDK reaches AWS; ``moto.mock_aws`` is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import pytest_asyncio
+from moto.server import ThreadedMotoServer
+
+from encx_async.kms import KeyManagementService
+from encx_async.providers.aws import Config, KMSService
+from encx_async.providers.local import LocalKMSService
+
+TEST_REGION = "us-east-1"
+TEST_ALIAS = "alias/test-key"
+
+MotoApi = Callable[[str, bytes], bytes]
+"""POST ``body`` to ``/moto-api/<path>`` on the shared moto server; returns the reply."""
+
+KeyFactory = Callable[[KeyManagementService, str], Awaitable[dict[str, str]]]
+"""Create a key with an alias on a provider; returns {"key_id", "arn", "alias", "canonical"}."""
+
+_AWS_ENV_TO_CLEAR = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_KMS",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+)
+
+
+def _moto_post(endpoint: str, path: str, body: bytes) -> bytes:
+    url = f"{endpoint}/moto-api/{path}"
+    if not url.startswith("http://127.0.0.1:"):
+        raise AssertionError(f"refusing to call a non-loopback moto endpoint: {url}")
+    # moto reads the raw body; the default form content type would make Flask eat it.
+    request = urllib.request.Request(  # noqa: S310 (loopback http only, checked above)
+        url, data=body, method="POST", headers={"Content-Type": "text/plain"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        data: bytes = response.read()
+        return data
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto server on 127.0.0.1 and a free port for the whole session; yields its URL.
+
+    Also points the AWS environment at fake credentials and empty shared
+    files for the session, so nothing reaches real AWS or a developer's profile.
+    """
+    empty = tmp_path_factory.mktemp("aws-config")
+    werkzeug_log = logging.getLogger("werkzeug")
+    previous_level = werkzeug_log.level
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _AWS_ENV_TO_CLEAR:
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_SESSION_TOKEN", "testing")
+        patch.setenv("AWS_DEFAULT_REGION", TEST_REGION)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
+        patch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        werkzeug_log.setLevel(logging.ERROR)  # one access-log line per request otherwise
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+            werkzeug_log.setLevel(previous_level)
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: str) -> str:
+    """The moto server URL, with all moto state wiped before the test."""
+    _moto_post(moto_server, "reset", b"")
+    return moto_server
+
+
+@pytest.fixture
+def moto_api(moto_endpoint: str) -> MotoApi:
+    """A function that POSTs to moto's control API (``reset``, ``reset-auth``, ...)."""
+
+    def post(path: str, body: bytes) -> bytes:
+        return _moto_post(moto_endpoint, path, body)
+
+    return post
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def aws_kms(moto_endpoint: str) -> AsyncIterator[KMSService]:
+    """An open :class:`KMSService` talking to the moto server, closed after the test."""
+    async with KMSService(Config(region=TEST_REGION, endpoint_url=moto_endpoint)) as kms:
+        yield kms
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def local_kms() -> AsyncIterator[LocalKMSService]:
+    """An open in-memory :class:`LocalKMSService`, closed after the test."""
+    async with LocalKMSService() as kms:
+        yield kms
+
+
+@pytest.fixture(params=["local", "aws"])
+def kms(request: pytest.FixtureRequest) -> KeyManagementService:
+    """Each provider in turn, so behavioural tests run against both."""
+    provider: KeyManagementService = request.getfixturevalue(f"{request.param}_kms")
+    return provider
+
+
+def key_arn(kms: KeyManagementService, key: str) -> str:
+    """The ARN form of what ``create_key`` returned."""
+    if isinstance(kms, LocalKMSService):
+        return kms.key_arn(key)
+    return key
+
+
+@pytest.fixture
+def make_key() -> KeyFactory:
+    """A coroutine function creating a key plus alias on a provider.
+
+    Returns a dict with ``key_id`` (the bare id), ``arn``, ``alias`` and
+    ``canonical`` (what ``create_key`` and ``get_key_id`` return: the ARN for
+    AWS, the bare id for the local provider).
+    """
+
+    async def make(provider: KeyManagementService, alias: str = TEST_ALIAS) -> dict[str, str]:
+        created = await provider.create_key("encx-async test key", alias=alias)
+        arn = key_arn(provider, created)
+        return {
+            "canonical": created,
+            "arn": arn,
+            "key_id": arn.rsplit("/", 1)[1],
+            "alias": alias,
+        }
+
+    return make
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def aliased_key(kms: KeyManagementService, make_key: KeyFactory) -> dict[str, str]:
+    """A key with the alias ``alias/test-key`` on the current ``kms`` provider."""
+    return await make_key(kms, TEST_ALIAS)

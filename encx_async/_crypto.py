@@ -275,11 +275,9 @@ class Crypto:
             sealer.wipe()
 
     async def _open(self, sealer: Sealer, envelope: Envelope, aad: bytes | None) -> bytes:
-        if envelope.body_kind == BODY_GCM:
-            if len(envelope.blob) < self._thread_threshold:
-                return sealer.open_small(envelope, aad)
-            return await anyio.to_thread.run_sync(sealer.open_small, envelope, aad)
-        return await anyio.to_thread.run_sync(sealer.open_large_job(envelope, aad))
+        if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
+            return sealer.open_small(envelope, aad)
+        return await anyio.to_thread.run_sync(sealer.open_job(envelope, aad))
 
     async def _load_for_encrypt(self, key: EncryptKey) -> Sealer:
         key_id, version, ctx = key

@@ -14,11 +14,15 @@ Version 1, all integers big-endian::
                   kind 1 is a Cobblestone-256 ciphertext
 
 Everything before the body is the *header*. The AEAD's associated data is
-``header || u32 len(context) || context || aad``, where ``context`` is the
-canonical encoding of the encryption context (``_context``) and ``aad`` the
-caller's optional per-record associated data. So the header, the context and
-the aad are all authenticated, and the commitment makes the envelope openable
-by exactly one DEK.
+``magic || version || kind || commitment || u32 len(context) || context || aad``,
+where ``context`` is the canonical encoding of the encryption context
+(``_context``) and ``aad`` the caller's optional per-record associated data.
+
+The KEK version and the wrapped DEK are left out on purpose, so that a rewrap
+(KMS ``ReEncrypt``) can replace them without touching the body. They need no
+AEAD: the KMS authenticates the wrapped DEK (with the context), and the
+commitment ties the body to the one DEK it unwraps to, so a swapped wrapped DEK
+fails the commitment check before any decryption.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hmac
 import os
 import struct
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -44,6 +49,7 @@ __all__ = [
     "associated_data",
     "pack_header",
     "parse",
+    "replace_wrapped_dek",
 ]
 
 MAGIC = b"EX"
@@ -86,8 +92,15 @@ def pack_header(body_kind: int, kek_version: int, wrapped_dek: bytes, commitment
     return fixed + wrapped_dek + commitment
 
 
-def associated_data(header: bytes | memoryview, context: bytes, aad: bytes | None) -> bytes:
-    return b"".join((header, _U32.pack(len(context)), context, aad or b""))
+def associated_data(body_kind: int, commitment: bytes, context: bytes, aad: bytes | None) -> bytes:
+    bound = _FIXED.pack(MAGIC, VERSION, body_kind, 0, 0)[:4]
+    return b"".join((bound, commitment, _U32.pack(len(context)), context, aad or b""))
+
+
+def replace_wrapped_dek(envelope: Envelope, kek_version: int, wrapped_dek: bytes) -> bytes:
+    """The same envelope under another wrapped DEK of the same DEK (after a rewrap)."""
+    header = pack_header(envelope.body_kind, kek_version, wrapped_dek, envelope.commitment)
+    return header + envelope.blob[envelope.body_at :]
 
 
 def parse(blob: bytes | bytearray | memoryview) -> Envelope:
@@ -143,7 +156,7 @@ class Sealer:
         self._gcm: AESGCM | None = cipher.gcm
         self._commitment = cipher.commitment
         self._header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
-        self._aad_prefix = associated_data(self._header, context, None)
+        self._aad_prefix = associated_data(BODY_GCM, cipher.commitment, context, None)
 
     def wipe(self) -> None:
         self._gcm = None
@@ -165,32 +178,42 @@ class Sealer:
         if not hmac.compare_digest(self._commitment, envelope.commitment):
             raise DecryptionError("decryption failed: the data key does not match this ciphertext")
         blob, at = envelope.blob, envelope.body_at
-        # Our own header went into the associated data, not the blob's: a changed
-        # header field fails the tag.
         full_aad = self._aad_prefix + aad if aad else self._aad_prefix
         try:
             return self._live_gcm().decrypt(
                 blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad
             )
         except InvalidTag:
-            raise DecryptionError(
-                "decryption failed: wrong key, context or aad, or modified data"
-            ) from None
+            raise DecryptionError(_OPEN_FAILED) from None
 
     def seal_large_job(self, plaintext: Bytes, aad: bytes | None) -> Callable[[], bytes]:
         """A job sealing a large payload with Cobblestone-256, for a worker thread."""
-        header = self._stream_header()
-        full_aad = associated_data(header, self._context, aad)
+        header = pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)
+        full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
         job = self.cipher.stream_job(plaintext, full_aad, seal=True)
         return lambda: header + job()
 
-    def open_large_job(self, envelope: Envelope, aad: bytes | None) -> Callable[[], bytes]:
-        """A job opening a Cobblestone envelope, for a worker thread."""
+    def open_job(self, envelope: Envelope, aad: bytes | None) -> Callable[[], bytes]:
+        """A job opening a large envelope of either kind, for a worker thread.
+
+        The key is taken now, in the event loop: a wipe that happens while the
+        job waits for its thread cannot pull it away.
+        """
         if not hmac.compare_digest(self._commitment, envelope.commitment):
             raise DecryptionError("decryption failed: the data key does not match this ciphertext")
-        full_aad = associated_data(self._stream_header(), self._context, aad)
+        if envelope.body_kind == BODY_GCM:
+            return partial(_open_gcm, self._live_gcm(), envelope, self._aad_prefix + (aad or b""))
+        full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
         body = memoryview(envelope.blob)[envelope.body_at :]
         return self.cipher.stream_job(body, full_aad, seal=False)
 
-    def _stream_header(self) -> bytes:
-        return pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)
+
+_OPEN_FAILED = "decryption failed: wrong key, context or aad, or modified data"
+
+
+def _open_gcm(gcm: AESGCM, envelope: Envelope, full_aad: bytes) -> bytes:
+    body = memoryview(envelope.blob)[envelope.body_at :]
+    try:
+        return gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)
+    except InvalidTag:
+        raise DecryptionError(_OPEN_FAILED) from None

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["KeyManagementService"]
+__all__ = ["KeyManagementService", "KeyRotationService"]
 
 
 @runtime_checkable
@@ -53,3 +53,44 @@ class KeyManagementService(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class KeyRotationService(Protocol):
+    """What a provider adds so :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>`
+    and :meth:`Crypto.rewrap <encx_async.Crypto.rewrap>` work. Both bundled
+    providers implement it.
+
+    IAM: ``kms:CreateKey``, ``kms:UpdateAlias`` (new-key rotation),
+    ``kms:RotateKeyOnDemand`` / ``kms:EnableKeyRotation`` (KMS-managed rotation),
+    ``kms:ReEncryptFrom`` and ``kms:ReEncryptTo`` (rewrap).
+    """
+
+    async def update_alias(self, alias: str, key_id: str) -> None:
+        """Point an existing alias at another key."""
+        ...
+
+    async def rotate_key_material(self, key_id: str) -> None:
+        """Give the key new key material now (KMS ``RotateKeyOnDemand``).
+
+        The key id stays; ciphertexts wrapped under older material still unwrap.
+        """
+        ...
+
+    async def enable_key_rotation(self, key_id: str, *, period_days: int | None = None) -> None:
+        """Turn on the KMS's own scheduled rotation of the key's material."""
+        ...
+
+    async def re_encrypt_dek(
+        self,
+        ciphertext_dek: bytes,
+        *,
+        source_key_id: str,
+        destination_key_id: str,
+        context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Move a wrapped DEK to another key (KMS ``ReEncrypt``), same context.
+
+        The plaintext DEK never leaves the KMS.
+        """
+        ...

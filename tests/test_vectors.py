@@ -14,7 +14,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encx_async._aead import EnvelopeCipher, open_raw
 from encx_async._context import encode_context
-from encx_async._envelope import BODY_GCM, BODY_STREAM, Sealer, pack_header, parse
+from encx_async._envelope import (
+    BODY_GCM,
+    BODY_STREAM,
+    Sealer,
+    pack_header,
+    parse,
+    replace_wrapped_dek,
+)
 from encx_async._keys import DataKey
 
 DEK = bytes(range(32))
@@ -26,17 +33,17 @@ HEADER_HEX = "45580100000000010014777261707065642d64656b2d66726f6d2d6b6d73" + CO
 # AES-256-GCM body: b"hello, world", aad b"user:1"
 GCM_BLOB_HEX = (
     "45580100000000010014777261707065642d64656b2d66726f6d2d6b6d73cdc81810f5d1924d9fd90e9dd036"
-    "dcd12a6cde497f71863923f6e0e9da5e475ffb2d3e6ddace969103320ba12f516960ac9330582ac28fa204c8"
-    "8f4018c8e23263818a6c884b1fa3"
+    "dcd12a6cde497f71863923f6e0e9da5e475f464380e88d3805357f9eb345d335e64c56b1362d7d526ffb3c03"
+    "c9441e739042aa79f424f56a5c46"
 )
 # Cobblestone-256 body: b"streamed body " * 8, no aad
 STREAM_BLOB_HEX = (
     "45580101000000010014777261707065642d64656b2d66726f6d2d6b6d73cdc81810f5d1924d9fd90e9dd036"
-    "dcd12a6cde497f71863923f6e0e9da5e475f9c74d93be0185072257a9cc6d698072ddd964a35aeba0bfe1f82"
-    "452a9cf5d1ea54fca03d420a7410ad1e559f71dd24e900f28074c4080815166bb4fd039dd0db94cb8fe15abe"
-    "b42aa03b85acd009bb0abc56a6171039cbdd37cd60aa8c39d4d5aa0a0802ab8316a3210614a8c735f11ee2f3"
-    "aee825f5c2ed6b6689499b53b97e5b41ffd681046de1454c39aa0b600f76c436a035fce5c8d5acd20965e406"
-    "7d6e11a03601d8de1832a8c102de8ba23e933b907a742c55109d"
+    "dcd12a6cde497f71863923f6e0e9da5e475f85a99b2b333c7d45b9bdfbcf6195f7dc67023a241899f368f0a4"
+    "3c411fff66a3e0e6cffd12581151a55656a0cf5d2f72881049547899f2e1f14dde98f718eda49f5b9ffc8af6"
+    "a1d6bd743807f6ef4817b5859402adc48aa8b33979d4e6217f803cf88f6d32b6528c6ede3f0977666cee441e"
+    "94e4d9d1a97bd1c12d8014c37605d8a06802d62d596e1b0ee4136336e26603ad0e6b662630bf376bb5460314"
+    "b514d808eec5faafe29930f6c0a57eea30ad339438066e01d17c"
 )
 
 
@@ -67,7 +74,7 @@ def test_header_layout() -> None:
 
 
 def test_gcm_vector_decrypts() -> None:
-    envelope = parse(bytes.fromhex(GCM_BLOB_HEX))
+    envelope = parse(bytes.fromhex("".join(GCM_BLOB_HEX)))
     assert envelope.body_kind == BODY_GCM
     assert envelope.kek_version == 1
     assert envelope.wrapped_dek == WRAPPED
@@ -77,12 +84,14 @@ def test_gcm_vector_decrypts() -> None:
 
 def test_gcm_vector_matches_an_independent_construction() -> None:
     """Rebuild the blob from the spec with plain cryptography calls."""
-    blob = bytes.fromhex(GCM_BLOB_HEX)
+    blob = bytes.fromhex("".join(GCM_BLOB_HEX))
     header = bytes.fromhex(HEADER_HEX)
     nonce = blob[len(header) : len(header) + 12]
     okm = HKDF(hashes.SHA256(), 96, salt=None, info=b"encx-async v1 envelope keys").derive(DEK)
     context = bytes.fromhex(CONTEXT_HEX)
-    aad = header + struct.pack(">I", len(context)) + context + b"user:1"
+    # magic, version, kind and commitment; not the KEK version or the wrapped DEK
+    bound = header[:4] + header[-32:]
+    aad = bound + struct.pack(">I", len(context)) + context + b"user:1"
     expected = header + nonce + AESGCM(okm[:32]).encrypt(nonce, b"hello, world", aad)
     assert blob == expected
 
@@ -90,7 +99,19 @@ def test_gcm_vector_matches_an_independent_construction() -> None:
 def test_stream_vector_decrypts() -> None:
     envelope = parse(bytes.fromhex("".join(STREAM_BLOB_HEX)))
     assert envelope.body_kind == BODY_STREAM
-    assert sealer().open_large_job(envelope, None)() == b"streamed body " * 8
+    assert sealer().open_job(envelope, None)() == b"streamed body " * 8
+
+
+def test_rewrap_keeps_the_body() -> None:
+    envelope = parse(bytes.fromhex("".join(GCM_BLOB_HEX)))
+    moved = parse(replace_wrapped_dek(envelope, 2, b"another-wrapping"))
+    assert moved.kek_version == 2
+    assert moved.wrapped_dek == b"another-wrapping"
+    assert moved.body == envelope.body
+    rewrapped = Sealer(
+        EnvelopeCipher(DataKey(DEK)), 2, b"another-wrapping", encode_context(CONTEXT)
+    )
+    assert rewrapped.open_small(moved, b"user:1") == b"hello, world"
 
 
 def test_raw_layer_vector() -> None:

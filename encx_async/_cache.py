@@ -79,11 +79,14 @@ class DEKCacheStats:
 
     @property
     def hit_ratio(self) -> float:
-        """Hits over all lookups, both sides together (0.0 before any lookup)."""
-        hits = self.encrypt.hits + self.decrypt.hits
-        total = hits + self.encrypt.misses + self.decrypt.misses
-        total += self.encrypt.coalesced + self.decrypt.coalesced
-        return hits / total if total else 0.0
+        """The share of lookups, both sides together, that made no KMS call of their own.
+
+        Hits and coalesced waits count; misses do not. 0.0 before any lookup.
+        """
+        saved = self.encrypt.hits + self.decrypt.hits
+        saved += self.encrypt.coalesced + self.decrypt.coalesced
+        total = saved + self.encrypt.misses + self.decrypt.misses
+        return saved / total if total else 0.0
 
 
 class _Entry(Generic[V]):
@@ -110,7 +113,9 @@ class _Limits:
 
     def near_end(self, entry: _Entry[V], now: float) -> bool:
         if now >= entry.refresh_at:
-            return True
+            # An unwrapped key read once near its end is not worth a KMS call;
+            # refresh only keys that are being reused (the encrypt side always is).
+            return self.max_messages is not None or entry.messages >= 2
         if not self.refresh_ahead_uses or self.max_messages is None or self.max_bytes is None:
             return False
         share = 1.0 - self.refresh_ahead_uses
@@ -163,6 +168,7 @@ class _Side(Generic[V]):
                 limits = self.limits
                 if cost is None:
                     ok = True
+                    entry.messages += 1  # counted for refresh-ahead on the decrypt side
                 else:
                     messages, size = entry.messages + 1, entry.bytes + cost
                     # Not the last use (that one retires the key, below).
@@ -255,12 +261,26 @@ class _Side(Generic[V]):
         old = self.entries.pop(key, None)
         if old is not None:
             _retire(old)
+        self._sweep()
         self.entries[key] = entry
         while len(self.entries) > self.limits.max_entries:
             evicted_key, evicted = self.entries.popitem(last=False)
             self.evictions += 1
             _retire(evicted)
             self._retire_successor(evicted_key)
+
+    def _sweep(self) -> None:
+        """Retire every expired entry, so a key nobody asks for again is wiped too.
+
+        Runs on each insertion (a KMS call has just happened, so the scan is
+        cheap by comparison); a lookup retires the entry it finds expired.
+        """
+        now = self.clock()
+        expired = [(k, e) for k, e in self.entries.items() if now >= e.expires_at]
+        for key, entry in expired:
+            self._drop(key, entry, "ttl")  # a waiting successor is promoted on the next lookup
+        for key in [k for k, e in self.successors.items() if now >= e.expires_at]:
+            self._retire_successor(key)
 
     def _retire_successor(self, key: Hashable) -> None:
         successor = self.successors.pop(key, None)

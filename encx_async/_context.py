@@ -36,11 +36,14 @@ def _encode(items: tuple[tuple[str, str], ...]) -> tuple[bytes, dict[str, str]]:
         if not key:
             raise ConfigurationError("encryption context keys must not be empty")
         try:
-            pairs.append((key.encode(), value.encode()))
+            pair = (key.encode(), value.encode())
         except UnicodeEncodeError:
+            raise ConfigurationError("an encryption context entry is not valid UTF-8") from None
+        if len(pair[0]) + len(pair[1]) > MAX_CONTEXT_BYTES:
             raise ConfigurationError(
-                f"encryption context entry {key!r} is not valid UTF-8"
-            ) from None
+                f"an encryption context entry is over the {MAX_CONTEXT_BYTES}-byte limit"
+            )
+        pairs.append(pair)
     pairs.sort()
     out = bytearray()
     for k, v in pairs:

@@ -348,3 +348,47 @@ async def test_repr_shows_counts_not_keys(local: LocalKMSService) -> None:
     assert "entries=1+1" in text
     (entry,) = cache._encrypt.entries.values()
     assert entry.value._commitment.hex() not in text  # type: ignore[attr-defined]
+
+
+async def test_expired_keys_nobody_asks_for_are_wiped_on_the_next_insert(
+    local: LocalKMSService,
+) -> None:
+    clock = FakeClock()
+    cache = DEKCache(ttl=10, refresh_ahead=0, clock=clock)
+    crypto = await make(local, cache)
+    await crypto.encrypt(b"", context={"tenant": "gone"})
+    stale = [*cache._encrypt.entries.values()]
+    clock.advance(11)
+    await crypto.encrypt(b"", context={"tenant": "other"})  # a miss: sweeps
+    await asyncio.sleep(0)
+    assert all(e.dead and e.value._gcm is None for e in stale)  # type: ignore[attr-defined]
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.expirations["ttl"] == 1
+    assert stats.encrypt.entries == 1
+
+
+async def test_hit_ratio_counts_coalesced_waits_as_saved_calls(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache())
+    await asyncio.gather(*(crypto.encrypt(b"x", context=CTX) for _ in range(100)))
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.hit_ratio == pytest.approx(99 / 100)
+
+
+async def test_decrypt_side_refreshes_only_reused_keys(local: LocalKMSService) -> None:
+    clock = FakeClock()
+    writer = await make(local)
+    once, hot = await writer.encrypt(b"1"), await writer.encrypt(b"2")
+    reader = await make(local, DEKCache(ttl=100, refresh_ahead=10, clock=clock))
+    for _ in range(3):
+        await reader.decrypt(hot)
+    await reader.decrypt(once)
+    clock.advance(95)
+    await reader.decrypt(hot)  # in the window, and reused: refreshed in the background
+    await reader.decrypt(once)  # in the window, read once before: not worth a KMS call
+    await asyncio.sleep(0.01)
+    stats = reader.stats().cache
+    assert stats is not None
+    assert stats.decrypt.refreshes == 1
+    assert calls(reader, "decrypt_dek") == 3

@@ -8,8 +8,9 @@ import os
 from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType, TracebackType
-from typing import Self, TypeVar
+from typing import Literal, Self, TypeVar
 
 import anyio.to_thread
 
@@ -17,8 +18,17 @@ from ._aead import NONCE_SIZE, Bytes, EnvelopeCipher, open_raw, seal_raw
 from ._cache import DEKCache, DEKCacheStats, _Side
 from ._context import Context, decode_context, encode_context, normalize_context
 from ._envelope import BODY_GCM, MAX_WRAPPED_DEK, Envelope, Sealer, parse
-from ._exceptions import ClosedError, ConfigurationError, DecryptionError, EncryptionError
+from ._exceptions import (
+    ClosedError,
+    ConfigurationError,
+    DecryptionError,
+    EncryptionError,
+    KMSError,
+    KMSKeyNotFoundError,
+)
+from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
+from ._keystore import KEKVersion, open_keystore
 from .kms import KeyManagementService
 
 __all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats"]
@@ -31,6 +41,8 @@ logger = logging.getLogger("encx_async")
 #: the GIL and the event loop keeps running.
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
 PEPPER_SIZE = 32
+Rotation = Literal["new-key", "kms-managed"]
+ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
 EncryptKey = tuple[str, int, bytes]  # KEK id, KEK version, encoded context
 DecryptKey = tuple[str, int, bytes, bytes]  # KEK id, KEK version, wrapped DEK, encoded context
@@ -75,19 +87,21 @@ class Crypto:
         *,
         kms: KeyManagementService,
         kek_alias: str,
-        key_id: str,
+        keyring: KeyRing,
         pepper: bytes | None,
         dek_cache: DEKCache | None,
         thread_threshold: int,
+        rotation: Rotation,
     ) -> None:
-        # Use Crypto.create(): it validates the settings and resolves the alias.
+        # Use Crypto.create(): it validates the settings and opens the key store.
         self._kms = kms
         self._kek_alias = kek_alias
+        self._keyring = keyring
+        self._key_ids = keyring.key_ids
         self._pepper = pepper
         self._cache = dek_cache
         self._thread_threshold = thread_threshold
-        self._kek_version = 1
-        self._key_ids = {1: key_id}
+        self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
         self._closed = False
         self._encrypt_side: _Side[Sealer] | None = None
@@ -109,15 +123,32 @@ class Crypto:
         kek_alias: str,
         pepper: Bytes | None = None,
         dek_cache: DEKCache | None = None,
+        database: object = None,
+        create_key_if_missing: bool = False,
+        rotation: Rotation = "new-key",
+        version_check_interval: float = 30.0,
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
     ) -> Crypto:
-        """Validate the settings, resolve ``kek_alias`` through the KMS, and return a Crypto.
+        """Validate the settings, open the key-version store, and return a Crypto.
 
         :param kms: a :class:`~encx_async.KeyManagementService`, already open.
         :param kek_alias: ``alias/...`` (recommended), a key id or a key ARN.
         :param pepper: 32 random bytes, not all zero, for the keyed hashes.
         :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
             wraps a new DEK and every decrypt unwraps through the KMS.
+        :param database: where KEK versions live: ``sqlite:///path/keys.db``,
+            ``postgresql://...``, an asyncpg pool or an aiosqlite connection. By
+            default ``$ENCX_DATABASE_URL``, else a SQLite file in the user's data
+            directory (``~/.local/share/encx-async/keys.db``). A pool or
+            connection you pass stays yours to close.
+        :param create_key_if_missing: create the KMS key and alias when the alias
+            does not exist yet (once, whatever the number of instances starting).
+        :param rotation: how :meth:`rotate_kek` rotates: ``"new-key"`` (a new KMS
+            key, the alias moved to it) or ``"kms-managed"`` (new key material
+            inside the same KMS key, ``RotateKeyOnDemand``).
+        :param version_check_interval: seconds between background re-reads of the
+            versions: the bound on how long an instance keeps encrypting under a
+            version another instance has rotated away from.
         :param thread_threshold: payloads of at least this many bytes go to a
             worker thread.
         """
@@ -136,30 +167,86 @@ class Crypto:
                 raise ConfigurationError("the pepper must not be all zero bytes")
         if dek_cache is not None and not isinstance(dek_cache, DEKCache):
             raise ConfigurationError("dek_cache must be an encx_async.DEKCache")
+        if rotation not in ROTATIONS:
+            raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
+        if not version_check_interval > 0:
+            raise ConfigurationError("version_check_interval must be positive")
         if thread_threshold < 1:
             raise ConfigurationError("thread_threshold must be at least 1")
-        self = cls(
-            kms=kms,
-            kek_alias=kek_alias,
-            key_id="",
-            pepper=None if pepper is None else bytes(pepper),
-            dek_cache=dek_cache,
-            thread_threshold=thread_threshold,
+        store = open_keystore(database)
+        await store.open()
+        keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
+        try:
+            self = cls(
+                kms=kms,
+                kek_alias=kek_alias,
+                keyring=keyring,
+                pepper=None if pepper is None else bytes(pepper),
+                dek_cache=dek_cache,
+                thread_threshold=thread_threshold,
+                rotation=rotation,
+            )
+            current = await keyring.start(partial(self._first_key, create_key_if_missing))
+            # Fail now, not at the first encrypt, if the database names a key the
+            # KMS does not have (another account or region, a deleted key).
+            try:
+                await self._call_kms("get_key_id", kms.get_key_id(current.key_id))
+            except KMSKeyNotFoundError as exc:
+                raise KMSKeyNotFoundError(
+                    f"{store.url} says KEK version {current.version} of {kek_alias!r} is key "
+                    f"{current.key_id}, which this KMS does not have. The database belongs to "
+                    "another KMS, account or region; an in-memory LocalKMSService forgets its "
+                    "keys when the process ends (give it a path=, or use "
+                    "database='sqlite:///:memory:')",
+                    code=exc.code,
+                ) from exc
+            listen = getattr(store, "listen", None)
+            if listen is not None:
+                await listen(lambda alias: keyring.check_soon() if alias == kek_alias else None)
+        except BaseException:
+            await keyring.aclose()
+            raise
+        logger.info(
+            "Crypto ready: KEK %s version %d is %s (versions in %s)",
+            kek_alias,
+            current.version,
+            current.key_id,
+            store.url,
         )
-        key_id = await self._call_kms("get_key_id", kms.get_key_id(kek_alias))
-        self._key_ids[1] = key_id
-        logger.info("Crypto ready: KEK %s is %s, version %d", kek_alias, key_id, 1)
         return self
+
+    async def _first_key(self, create_if_missing: bool, current: KEKVersion | None) -> str:
+        """The key of version 1: the alias's key, or a new one if asked."""
+        try:
+            return await self._call_kms("get_key_id", self._kms.get_key_id(self._kek_alias))
+        except KMSKeyNotFoundError:
+            if not create_if_missing:
+                raise
+        description = f"encx-async KEK {self._kek_alias}"
+        try:
+            return await self._call_kms(
+                "create_key", self._kms.create_key(description, alias=self._kek_alias)
+            )
+        except KMSError as exc:
+            if exc.code != "AlreadyExistsException":
+                raise
+            # Another instance, with another database, created it a moment ago.
+            return await self._call_kms("get_key_id", self._kms.get_key_id(self._kek_alias))
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Wipe cached keys and refuse further use. Idempotent; leaves the KMS open."""
+        """Wipe cached keys, close the key store, refuse further use.
+
+        Idempotent. It leaves the KMS service open, and a database pool or
+        connection that was passed in, since those belong to whoever opened them.
+        """
         if self._closed:
             return
         self._closed = True
         if self._cache is not None:
             await self._cache.aclose()
+        await self._keyring.aclose()
 
     async def __aenter__(self) -> Self:
         self._check_open()
@@ -181,7 +268,7 @@ class Crypto:
         state = "closed" if self._closed else "open"
         cache = "on" if self._cache is not None else "off"
         return (
-            f"<Crypto kek_alias={self._kek_alias!r} kek_version={self._kek_version} "
+            f"<Crypto kek_alias={self._kek_alias!r} kek_version={self.kek_version} "
             f"dek_cache={cache} {state}>"
         )
 
@@ -194,16 +281,20 @@ class Crypto:
     @property
     def kek_version(self) -> int:
         """The KEK version new data is encrypted under."""
-        return self._kek_version
+        return self._keyring.current
 
     @property
     def key_id(self) -> str:
         """The KMS key id of the current KEK version."""
-        return self._key_ids[self._kek_version]
+        return self._key_ids[self._keyring.current]
 
     def stats(self) -> CryptoStats:
         cache = self._cache.stats() if self._cache is not None else None
         return CryptoStats(kms_calls=MappingProxyType(dict(self._kms_calls)), cache=cache)
+
+    def kek_versions(self) -> list[KEKVersion]:
+        """Every KEK version of the alias this Crypto knows, oldest first."""
+        return self._keyring.versions()
 
     # -- high-level API ----------------------------------------------------------
 
@@ -227,7 +318,10 @@ class Crypto:
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
         ctx = encode_context(context)
-        version = self._kek_version
+        keyring = self._keyring
+        if keyring.clock() >= keyring.next_check:
+            keyring.check_soon()  # another instance may have rotated: look, in the background
+        version = keyring.current
         key_id = self._key_ids[version]
         size = len(plaintext)
         side = self._encrypt_side
@@ -260,7 +354,7 @@ class Crypto:
             aad = bytes(_check_bytes("aad", aad))
         ctx = encode_context(context)
         version = envelope.kek_version
-        key_id = self._key_ids.get(version) or self._key_id_for(version)
+        key_id = self._key_ids.get(version) or await self._keyring.key_id_for(version)
         side = self._decrypt_side
         if side is not None:
             key = (key_id, version, envelope.wrapped_dek, ctx)
@@ -308,12 +402,6 @@ class Crypto:
             return Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
         finally:
             dek.wipe()
-
-    def _key_id_for(self, version: int) -> str:
-        key_id = self._key_ids.get(version)
-        if key_id is None:
-            raise DecryptionError(f"the ciphertext names KEK version {version}, which is unknown")
-        return key_id
 
     # -- low-level API -----------------------------------------------------------
 
@@ -383,8 +471,8 @@ class Crypto:
         self._check_open()
         wrapped = bytes(_check_bytes("encrypted_dek", encrypted_dek))
         encode_context(context)
-        version = self._kek_version if kek_version is None else kek_version
-        return await self._unwrap(self._key_id_for(version), wrapped, context)
+        version = self.kek_version if kek_version is None else kek_version
+        return await self._unwrap(await self._keyring.key_id_for(version), wrapped, context)
 
     # -- the KMS, counted --------------------------------------------------------
 

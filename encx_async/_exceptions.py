@@ -11,8 +11,11 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     │   ├── KMSAccessDeniedError
     │   ├── KMSKeyNotFoundError
     │   └── KMSRegionMismatchError (also ValueError)
+    ├── DatabaseUnavailableError
     ├── EncryptionError
     └── DecryptionError
+        └── KeyVersionError
+            └── KeyVersionNotFoundError
 
 Messages name aliases, key ids, regions and sizes, never key material,
 peppers or plaintext. When an error comes from botocore or the KMS, the
@@ -24,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "ClosedError",
     "ConfigurationError",
+    "DatabaseUnavailableError",
     "DecryptionError",
     "EncryptionError",
     "EncxError",
@@ -32,6 +36,8 @@ __all__ = [
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
     "KMSUnavailableError",
+    "KeyVersionError",
+    "KeyVersionNotFoundError",
 ]
 
 
@@ -76,6 +82,14 @@ class KMSRegionMismatchError(KMSError, ValueError):
     """A key ARN names a region other than the one the KMS client talks to."""
 
 
+class DatabaseUnavailableError(EncxError):
+    """The key-version database cannot be used: a malformed or unsupported URL,
+    a server that cannot be reached, or a schema this version does not know.
+
+    The message names the database by its URL with any password removed.
+    """
+
+
 class EncryptionError(EncxError):
     """Encryption failed for a reason other than the KMS."""
 
@@ -86,3 +100,12 @@ class DecryptionError(EncxError):
 
     The message never says which of these, on purpose.
     """
+
+
+class KeyVersionError(DecryptionError):
+    """A ciphertext's KEK version cannot be used: it is retired, or its database
+    row is corrupt. A decryption failure like any other, with a precise cause."""
+
+
+class KeyVersionNotFoundError(KeyVersionError):
+    """The ciphertext names a KEK version the database does not have for this alias."""

@@ -155,3 +155,23 @@ def make_key() -> KeyFactory:
 async def aliased_key(kms: KeyManagementService, make_key: KeyFactory) -> dict[str, str]:
     """A key with the alias ``alias/test-key`` on the current ``kms`` provider."""
     return await make_key(kms, TEST_ALIAS)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_key_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own default key-version database (never the user's)."""
+    data_home = tmp_path / "xdg-data"
+    monkeypatch.delenv("ENCX_DATABASE_URL", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(data_home))
+    return data_home
+
+
+Provider = LocalKMSService | KMSService
+"""A bundled provider, typed as itself: what the protocols leave out (describe_key) is there."""
+
+
+@pytest.fixture
+def provider(kms: KeyManagementService) -> Provider:
+    """The current ``kms`` provider (same object, same params), as its concrete type."""
+    assert isinstance(kms, LocalKMSService | KMSService)
+    return kms

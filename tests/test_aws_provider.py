@@ -490,6 +490,17 @@ async def test_server_errors_are_retried_then_unavailable(attempts: int) -> None
         ("decrypt", 400, "InvalidCiphertextException", errors.DecryptionError, "decrypted"),
         ("decrypt", 400, "IncorrectKeyException", errors.DecryptionError, "decrypted"),
         ("decrypt", 400, "InvalidKeyUsageException", errors.DecryptionError, "decrypted"),
+        ("reencrypt", 400, "InvalidCiphertextException", errors.DecryptionError, "decrypted"),
+        ("reencrypt", 400, "IncorrectKeyException", errors.DecryptionError, "decrypted"),
+        ("reencrypt", 400, "InvalidKeyUsageException", errors.DecryptionError, "decrypted"),
+        ("reencrypt", 400, "NotFoundException", errors.KMSKeyNotFoundError, "'alias/other'"),
+        ("reencrypt", 400, "DisabledException", errors.KMSError, "KMS ReEncrypt"),
+        ("reencrypt", 400, "AccessDeniedException", errors.KMSAccessDeniedError, "ReEncrypt"),
+        ("reencrypt", 500, "KMSInternalException", errors.KMSUnavailableError, "ReEncrypt"),
+        ("rotate", 400, "LimitExceededException", errors.KMSError, "RotateKeyOnDemand"),
+        ("rotate", 400, "InvalidCiphertextException", errors.KMSError, "InvalidCiphertext"),
+        ("rotate", 400, "NotFoundException", errors.KMSKeyNotFoundError, SOME_UUID),
+        ("alias", 400, "NotFoundException", errors.KMSKeyNotFoundError, "'alias/test-key' or"),
     ],
 )
 async def test_error_codes_are_mapped(
@@ -499,18 +510,22 @@ async def test_error_codes_are_mapped(
     body = {"__type": code, "message": message}
     with FakeEndpoint(status=status, body=body) as endpoint:
         async with KMSService(fast_config(endpoint.url)) as kms:
-            call = (
-                kms.encrypt_dek("alias/test-key", DEK)
-                if operation == "encrypt"
-                else kms.decrypt_dek("alias/test-key", DEK + DEK)
-            )
+            calls = {
+                "encrypt": lambda: kms.encrypt_dek("alias/test-key", DEK),
+                "decrypt": lambda: kms.decrypt_dek("alias/test-key", DEK + DEK),
+                "reencrypt": lambda: kms.re_encrypt_dek(
+                    DEK + DEK, source_key_id="alias/test-key", destination_key_id="alias/other"
+                ),
+                "rotate": lambda: kms.rotate_key_material(SOME_UUID),
+                "alias": lambda: kms.update_alias("alias/test-key", SOME_UUID),
+            }
             with pytest.raises(errors.EncxError) as caught:
-                await call
+                await calls[operation]()
     assert type(caught.value) is expected
     assert snippet in str(caught.value)
     assert isinstance(caught.value.__cause__, ClientError)
     assert DEK.hex() not in str(caught.value)
-    if expected is errors.KMSError:
+    if expected in (errors.KMSError, errors.KMSKeyNotFoundError):
         assert isinstance(caught.value, errors.KMSError)
         assert caught.value.code == code
     if expected is errors.KMSAccessDeniedError:
@@ -676,3 +691,134 @@ async def test_botocore_debug_logs_do_not_show_the_data_key(
     assert sum("redacted by encx-async" in m for m in messages) >= 2
     for form in (DEK.hex(), base64.b64encode(DEK).decode(), repr(DEK)[2:-1]):
         assert not any(form in m for m in messages)
+
+
+# -- rotation ------------------------------------------------------------------------
+
+
+def recording_session() -> tuple[AioSession, list[tuple[str, dict[str, Any]]]]:
+    """A session that records (operation, parameters) of every KMS request it sends."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+    session = AioSession()
+
+    def record(params: dict[str, Any], model: Any, **kwargs: Any) -> None:
+        sent.append((model.name, dict(params)))
+
+    session.register("provide-client-params.kms", record)
+    return session, sent
+
+
+async def test_rotation_requests_on_the_wire(moto_endpoint: str, admin: KMSClient) -> None:
+    """What each rotation method sends; moto ignores part of it, so it is checked here."""
+    source = await admin_key(admin, "alias/source")
+    destination = await admin_key(admin, "alias/destination")
+    session, sent = recording_session()
+    context = {"table": "orders"}
+    config = Config(region=REGION, endpoint_url=moto_endpoint, session=session)
+    async with KMSService(config) as kms:
+        wrapped = await kms.encrypt_dek("alias/source", DEK, context=context)
+        sent.clear()
+
+        await kms.re_encrypt_dek(
+            wrapped,
+            source_key_id="alias/source",
+            destination_key_id="alias/destination",
+            context=context,
+        )
+        assert sent.pop() == (
+            "ReEncrypt",
+            {
+                "CiphertextBlob": wrapped,
+                "SourceKeyId": "alias/source",
+                "DestinationKeyId": "alias/destination",
+                "SourceEncryptionContext": context,
+                "DestinationEncryptionContext": context,
+            },
+        )
+        bare = await kms.encrypt_dek(source, DEK)
+        await kms.re_encrypt_dek(bare, source_key_id=source, destination_key_id=destination)
+        assert sent.pop()[1].keys() == {"CiphertextBlob", "SourceKeyId", "DestinationKeyId"}
+        sent.clear()
+
+        # RotateKeyOnDemand, EnableKeyRotation and UpdateAlias's target take a
+        # key, not an alias: an alias is resolved with DescribeKey first.
+        await kms.rotate_key_material("alias/source")
+        assert sent == [
+            ("DescribeKey", {"KeyId": "alias/source"}),
+            ("RotateKeyOnDemand", {"KeyId": source}),
+        ]
+        sent.clear()
+        await kms.enable_key_rotation(source, period_days=180)
+        await kms.enable_key_rotation("alias/destination")
+        assert sent == [
+            ("EnableKeyRotation", {"KeyId": source, "RotationPeriodInDays": 180}),
+            ("DescribeKey", {"KeyId": "alias/destination"}),
+            ("EnableKeyRotation", {"KeyId": destination}),
+        ]
+        sent.clear()
+        await kms.update_alias("alias/source", "alias/destination")
+        assert sent == [
+            ("DescribeKey", {"KeyId": "alias/destination"}),
+            ("UpdateAlias", {"AliasName": "alias/source", "TargetKeyId": destination}),
+        ]
+
+    rotations = (await admin.list_key_rotations(KeyId=source))["Rotations"]
+    assert [r["RotationType"] for r in rotations] == ["ON_DEMAND"]
+    for arn in (source, destination):
+        assert (await admin.get_key_rotation_status(KeyId=arn))["KeyRotationEnabled"]
+    aliases = (await admin.list_aliases(KeyId=destination))["Aliases"]
+    assert {a["AliasName"] for a in aliases} == {"alias/source", "alias/destination"}
+
+
+async def test_update_alias_forgets_every_cached_form(moto_endpoint: str, admin: KMSClient) -> None:
+    first = await admin_key(admin, "alias/test-key")
+    second = await admin_key(admin)
+    alias_arn = first.rsplit(":", 1)[0] + ":alias/test-key"
+    session, counters = counting_session("before-call.kms.DescribeKey")
+    describes = counters["before-call.kms.DescribeKey"]
+    config = Config(region=REGION, endpoint_url=moto_endpoint, session=session, alias_cache_ttl=600)
+    async with KMSService(config) as kms:
+        other = await kms.create_key("unrelated", alias="alias/unrelated")
+        for ref in ("alias/test-key", alias_arn, "alias/unrelated"):
+            await kms.get_key_id(ref)
+        assert describes.count == 2  # create_key primed alias/unrelated
+
+        await kms.update_alias("alias/test-key", second)
+        assert await kms.get_key_id("alias/test-key") == second
+        assert await kms.get_key_id(alias_arn) == second
+        assert await kms.get_key_id("alias/unrelated") == other  # still cached
+        assert describes.count == 4
+
+        # invalidate_alias by ARN forgets the name too.
+        await admin.update_alias(AliasName="alias/test-key", TargetKeyId=first)
+        kms.invalidate_alias(alias_arn)
+        assert await kms.get_key_id("alias/test-key") == first
+        assert describes.count == 5
+
+
+async def test_lookup_in_flight_during_invalidation_is_not_cached(
+    moto_endpoint: str, admin: KMSClient
+) -> None:
+    first = await admin_key(admin, "alias/test-key")
+    second = await admin_key(admin)
+    session, counters = counting_session("before-call.kms.DescribeKey")
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    config = Config(region=REGION, endpoint_url=moto_endpoint, session=session, alias_cache_ttl=600)
+    async with KMSService(config) as kms:
+        describe = kms._describe
+
+        async def slow_describe(target: str) -> Any:
+            metadata = await describe(target)
+            entered.set()
+            await gate.wait()
+            return metadata
+
+        kms._describe = slow_describe  # type: ignore[method-assign]
+        lookup = asyncio.create_task(kms.get_key_id("alias/test-key"))
+        await entered.wait()  # it has its answer (the first key) and waits to cache it
+        kms._describe = describe  # type: ignore[method-assign]
+        await kms.update_alias("alias/test-key", second)
+        gate.set()
+        assert await lookup == first
+        assert await kms.get_key_id("alias/test-key") == second

@@ -37,8 +37,20 @@ async def gated(local: LocalKMSService) -> GatedKMS:
     return GatedKMS(local)
 
 
+_open: list[Crypto] = []
+
+
 async def make(kms: KeyManagementService, cache: DEKCache | None = None) -> Crypto:
-    return await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache)
+    crypto = await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache)
+    _open.append(crypto)
+    return crypto
+
+
+@pytest.fixture(autouse=True)
+async def _close_cryptos() -> AsyncIterator[None]:
+    yield
+    while _open:
+        await _open.pop().aclose()
 
 
 def wrapped_of(blob: bytes) -> bytes:

@@ -19,7 +19,9 @@ fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 async def _crypto() -> Crypto:
     kms = LocalKMSService()
     await kms.create_key("properties", alias=ALIAS)
-    return await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=DEKCache())
+    return await Crypto.create(
+        kms=kms, kek_alias=ALIAS, dek_cache=DEKCache(), database="sqlite:///:memory:"
+    )
 
 
 @fast

@@ -3,7 +3,10 @@
 Data keys are generated locally and wrapped with the KMS ``Encrypt`` call, so
 the IAM policy of the caller needs only ``kms:Encrypt``, ``kms:Decrypt`` and
 ``kms:DescribeKey`` (plus ``kms:CreateKey`` and ``kms:CreateAlias`` to use
-:meth:`KMSService.create_key`).
+:meth:`KMSService.create_key`). The rotation methods of
+:class:`~encx_async.kms.KeyRotationService` need ``kms:UpdateAlias``,
+``kms:RotateKeyOnDemand``, ``kms:EnableKeyRotation``, and ``kms:ReEncryptFrom``
+with ``kms:ReEncryptTo``, each only for the method that uses it.
 
 Typical use::
 
@@ -34,7 +37,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Self, TypeVar, cast
 
 from aiobotocore.config import AioConfig
@@ -52,6 +54,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from encx_async._context import normalize_context
 from encx_async._exceptions import (
     ClosedError,
     ConfigurationError,
@@ -64,9 +67,28 @@ from encx_async._exceptions import (
     KMSUnavailableError,
 )
 from encx_async.providers import _redact
+from encx_async.providers._common import (
+    DECRYPT_FAILED,
+    ProviderResource,
+    as_bytes,
+    check_alias_name,
+    check_description,
+    check_key_ref,
+    check_plaintext,
+    check_rotation_period,
+    is_alias_ref,
+    not_found_message,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_kms import KMSClient
+    from types_aiobotocore_kms.type_defs import (
+        DecryptRequestTypeDef,
+        EnableKeyRotationRequestTypeDef,
+        EncryptRequestTypeDef,
+        KeyMetadataTypeDef,
+        ReEncryptRequestTypeDef,
+    )
 
 __all__ = ["Config", "KMSService", "RetryMode"]
 
@@ -85,18 +107,8 @@ _DEFAULT_RETRY_MODE: Final[RetryMode] = "standard"
 _DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 _DEFAULT_READ_TIMEOUT: Final = 10.0
 
-# KMS limits on the sizes of what we send.
-_MAX_PLAINTEXT: Final = 4096
+# The KMS limit on the size of a ciphertext we send.
 _MAX_CIPHERTEXT: Final = 6144
-_MAX_KEY_REF: Final = 2048
-
-# A key id is a uuid, or "mrk-" and 32 hex digits for a multi-region key
-# (moto writes the latter as "mrk-" and a uuid).
-_KEY_ID_RE: Final = re.compile(
-    r"^(?:mrk-[0-9a-f]{32}|(?:mrk-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$",
-    re.IGNORECASE,
-)
-_ALIAS_NAME_RE: Final = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
 _KMS_ARN_RE: Final = re.compile(
     r"^arn:(?P<partition>[a-z0-9-]+):kms:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
     r"(?P<type>key|alias)/(?P<name>.+)$"
@@ -108,6 +120,8 @@ _XML_CODE_RE: Final = re.compile(r"<Code>([^<]{1,200})</Code>")
 _XML_MESSAGE_RE: Final = re.compile(r"<Message>([^<]{0,2000})</Message>")
 
 _NOT_FOUND_CODES: Final = frozenset({"NotFoundException"})
+# Operations that unwrap a ciphertext, where these codes mean "does not match".
+_UNWRAPPING_OPERATIONS: Final = frozenset({"Decrypt", "ReEncrypt"})
 _DECRYPT_FAILURE_CODES: Final = frozenset(
     {"InvalidCiphertextException", "IncorrectKeyException", "InvalidKeyUsageException"}
 )
@@ -319,22 +333,14 @@ def _parse_kms_arn(value: str) -> _KmsArn | None:
     )
 
 
-def _looks_like_key_ref(value: str) -> bool:
-    """Whether KMS would read ``value`` as something other than a bare alias name."""
-    return value.startswith(("alias/", "arn:")) or _KEY_ID_RE.fullmatch(value) is not None
+KeyRefs = str | tuple[str, ...] | None
+"""What a request is about: one key reference, several (UpdateAlias, ReEncrypt), or none."""
 
 
-def _not_found_message(key_ref: str, region: str | None) -> str:
-    where = f"region {region}" if region else "this region"
-    if _looks_like_key_ref(key_ref):
-        return (
-            f"KMS key {key_ref!r} was not found in {where}; check that the key or alias "
-            "exists in this account and region (alias names start with 'alias/')"
-        )
-    return (
-        f"KMS key {key_ref!r} was not found in {where}: it is not a key id, key ARN or "
-        f"alias name; alias names start with 'alias/' (did you mean 'alias/{key_ref}'?)"
-    )
+def _refs_text(key_refs: KeyRefs) -> str:
+    if key_refs is None:
+        return "-"
+    return key_refs if isinstance(key_refs, str) else " -> ".join(key_refs)
 
 
 def _client_error_details(exc: ClientError) -> tuple[str, str, int]:
@@ -358,7 +364,7 @@ def _translate_error(
     exc: Exception,
     *,
     operation: str,
-    key_ref: str | None,
+    key_ref: KeyRefs,
     region: str | None,
     endpoint: str | None,
     attempts: int,
@@ -368,7 +374,12 @@ def _translate_error(
     The single place where botocore errors are mapped; the caller raises the
     result ``from exc``. Messages never contain request payloads.
     """
-    subject = f" on {key_ref!r}" if key_ref else ""
+    if not key_ref:
+        subject = ""
+    elif isinstance(key_ref, str):
+        subject = f" on {key_ref!r}"
+    else:
+        subject = " on " + " -> ".join(repr(ref) for ref in key_ref)
     where = f"region {region}" if region else "the configured region"
     target = f"{endpoint or 'the KMS endpoint'} ({where})"
 
@@ -376,12 +387,12 @@ def _translate_error(
         code, message, status = _client_error_details(exc)
         detail = f": {message}" if message else ""
         if code in _NOT_FOUND_CODES:
-            return KMSKeyNotFoundError(_not_found_message(key_ref or "", region), code=code)
-        if operation == "Decrypt" and code in _DECRYPT_FAILURE_CODES:
-            return DecryptionError(
-                "the data key could not be decrypted: the ciphertext, key or "
-                "encryption context does not match"
+            return KMSKeyNotFoundError(
+                not_found_message(key_ref or "", region, scope="this account and region"),
+                code=code,
             )
+        if operation in _UNWRAPPING_OPERATIONS and code in _DECRYPT_FAILURE_CODES:
+            return DecryptionError(DECRYPT_FAILED)
         if code in _BAD_CREDENTIAL_CODES:
             return KMSAccessDeniedError(
                 f"KMS {operation}{subject} in {where} was refused ({code}{detail}); "
@@ -427,39 +438,18 @@ def _translate_error(
     return KMSError(f"KMS {operation}{subject} in {where} failed: {type(exc).__name__}")
 
 
-def _check_context(context: Mapping[str, str] | None) -> dict[str, str]:
-    if context is None:
-        return {}
-    if not isinstance(context, Mapping):
-        raise ConfigurationError("the encryption context must be a mapping of str to str")
-    checked: dict[str, str] = {}
-    for name, value in context.items():
-        if not isinstance(name, str) or not isinstance(value, str) or not name:
-            raise ConfigurationError(
-                "the encryption context must map non-empty str names to str values"
-            )
-        checked[name] = value
-    return checked
+def _check_wrapped(value: object) -> bytes:
+    """A wrapped data key to send back to KMS: bytes-like, or TypeError.
+
+    A length KMS would refuse is a DecryptionError, like any other bad ciphertext.
+    """
+    ciphertext = as_bytes(value, "wrapped data key")
+    if not 1 <= len(ciphertext) <= _MAX_CIPHERTEXT:
+        raise DecryptionError(DECRYPT_FAILED)
+    return ciphertext
 
 
-def _check_bytes(value: object, what: str, limit: int) -> bytes:
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise ConfigurationError(f"the {what} must be bytes, not {type(value).__name__}")
-    data = bytes(value)
-    if not 1 <= len(data) <= limit:
-        raise ConfigurationError(f"the {what} must be 1 to {limit} bytes long, got {len(data)}")
-    return data
-
-
-def _check_key_ref(key_ref: object) -> str:
-    if not isinstance(key_ref, str) or not key_ref.strip():
-        raise ConfigurationError("a KMS key id, key ARN or alias must be a non-empty str")
-    if len(key_ref) > _MAX_KEY_REF:
-        raise ConfigurationError(f"a KMS key reference is at most {_MAX_KEY_REF} characters")
-    return key_ref
-
-
-class KMSService:
+class KMSService(ProviderResource):
     """AWS KMS over one shared aiobotocore client.
 
     ``KMSService(config)`` does no I/O. Open it with ``await KMSService.create(config)``
@@ -472,6 +462,10 @@ class KMSService:
     :class:`~encx_async.KMSRegionMismatchError` before any request, except for
     multi-region keys (``key/mrk-...``), whose replica in this service's region
     is used instead.
+
+    It also implements :class:`~encx_async.kms.KeyRotationService`
+    (:meth:`update_alias`, :meth:`rotate_key_material`,
+    :meth:`enable_key_rotation`, :meth:`re_encrypt_dek`).
     """
 
     def __init__(self, config: Config | None = None) -> None:
@@ -485,6 +479,9 @@ class KMSService:
         self._open_lock = asyncio.Lock()
         self._closed = False
         self._alias_cache: dict[str, tuple[str, float]] = {}
+        # Bumped by every invalidation, so a lookup that was in flight across
+        # one does not put back what was just forgotten.
+        self._alias_generation = 0
         # Monotonic clock for the alias cache; tests replace it.
         self._clock: Callable[[], float] = time.monotonic
 
@@ -521,18 +518,6 @@ class KMSService:
             f"endpoint_url={self._endpoint!r}, {state})"
         )
 
-    async def __aenter__(self) -> Self:
-        await self._ensure_client()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         """Close the client and its connections; calling it again does nothing."""
         if self._closed:
@@ -547,9 +532,8 @@ class KMSService:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _raise_if_closed(self) -> None:
-        if self._closed:
-            raise ClosedError(f"{type(self).__name__} is closed")
+    async def _ensure_open(self) -> None:
+        await self._ensure_client()
 
     async def _ensure_client(self) -> KMSClient:
         self._raise_if_closed()
@@ -626,7 +610,7 @@ class KMSService:
     async def _call(
         self,
         operation: str,
-        key_ref: str | None,
+        key_ref: KeyRefs,
         request: Callable[[KMSClient], Awaitable[_T]],
     ) -> _T:
         client = await self._ensure_client()
@@ -655,11 +639,29 @@ class KMSService:
             _log.debug(
                 "KMS %s key=%s region=%s %s in %.1f ms",
                 operation,
-                key_ref,
+                _refs_text(key_ref),
                 self._region,
                 outcome,
                 (time.perf_counter() - started) * 1000,
             )
+
+    async def _describe(self, target: str) -> KeyMetadataTypeDef:
+        """DescribeKey on an already routed reference; never the cache."""
+        response = await self._call(
+            "DescribeKey", target, lambda client: client.describe_key(KeyId=target)
+        )
+        return response["KeyMetadata"]
+
+    async def _key_arn(self, target: str) -> str:
+        """The key behind an already routed reference, for requests that refuse aliases.
+
+        An alias is resolved by KMS, not the alias cache: these requests change
+        keys, and must change the key the alias names now.
+        """
+        if not is_alias_ref(target):
+            return target
+        metadata = await self._describe(target)
+        return metadata.get("Arn") or metadata["KeyId"]
 
     # -- KeyManagementService ---------------------------------------------
 
@@ -669,7 +671,7 @@ class KMSService:
         Results are cached for ``Config.alias_cache_ttl`` seconds; see
         :meth:`invalidate_alias`.
         """
-        key_ref = _check_key_ref(alias)
+        key_ref = check_key_ref(alias)
         await self._ensure_client()
         target = self._route(key_ref)
         cached = self._alias_cache.get(target)
@@ -677,42 +679,39 @@ class KMSService:
             if cached[1] > self._clock():
                 return cached[0]
             self._alias_cache.pop(target, None)
-        response = await self._call(
-            "DescribeKey", target, lambda client: client.describe_key(KeyId=target)
-        )
-        metadata = response["KeyMetadata"]
+        generation = self._alias_generation
+        metadata = await self._describe(target)
         arn = metadata.get("Arn") or metadata["KeyId"]
         ttl = self._config.alias_cache_ttl
-        if ttl > 0 and not self._closed:
+        if ttl > 0 and not self._closed and generation == self._alias_generation:
             self._alias_cache[target] = (arn, self._clock() + ttl)
         return arn
 
     def invalidate_alias(self, alias: str | None = None) -> None:
         """Forget what ``alias`` resolved to (every alias when ``None``).
 
-        Call it after pointing an alias at a new key, so the next
-        :meth:`get_key_id` asks KMS again instead of waiting for the cache TTL.
+        Call it after pointing an alias at a new key some other way, so the
+        next :meth:`get_key_id` asks KMS again instead of waiting for the cache
+        TTL (:meth:`update_alias` does it itself). An alias name also forgets
+        its alias ARNs, and an alias ARN its name.
         """
+        self._alias_generation += 1
         if alias is None:
             self._alias_cache.clear()
             return
         self._alias_cache.pop(alias, None)
         with contextlib.suppress(EncxError):
             self._alias_cache.pop(self._route(alias), None)
+        if is_alias_ref(alias):
+            name = "alias/" + alias.split(":alias/", 1)[1] if alias.startswith("arn:") else alias
+            for ref in [r for r in self._alias_cache if r == name or r.endswith(f":{name}")]:
+                del self._alias_cache[ref]
 
     async def create_key(self, description: str, *, alias: str | None = None) -> str:
         """Create a symmetric ``ENCRYPT_DECRYPT`` key, and ``alias`` for it; return its ARN."""
-        if not isinstance(description, str):
-            raise ConfigurationError("the key description must be a str")
-        if alias is not None and (
-            not isinstance(alias, str)
-            or _ALIAS_NAME_RE.fullmatch(alias) is None
-            or alias.startswith("alias/aws/")
-        ):
-            raise ConfigurationError(
-                f"alias {alias!r} is not a valid alias name: it must start with 'alias/', "
-                "contain only letters, digits, '/', '_' and '-', and not start with 'alias/aws/'"
-            )
+        check_description(description)
+        if alias is not None:
+            check_alias_name(alias)
         response = await self._call(
             "CreateKey",
             None,
@@ -745,49 +744,141 @@ class KMSService:
         self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
     ) -> bytes:
         """Wrap ``plaintext_dek`` with KMS ``Encrypt`` under ``key_id``."""
-        key_ref = _check_key_ref(key_id)
-        plaintext = _check_bytes(plaintext_dek, "data key", _MAX_PLAINTEXT)
-        encryption_context = _check_context(context)
+        key_ref = check_key_ref(key_id)
+        plaintext = check_plaintext(plaintext_dek)
+        encryption_context = normalize_context(context)
         await self._ensure_client()
         target = self._route(key_ref)
-
-        async def request(client: KMSClient) -> bytes:
-            if encryption_context:
-                response = await client.encrypt(
-                    KeyId=target, Plaintext=plaintext, EncryptionContext=encryption_context
-                )
-            else:
-                response = await client.encrypt(KeyId=target, Plaintext=plaintext)
-            return response["CiphertextBlob"]
-
-        return await self._call("Encrypt", target, request)
+        params: EncryptRequestTypeDef = {"KeyId": target, "Plaintext": plaintext}
+        if encryption_context:
+            params["EncryptionContext"] = encryption_context
+        response = await self._call("Encrypt", target, lambda client: client.encrypt(**params))
+        return response["CiphertextBlob"]
 
     async def decrypt_dek(
         self, key_id: str, ciphertext_dek: bytes, *, context: Mapping[str, str] | None = None
     ) -> bytes:
         """Unwrap a data key with KMS ``Decrypt``, insisting on the key ``key_id``."""
-        key_ref = _check_key_ref(key_id)
-        if not isinstance(ciphertext_dek, bytes | bytearray | memoryview):
-            raise ConfigurationError(
-                f"the wrapped data key must be bytes, not {type(ciphertext_dek).__name__}"
-            )
-        ciphertext = bytes(ciphertext_dek)
-        if not 1 <= len(ciphertext) <= _MAX_CIPHERTEXT:
-            raise DecryptionError("the data key could not be decrypted: bad wrapped key length")
-        encryption_context = _check_context(context)
+        key_ref = check_key_ref(key_id)
+        ciphertext = _check_wrapped(ciphertext_dek)
+        encryption_context = normalize_context(context)
         await self._ensure_client()
         target = self._route(key_ref)
+        params: DecryptRequestTypeDef = {"KeyId": target, "CiphertextBlob": ciphertext}
+        if encryption_context:
+            params["EncryptionContext"] = encryption_context
+        response = await self._call("Decrypt", target, lambda client: client.decrypt(**params))
+        plaintext = response.get("Plaintext")
+        if plaintext is None:
+            raise KMSError("KMS Decrypt returned no plaintext")
+        return plaintext
 
-        async def request(client: KMSClient) -> bytes:
-            if encryption_context:
-                response = await client.decrypt(
-                    KeyId=target, CiphertextBlob=ciphertext, EncryptionContext=encryption_context
-                )
-            else:
-                response = await client.decrypt(KeyId=target, CiphertextBlob=ciphertext)
-            plaintext = response.get("Plaintext")
-            if plaintext is None:
-                raise KMSError("KMS Decrypt returned no plaintext")
-            return plaintext
+    # -- KeyRotationService ------------------------------------------------
 
-        return await self._call("Decrypt", target, request)
+    async def update_alias(self, alias: str, key_id: str) -> None:
+        """Point the existing ``alias`` at ``key_id`` (KMS ``UpdateAlias``).
+
+        ``key_id`` may be a key id, a key ARN or another alias (resolved first,
+        since KMS wants a key). The alias's entries in the alias cache are
+        forgotten, so :meth:`get_key_id` answers with the new key at once; other
+        processes keep theirs until their cache TTL runs out. A missing alias
+        or key raises :class:`~encx_async.KMSKeyNotFoundError`: UpdateAlias
+        never creates an alias (see :meth:`create_key`).
+        """
+        check_alias_name(alias)
+        key_ref = check_key_ref(key_id)
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        try:
+            await self._call(
+                "UpdateAlias",
+                (alias, key_ref),
+                lambda client: client.update_alias(AliasName=alias, TargetKeyId=target),
+            )
+        finally:
+            # Even after a failure: the request may have reached KMS.
+            self.invalidate_alias(alias)
+
+    async def rotate_key_material(self, key_id: str) -> None:
+        """Give the key new material now (KMS ``RotateKeyOnDemand``).
+
+        The key id stays, and KMS keeps the older material, so data keys
+        wrapped before still unwrap; new wraps use the new material. AWS
+        limits how many on-demand rotations a key may have (the
+        ``LimitExceededException`` is raised as :class:`~encx_async.KMSError`).
+        """
+        key_ref = check_key_ref(key_id)
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        await self._call(
+            "RotateKeyOnDemand", target, lambda client: client.rotate_key_on_demand(KeyId=target)
+        )
+
+    async def enable_key_rotation(self, key_id: str, *, period_days: int | None = None) -> None:
+        """Turn on KMS's scheduled rotation (``EnableKeyRotation``).
+
+        ``period_days`` is 90 to 2560; without it KMS uses its default (365).
+        """
+        key_ref = check_key_ref(key_id)
+        days = check_rotation_period(period_days)
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        params: EnableKeyRotationRequestTypeDef = {"KeyId": target}
+        if days is not None:
+            params["RotationPeriodInDays"] = days
+        await self._call(
+            "EnableKeyRotation", target, lambda client: client.enable_key_rotation(**params)
+        )
+
+    async def re_encrypt_dek(
+        self,
+        ciphertext_dek: bytes,
+        *,
+        source_key_id: str,
+        destination_key_id: str,
+        context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Move a wrapped data key to ``destination_key_id`` with KMS ``ReEncrypt``.
+
+        KMS unwraps it under ``source_key_id`` and wraps it again, both with
+        ``context``; the plaintext never leaves KMS. A ciphertext that does not
+        unwrap raises :class:`~encx_async.DecryptionError`, as in
+        :meth:`decrypt_dek`.
+        """
+        ciphertext = _check_wrapped(ciphertext_dek)
+        source_ref = check_key_ref(source_key_id)
+        destination_ref = check_key_ref(destination_key_id)
+        encryption_context = normalize_context(context)
+        await self._ensure_client()
+        source = self._route(source_ref)
+        destination = self._route(destination_ref)
+        params: ReEncryptRequestTypeDef = {
+            "CiphertextBlob": ciphertext,
+            "SourceKeyId": source,
+            "DestinationKeyId": destination,
+        }
+        if encryption_context:
+            params["SourceEncryptionContext"] = encryption_context
+            params["DestinationEncryptionContext"] = encryption_context
+        response = await self._call(
+            "ReEncrypt", (source, destination), lambda client: client.re_encrypt(**params)
+        )
+        return response["CiphertextBlob"]
+
+    # -- health ------------------------------------------------------------
+
+    async def describe_key(self, key_ref: str) -> dict[str, object]:
+        """What a health probe needs, from KMS ``DescribeKey`` (never the alias cache).
+
+        Returns ``key_id`` (the bare id), ``arn``, ``enabled`` (bool) and
+        ``key_state`` (``"Enabled"``, ``"Disabled"``, ``"PendingDeletion"``...).
+        """
+        ref = check_key_ref(key_ref)
+        await self._ensure_client()
+        metadata = await self._describe(self._route(ref))
+        return {
+            "key_id": metadata["KeyId"],
+            "arn": metadata.get("Arn") or metadata["KeyId"],
+            "enabled": bool(metadata.get("Enabled", False)),
+            "key_state": str(metadata.get("KeyState", "Unknown")),
+        }

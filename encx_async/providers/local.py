@@ -10,16 +10,21 @@
 
 It behaves like AWS KMS where it matters to callers: keys have uuid4 ids and
 ``alias/...`` names, wrapped data keys carry the id of the key that wrapped
-them, the encryption context is authenticated, and failures raise the same
-exceptions with the same kind of messages.
+them, the encryption context is authenticated, keys can get new material
+while older wrapped keys still unwrap, and failures raise the same exceptions
+with the same kind of messages.
+
+Each key holds a list of 256-bit materials, oldest first. Wrapping uses the
+newest; :meth:`LocalKMSService.rotate_key_material` appends one.
 
 Wrapped data key layout (all integers big-endian)::
 
-    version (1 byte, 0x01) | key id length n (1 byte) | key id (n ASCII bytes)
-    | nonce (12 bytes) | AES-256-GCM ciphertext and 16-byte tag
+    version (1 byte, 0x02) | key id length n (1 byte) | key id (n ASCII bytes)
+    | material index (4 bytes) | nonce (12 bytes) | AES-256-GCM ciphertext and 16-byte tag
 
-The AES-GCM associated data binds the version, the key id and a canonical
-encoding of the encryption context.
+The AES-GCM associated data is a fixed label, everything before the nonce
+(version, key id, material index), then the canonical encoding of the
+encryption context (:func:`encx_async._context.encode_context`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,123 +44,148 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar, TypeVarTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from encx_async._context import encode_context
 from encx_async._exceptions import (
-    ClosedError,
     ConfigurationError,
     DecryptionError,
     KMSError,
     KMSKeyNotFoundError,
     KMSRegionMismatchError,
 )
+from encx_async.providers._common import (
+    DECRYPT_FAILED,
+    ProviderResource,
+    as_bytes,
+    check_alias_name,
+    check_description,
+    check_key_ref,
+    check_plaintext,
+    check_rotation_period,
+    is_alias_name,
+    not_found_message,
+)
 
 __all__ = ["LocalKMSService"]
 
 _log = logging.getLogger("encx_async.kms")
 
-_VERSION: Final = 1
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+_VERSION: Final = 2
 _KEY_BYTES: Final = 32
+_INDEX_BYTES: Final = 4
 _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
-_MAX_PLAINTEXT: Final = 4096
 _AAD_LABEL: Final = b"encx-async local-kms wrapped key\x00"
 _ACCOUNT: Final = "000000000000"
 _FILE_FORMAT: Final = "encx-async-local-kms"
-_FILE_VERSION: Final = 1
+_FILE_VERSION: Final = 2
+_DEFAULT_ROTATION_DAYS: Final = 365  # what AWS KMS uses when no period is given
+_SCOPE: Final = "this local KMS and region"
 
 _KEY_ID_RE: Final = re.compile(
     r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 )
-_ALIAS_NAME_RE: Final = re.compile(r"^alias/[A-Za-z0-9/_-]{1,250}$")
 _ARN_RE: Final = re.compile(
     r"^arn:(?P<partition>[a-z0-9-]+):kms:(?P<region>[a-z0-9-]*):(?P<account>[0-9]*):"
     r"(?P<type>key|alias)/(?P<name>.+)$"
 )
 
-_DECRYPT_FAILED: Final = (
-    "the data key could not be decrypted: the ciphertext, key or encryption context does not match"
-)
-
-
-def _encode_context(context: Mapping[str, str]) -> bytes:
-    """Canonical bytes for an encryption context.
-
-    Pairs are sorted by the UTF-8 bytes of their names; the encoding is the
-    pair count, then for each pair the name and the value, each as a 4-byte
-    length followed by its UTF-8 bytes. Distinct contexts never encode alike.
-    """
-    pairs = sorted((name.encode("utf-8"), value.encode("utf-8")) for name, value in context.items())
-    out = bytearray(len(pairs).to_bytes(4, "big"))
-    for name, value in pairs:
-        out += len(name).to_bytes(4, "big")
-        out += name
-        out += len(value).to_bytes(4, "big")
-        out += value
-    return bytes(out)
-
-
-def _associated_data(key_id: bytes, context: Mapping[str, str]) -> bytes:
-    return _AAD_LABEL + bytes([_VERSION, len(key_id)]) + key_id + _encode_context(context)
-
-
-def _check_context(context: Mapping[str, str] | None) -> dict[str, str]:
-    if context is None:
-        return {}
-    if not isinstance(context, Mapping):
-        raise ConfigurationError("the encryption context must be a mapping of str to str")
-    checked: dict[str, str] = {}
-    for name, value in context.items():
-        if not isinstance(name, str) or not isinstance(value, str) or not name:
-            raise ConfigurationError(
-                "the encryption context must map non-empty str names to str values"
-            )
-        try:
-            name.encode("utf-8")
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigurationError("the encryption context must be valid UTF-8 text") from None
-        checked[name] = value
-    return checked
-
-
-def _not_found_message(key_ref: str, region: str) -> str:
-    if key_ref.startswith(("alias/", "arn:")) or _KEY_ID_RE.fullmatch(key_ref):
-        return (
-            f"KMS key {key_ref!r} was not found in region {region}; check that the key or "
-            "alias exists in this local KMS and region (alias names start with 'alias/')"
-        )
-    return (
-        f"KMS key {key_ref!r} was not found in region {region}: it is not a key id, key ARN "
-        f"or alias name; alias names start with 'alias/' (did you mean 'alias/{key_ref}'?)"
-    )
-
 
 @dataclass(frozen=True, slots=True)
 class _Key:
-    aead: AESGCM
-    material: bytes
+    """One key: its materials (oldest first) and what describes it. Never mutated."""
+
+    materials: tuple[bytes, ...]
+    aeads: tuple[AESGCM, ...]
     description: str
     created_at: float
+    rotation_enabled: bool = False
+    rotation_period_days: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        materials: tuple[bytes, ...],
+        description: str,
+        created_at: float,
+        *,
+        rotation_enabled: bool = False,
+        rotation_period_days: int | None = None,
+    ) -> _Key:
+        return cls(
+            materials,
+            tuple(AESGCM(material) for material in materials),
+            description,
+            created_at,
+            rotation_enabled,
+            rotation_period_days,
+        )
+
+    def with_new_material(self) -> _Key:
+        material = secrets.token_bytes(_KEY_BYTES)
+        return dataclasses.replace(
+            self,
+            materials=(*self.materials, material),
+            aeads=(*self.aeads, AESGCM(material)),
+        )
 
     def __repr__(self) -> str:
-        return f"_Key(description={self.description!r})"
+        return f"_Key(description={self.description!r}, materials={len(self.materials)})"
 
 
-class LocalKMSService:
+def _seal(key_id: str, key: _Key, plaintext: bytes, context: bytes) -> bytes:
+    """Wrap ``plaintext`` under the newest material of ``key``."""
+    id_bytes = key_id.encode("ascii")
+    index = len(key.materials) - 1
+    header = bytes([_VERSION, len(id_bytes)]) + id_bytes + index.to_bytes(_INDEX_BYTES, "big")
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    return (
+        header + nonce + key.aeads[index].encrypt(nonce, plaintext, _AAD_LABEL + header + context)
+    )
+
+
+def _unseal(key_id: str, key: _Key, blob: bytes, context: bytes) -> bytes:
+    """Unwrap what :func:`_seal` made under ``key_id``; DecryptionError on any mismatch."""
+    if len(blob) < 2 or blob[0] != _VERSION:
+        raise DecryptionError(DECRYPT_FAILED)
+    id_end = 2 + blob[1]
+    header_end = id_end + _INDEX_BYTES
+    nonce_end = header_end + _NONCE_BYTES
+    if len(blob) < nonce_end + _TAG_BYTES + 1:
+        raise DecryptionError(DECRYPT_FAILED)
+    # Compare bytes to bytes: the embedded id is untrusted and may not be ASCII.
+    if not secrets.compare_digest(blob[2:id_end], key_id.encode("ascii")):
+        raise DecryptionError(DECRYPT_FAILED)
+    index = int.from_bytes(blob[id_end:header_end], "big")
+    if index >= len(key.aeads):
+        raise DecryptionError(DECRYPT_FAILED)
+    header = blob[:header_end]
+    try:
+        return key.aeads[index].decrypt(
+            blob[header_end:nonce_end], blob[nonce_end:], _AAD_LABEL + header + context
+        )
+    except InvalidTag:
+        raise DecryptionError(DECRYPT_FAILED) from None
+
+
+class LocalKMSService(ProviderResource):
     """A KMS that lives in this process: **for development, demos and tests only**.
 
     Keys are random 256-bit AES-GCM keys held in memory. With ``path`` they
-    also persist, with their aliases, in a JSON file (mode 0600, replaced
-    atomically on each change) that is loaded when the service opens; the
-    keys in it are merely base64-encoded.
+    also persist, with every material they ever had, their rotation settings
+    and their aliases, in a JSON file (mode 0600, replaced atomically on each
+    change) that is loaded when the service opens; the keys in it are merely
+    base64-encoded.
 
     Lifecycle matches :class:`~encx_async.providers.aws.KMSService`:
     ``await LocalKMSService.create(...)`` or ``async with``; :meth:`aclose` is
@@ -163,12 +194,18 @@ class LocalKMSService:
     :meth:`get_key_id` and :meth:`create_key` return bare key ids. ARNs of the
     form ``arn:local:kms:<region>:000000000000:key/<id>`` (see :meth:`key_arn`)
     and ``...:alias/<name>`` are accepted wherever a key is expected.
+
+    It also implements :class:`~encx_async.kms.KeyRotationService`, except
+    that it never rotates on its own: :meth:`enable_key_rotation` only records
+    the setting, and only :meth:`rotate_key_material` gives a key new material.
     """
 
     def __init__(
         self, path: str | os.PathLike[str] | None = None, *, region: str = "local"
     ) -> None:
-        if not isinstance(region, str) or not re.fullmatch(r"[a-z0-9-]+", region):
+        if not isinstance(region, str):
+            raise TypeError(f"region must be a str, not {type(region).__name__}")
+        if not re.fullmatch(r"[a-z0-9-]+", region):
             raise ConfigurationError(f"region {region!r} must be lowercase letters, digits and '-'")
         self._path: Path | None = Path(path) if path is not None else None
         self._region = region
@@ -208,18 +245,6 @@ class LocalKMSService:
             state = "not opened"
         return f"{type(self).__name__}(region={self._region!r}, path={self._path!r}, {state})"
 
-    async def __aenter__(self) -> Self:
-        await self._ensure_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         """Forget the keys held in memory; calling it again does nothing."""
         with self._lock:
@@ -231,18 +256,11 @@ class LocalKMSService:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _raise_if_closed(self) -> None:
-        if self._closed:
-            raise ClosedError(f"{type(self).__name__} is closed")
-
     async def _ensure_open(self) -> None:
         self._raise_if_closed()
         if self._opened:
             return
-        if self._path is None:
-            self._open_sync()
-        else:
-            await asyncio.to_thread(self._open_sync)
+        await self._run(self._open_sync)
 
     def _open_sync(self) -> None:
         with self._lock:
@@ -256,6 +274,12 @@ class LocalKMSService:
                     self._write(self._path, {}, {})
             self._opened = True
         _log.debug("local KMS opened region=%s keys=%d", self._region, len(self._keys))
+
+    async def _run(self, func: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
+        """Run ``func``: inline without a key file, in a worker thread with one (it writes)."""
+        if self._path is None:
+            return func(*args)
+        return await asyncio.to_thread(func, *args)
 
     # -- persistence -------------------------------------------------------
 
@@ -289,25 +313,10 @@ class LocalKMSService:
         for key_id, entry in raw_keys.items():
             if not _KEY_ID_RE.fullmatch(key_id) or not isinstance(entry, dict):
                 raise corrupt(f"bad key entry {key_id!r}")
-            encoded = entry.get("material")
-            description = entry.get("description", "")
-            created_at = entry.get("created_at", 0.0)
-            if (
-                not isinstance(encoded, str)
-                or not isinstance(description, str)
-                or not isinstance(created_at, int | float)
-            ):
-                raise corrupt(f"bad key entry {key_id!r}")
-            try:
-                material = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise corrupt(f"the material of key {key_id!r} is not base64") from None
-            if len(material) != _KEY_BYTES:
-                raise corrupt(f"key {key_id!r} is not {_KEY_BYTES} bytes long")
-            keys[key_id] = _Key(AESGCM(material), material, description, float(created_at))
+            keys[key_id] = _load_key(key_id, entry, corrupt)
         aliases: dict[str, str] = {}
         for alias, target in raw_aliases.items():
-            if not _ALIAS_NAME_RE.fullmatch(alias) or not isinstance(target, str):
+            if not is_alias_name(alias) or not isinstance(target, str):
                 raise corrupt(f"bad alias entry {alias!r}")
             if target not in keys:
                 raise corrupt(f"alias {alias!r} points at a missing key")
@@ -322,9 +331,15 @@ class LocalKMSService:
             "warning": "development keys only; anyone who can read this file can decrypt",
             "keys": {
                 key_id: {
-                    "material": base64.b64encode(key.material).decode("ascii"),
+                    "materials": [
+                        base64.b64encode(material).decode("ascii") for material in key.materials
+                    ],
                     "description": key.description,
                     "created_at": key.created_at,
+                    "rotation": {
+                        "enabled": key.rotation_enabled,
+                        "period_days": key.rotation_period_days,
+                    },
                 }
                 for key_id, key in keys.items()
             },
@@ -361,12 +376,26 @@ class LocalKMSService:
                 os.unlink(temp_name)
             raise
 
+    def _commit_locked(self, keys: dict[str, _Key], aliases: dict[str, str]) -> None:
+        """Persist a new state, then adopt it; the caller holds the lock.
+
+        The dicts are replaced, never changed in place, so a failed write leaves
+        the service as it was.
+        """
+        if self._path is not None:
+            self._write(self._path, keys, aliases)
+        self._keys, self._aliases = keys, aliases
+
     # -- key lookup --------------------------------------------------------
+
+    def _not_found(self, key_refs: str | tuple[str, ...]) -> KMSKeyNotFoundError:
+        return KMSKeyNotFoundError(
+            not_found_message(key_refs, self._region, scope=_SCOPE), code="NotFoundException"
+        )
 
     def _resolve_locked(self, key_ref: object) -> str:
         """The bare key id that ``key_ref`` names; the caller holds the lock."""
-        if not isinstance(key_ref, str) or not key_ref:
-            raise ConfigurationError("a KMS key id, key ARN or alias must be a non-empty str")
+        key_ref = check_key_ref(key_ref)
         name = key_ref
         if key_ref.startswith("arn:"):
             match = _ARN_RE.fullmatch(key_ref)
@@ -378,9 +407,7 @@ class LocalKMSService:
                     f"LocalKMSService uses region {self._region}"
                 )
             if match["partition"] != "local" or match["account"] != _ACCOUNT:
-                raise KMSKeyNotFoundError(
-                    _not_found_message(key_ref, self._region), code="NotFoundException"
-                )
+                raise self._not_found(key_ref)
             name = match["name"] if match["type"] == "key" else f"alias/{match['name']}"
         if name.startswith("alias/"):
             target = self._aliases.get(name)
@@ -388,9 +415,7 @@ class LocalKMSService:
                 return target
         elif name in self._keys:
             return name
-        raise KMSKeyNotFoundError(
-            _not_found_message(key_ref, self._region), code="NotFoundException"
-        )
+        raise self._not_found(key_ref)
 
     def _key_for(self, key_ref: str) -> tuple[str, _Key]:
         with self._lock:
@@ -407,29 +432,17 @@ class LocalKMSService:
 
     async def create_key(self, description: str, *, alias: str | None = None) -> str:
         """Create a key (and ``alias`` for it); return its bare key id."""
-        if not isinstance(description, str):
-            raise ConfigurationError("the key description must be a str")
-        if alias is not None and (
-            not isinstance(alias, str)
-            or _ALIAS_NAME_RE.fullmatch(alias) is None
-            or alias.startswith("alias/aws/")
-        ):
-            raise ConfigurationError(
-                f"alias {alias!r} is not a valid alias name: it must start with 'alias/', "
-                "contain only letters, digits, '/', '_' and '-', and not start with 'alias/aws/'"
-            )
+        check_description(description)
+        if alias is not None:
+            check_alias_name(alias)
         await self._ensure_open()
-        if self._path is None:
-            key_id = self._create_key_sync(description, alias)
-        else:
-            key_id = await asyncio.to_thread(self._create_key_sync, description, alias)
+        key_id = await self._run(self._create_key_sync, description, alias)
         _log.debug("local KMS CreateKey key=%s alias=%s region=%s", key_id, alias, self._region)
         return key_id
 
     def _create_key_sync(self, description: str, alias: str | None) -> str:
-        material = secrets.token_bytes(_KEY_BYTES)
         key_id = str(uuid.uuid4())
-        key = _Key(AESGCM(material), material, description, time.time())
+        key = _Key.build((secrets.token_bytes(_KEY_BYTES),), description, time.time())
         with self._lock:
             self._raise_if_closed()
             if alias is not None and alias in self._aliases:
@@ -437,69 +450,184 @@ class LocalKMSService:
                     f"alias {alias!r} already exists in region {self._region}",
                     code="AlreadyExistsException",
                 )
-            keys = {**self._keys, key_id: key}
             aliases = dict(self._aliases)
             if alias is not None:
                 aliases[alias] = key_id
-            if self._path is not None:
-                self._write(self._path, keys, aliases)
-            self._keys, self._aliases = keys, aliases
+            self._commit_locked({**self._keys, key_id: key}, aliases)
         return key_id
 
     async def encrypt_dek(
         self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
     ) -> bytes:
-        """Wrap ``plaintext_dek`` under ``key_id`` with AES-256-GCM."""
-        if not isinstance(plaintext_dek, bytes | bytearray | memoryview):
-            raise ConfigurationError(
-                f"the data key must be bytes, not {type(plaintext_dek).__name__}"
-            )
-        plaintext = bytes(plaintext_dek)
-        if not 1 <= len(plaintext) <= _MAX_PLAINTEXT:
-            raise ConfigurationError(
-                f"the data key must be 1 to {_MAX_PLAINTEXT} bytes long, got {len(plaintext)}"
-            )
-        encryption_context = _check_context(context)
+        """Wrap ``plaintext_dek`` under the newest material of ``key_id``, with AES-256-GCM."""
+        plaintext = check_plaintext(plaintext_dek)
+        encoded_context = encode_context(context)
         await self._ensure_open()
         resolved, key = self._key_for(key_id)
-        key_id_bytes = resolved.encode("ascii")
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        sealed = key.aead.encrypt(
-            nonce, plaintext, _associated_data(key_id_bytes, encryption_context)
-        )
+        wrapped = _seal(resolved, key, plaintext, encoded_context)
         _log.debug("local KMS Encrypt key=%s region=%s", resolved, self._region)
-        return bytes([_VERSION, len(key_id_bytes)]) + key_id_bytes + nonce + sealed
+        return wrapped
 
     async def decrypt_dek(
         self, key_id: str, ciphertext_dek: bytes, *, context: Mapping[str, str] | None = None
     ) -> bytes:
-        """Unwrap a data key wrapped by :meth:`encrypt_dek` under ``key_id``."""
-        if not isinstance(ciphertext_dek, bytes | bytearray | memoryview):
-            raise ConfigurationError(
-                f"the wrapped data key must be bytes, not {type(ciphertext_dek).__name__}"
-            )
-        blob = bytes(ciphertext_dek)
-        encryption_context = _check_context(context)
+        """Unwrap a data key wrapped by :meth:`encrypt_dek` under ``key_id``, any material."""
+        blob = as_bytes(ciphertext_dek, "wrapped data key")
+        encoded_context = encode_context(context)
         await self._ensure_open()
         resolved, key = self._key_for(key_id)
-
-        if len(blob) < 2 or blob[0] != _VERSION:
-            raise DecryptionError(_DECRYPT_FAILED)
-        id_length = blob[1]
-        body_start = 2 + id_length
-        nonce_end = body_start + _NONCE_BYTES
-        if len(blob) < nonce_end + _TAG_BYTES + 1:
-            raise DecryptionError(_DECRYPT_FAILED)
-        embedded_id = blob[2:body_start]
-        # Compare bytes to bytes: the embedded id is untrusted and may not be ASCII.
-        if not secrets.compare_digest(embedded_id, resolved.encode("ascii")):
-            raise DecryptionError(_DECRYPT_FAILED)
-        nonce = blob[body_start:nonce_end]
-        try:
-            plaintext = key.aead.decrypt(
-                nonce, blob[nonce_end:], _associated_data(embedded_id, encryption_context)
-            )
-        except InvalidTag:
-            raise DecryptionError(_DECRYPT_FAILED) from None
+        plaintext = _unseal(resolved, key, blob, encoded_context)
         _log.debug("local KMS Decrypt key=%s region=%s", resolved, self._region)
         return plaintext
+
+    # -- KeyRotationService ------------------------------------------------
+
+    async def update_alias(self, alias: str, key_id: str) -> None:
+        """Point the existing ``alias`` at ``key_id`` (a key id, ARN or another alias).
+
+        Raises :class:`~encx_async.KMSKeyNotFoundError` if the alias or the key
+        does not exist; it never creates an alias (see :meth:`create_key`).
+        """
+        check_alias_name(alias)
+        check_key_ref(key_id)
+        await self._ensure_open()
+        target = await self._run(self._update_alias_sync, alias, key_id)
+        _log.debug("local KMS UpdateAlias alias=%s key=%s region=%s", alias, target, self._region)
+
+    def _update_alias_sync(self, alias: str, key_ref: str) -> str:
+        with self._lock:
+            self._raise_if_closed()
+            if alias not in self._aliases:
+                raise self._not_found(alias)
+            target = self._resolve_locked(key_ref)
+            if self._aliases[alias] != target:
+                self._commit_locked(dict(self._keys), {**self._aliases, alias: target})
+            return target
+
+    async def rotate_key_material(self, key_id: str) -> None:
+        """Give the key a new material now; wrapped keys under older ones still unwrap."""
+        check_key_ref(key_id)
+        await self._ensure_open()
+        resolved = await self._run(self._replace_key_sync, key_id, _Key.with_new_material)
+        _log.debug("local KMS RotateKeyOnDemand key=%s region=%s", resolved, self._region)
+
+    async def enable_key_rotation(self, key_id: str, *, period_days: int | None = None) -> None:
+        """Record that the key should rotate every ``period_days`` (default 365).
+
+        The local KMS has no scheduler and **never rotates a key on its own**;
+        the setting is only kept (and persisted) so code that turns it on runs
+        unchanged. Call :meth:`rotate_key_material` to rotate.
+        """
+        check_key_ref(key_id)
+        days = check_rotation_period(period_days)
+        period = _DEFAULT_ROTATION_DAYS if days is None else days
+
+        def enable(key: _Key) -> _Key:
+            return dataclasses.replace(key, rotation_enabled=True, rotation_period_days=period)
+
+        await self._ensure_open()
+        resolved = await self._run(self._replace_key_sync, key_id, enable)
+        _log.debug(
+            "local KMS EnableKeyRotation key=%s period=%d region=%s",
+            resolved,
+            period,
+            self._region,
+        )
+
+    def _replace_key_sync(self, key_ref: str, change: Callable[[_Key], _Key]) -> str:
+        with self._lock:
+            self._raise_if_closed()
+            key_id = self._resolve_locked(key_ref)
+            self._commit_locked(
+                {**self._keys, key_id: change(self._keys[key_id])}, dict(self._aliases)
+            )
+            return key_id
+
+    async def re_encrypt_dek(
+        self,
+        ciphertext_dek: bytes,
+        *,
+        source_key_id: str,
+        destination_key_id: str,
+        context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """Unwrap under ``source_key_id`` and wrap under ``destination_key_id``, same context.
+
+        Both happen inside the service; the plaintext data key is not returned.
+        """
+        blob = as_bytes(ciphertext_dek, "wrapped data key")
+        encoded_context = encode_context(context)
+        check_key_ref(source_key_id)
+        check_key_ref(destination_key_id)
+        await self._ensure_open()
+        with self._lock:
+            self._raise_if_closed()
+            source = self._resolve_locked(source_key_id)
+            destination = self._resolve_locked(destination_key_id)
+            source_key, destination_key = self._keys[source], self._keys[destination]
+        wrapped = _seal(
+            destination,
+            destination_key,
+            _unseal(source, source_key, blob, encoded_context),
+            encoded_context,
+        )
+        _log.debug("local KMS ReEncrypt from=%s to=%s region=%s", source, destination, self._region)
+        return wrapped
+
+    # -- health ------------------------------------------------------------
+
+    async def describe_key(self, key_ref: str) -> dict[str, object]:
+        """What a health probe needs: ``key_id``, ``arn``, ``enabled``, ``key_state``.
+
+        Local keys are always enabled.
+        """
+        await self._ensure_open()
+        key_id = self._key_for(key_ref)[0]
+        return {
+            "key_id": key_id,
+            "arn": self.key_arn(key_id),
+            "enabled": True,
+            "key_state": "Enabled",
+        }
+
+
+def _load_key(
+    key_id: str, entry: Mapping[str, Any], corrupt: Callable[[str], ConfigurationError]
+) -> _Key:
+    """One key entry of the key file, checked."""
+    encoded = entry.get("materials")
+    description = entry.get("description", "")
+    created_at = entry.get("created_at", 0.0)
+    rotation = entry.get("rotation", {})
+    if (
+        not isinstance(encoded, list)
+        or not encoded
+        or not all(isinstance(item, str) for item in encoded)
+        or not isinstance(description, str)
+        or isinstance(created_at, bool)
+        or not isinstance(created_at, int | float)
+        or not isinstance(rotation, dict)
+    ):
+        raise corrupt(f"bad key entry {key_id!r}")
+    enabled = rotation.get("enabled", False)
+    period = rotation.get("period_days")
+    if not isinstance(enabled, bool) or not (
+        period is None or (isinstance(period, int) and not isinstance(period, bool))
+    ):
+        raise corrupt(f"bad rotation settings for key {key_id!r}")
+    materials: list[bytes] = []
+    for item in encoded:
+        try:
+            material = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise corrupt(f"a material of key {key_id!r} is not base64") from None
+        if len(material) != _KEY_BYTES:
+            raise corrupt(f"a material of key {key_id!r} is not {_KEY_BYTES} bytes long")
+        materials.append(material)
+    return _Key.build(
+        tuple(materials),
+        description,
+        float(created_at),
+        rotation_enabled=enabled,
+        rotation_period_days=period,
+    )

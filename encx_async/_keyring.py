@@ -1,0 +1,138 @@
+"""The KEK versions one Crypto knows, kept in step with the key store.
+
+Encryption uses the newest active version; decryption looks a version up. The
+known versions are re-read from the store every ``check_interval`` seconds in
+the background (and at once when PostgreSQL announces a change), so every
+instance of a fleet moves to a new version within that bound, and a database
+outage never stops work on the versions already known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from encx_async._exceptions import KeyVersionError, KeyVersionNotFoundError
+from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
+
+__all__ = ["KeyRing"]
+
+logger = logging.getLogger("encx_async.keys")
+#: At most one forced re-read per this many seconds: a forged version number
+#: in a ciphertext must not turn every decrypt into a database query.
+_MIN_FORCED_INTERVAL = 1.0
+
+
+class KeyRing:
+    def __init__(
+        self,
+        store: KeyStore,
+        alias: str,
+        *,
+        check_interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.alias = alias
+        self._check_interval = check_interval
+        self.clock = clock
+        self._versions: dict[int, KEKVersion] = {}
+        #: usable (not retired) versions → key id: what the hot path reads
+        self.key_ids: dict[int, str] = {}
+        self.current = 0
+        self.next_check = 0.0
+        self._last_forced = -_MIN_FORCED_INTERVAL
+        self._reload: asyncio.Task[None] | None = None
+
+    # -- loading -----------------------------------------------------------------
+
+    async def start(self, first_key: NewKey) -> KEKVersion:
+        """Read the versions, creating version 1 (race-safely) if there is none."""
+        await self.store.initial_version(self.alias, first_key)
+        await self.reload()
+        return self._versions[self.current]
+
+    async def reload(self) -> None:
+        self.install(await self.store.versions(self.alias))
+
+    def install(self, versions: list[KEKVersion]) -> None:
+        active = [v for v in versions if v.state == "active"]
+        if not active:
+            raise KeyVersionError(
+                f"alias {self.alias!r} has no active KEK version in {self.store.url}"
+            )
+        self._versions = {v.version: v for v in versions}
+        # Updated in place: the Crypto's hot path holds this very dict.
+        self.key_ids.clear()
+        self.key_ids.update({v.version: v.key_id for v in versions if v.state != "retired"})
+        newest = max(v.version for v in active)
+        if newest != self.current and self.current:
+            logger.info("KEK %s: now encrypting under version %d", self.alias, newest)
+        self.current = newest
+        self.next_check = self.clock() + self._check_interval
+
+    def check_soon(self) -> None:
+        """Start a background re-read unless one is running (cheap to call often)."""
+        self.next_check = self.clock() + self._check_interval
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.ensure_future(self._background_reload())
+
+    async def _background_reload(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # keep serving the versions already known
+            logger.warning(
+                "KEK %s: could not re-read versions (%s)", self.alias, type(exc).__name__
+            )
+
+    # -- lookups -----------------------------------------------------------------
+
+    async def key_id_for(self, version: int) -> str:
+        """The key id of ``version``; re-reads the store once for an unknown one."""
+        key_id = self.key_ids.get(version)
+        if key_id is not None:
+            return key_id
+        if (
+            version not in self._versions
+            and self.clock() - self._last_forced >= _MIN_FORCED_INTERVAL
+        ):
+            self._last_forced = self.clock()
+            if self._reload is None or self._reload.done():
+                self._reload = asyncio.ensure_future(self.reload())
+            await asyncio.shield(self._reload)
+        found = self._versions.get(version)
+        if found is None:
+            raise KeyVersionNotFoundError(
+                f"the ciphertext names KEK version {version} of {self.alias!r}, "
+                f"which {self.store.url} does not have"
+            )
+        if found.state == "retired":
+            raise KeyVersionError(
+                f"KEK version {version} of {self.alias!r} is retired; "
+                "rewrap data before retiring its version"
+            )
+        return found.key_id
+
+    def versions(self) -> list[KEKVersion]:
+        return sorted(self._versions.values(), key=lambda v: v.version)
+
+    # -- changes -----------------------------------------------------------------
+
+    async def rotate(self, new_key: NewKey) -> KEKVersion:
+        created = await self.store.next_version(self.alias, new_key)
+        await self.reload()
+        return created
+
+    async def set_state(self, version: int, state: KeyState) -> KEKVersion:
+        changed = await self.store.set_state(self.alias, version, state)
+        await self.reload()
+        return changed
+
+    async def aclose(self) -> None:
+        task, self._reload = self._reload, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.store.aclose()

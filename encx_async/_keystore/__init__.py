@@ -1,0 +1,174 @@
+"""Where KEK versions live: one small protocol, a SQLite and a PostgreSQL store.
+
+A KEK version is a row ``(alias, version, key_id, state, created_at,
+updated_at)``. Versions of an alias count up from 1 with no gaps; exactly one is
+``active`` (the newest), older ones are ``deprecated`` (still decrypt) or
+``retired`` (refused). Writers serialise on a database lock (SQLite
+``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so a fleet of instances that
+start or rotate at once cannot create two version 1s or skip a number.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from encx_async._exceptions import DatabaseUnavailableError, KeyVersionError
+
+if TYPE_CHECKING:
+    import aiosqlite
+    import asyncpg
+
+__all__ = [
+    "DEFAULT_DATABASE_ENV",
+    "SCHEMA_VERSION",
+    "KEKVersion",
+    "KeyState",
+    "KeyStore",
+    "default_database_url",
+    "open_keystore",
+    "redact_url",
+    "row_to_version",
+]
+
+KeyState = Literal["active", "deprecated", "retired"]
+STATES: tuple[KeyState, ...] = ("active", "deprecated", "retired")
+SCHEMA_VERSION = 1
+DEFAULT_DATABASE_ENV = "ENCX_DATABASE_URL"
+#: Given the current version (None before version 1), make the key of the next.
+NewKey = Callable[["KEKVersion | None"], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class KEKVersion:
+    """One version of a key-encryption key."""
+
+    alias: str
+    version: int
+    key_id: str
+    state: KeyState
+    created_at: datetime
+    updated_at: datetime
+
+
+class KeyStore(Protocol):
+    #: the database, with any password removed: safe to log
+    url: str
+
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema (idempotent, race-safe)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    async def versions(self, alias: str) -> list[KEKVersion]:
+        """Every version of ``alias``, oldest first."""
+        ...
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        """Under the store's write lock: add the next version of ``alias`` as active.
+
+        ``new_key`` is awaited inside the lock with the current version (None if
+        there is none yet) and returns the new version's key id; the previous
+        active version becomes deprecated. Everything commits together, or not at all.
+        """
+        ...
+
+    async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        """The current version of ``alias``; under the write lock, version 1 if none exists."""
+        ...
+
+    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion: ...
+
+
+def row_to_version(url: str, row: Any) -> KEKVersion:
+    """Validate a database row; a corrupt one is a KeyVersionError, never a crash."""
+    alias, version, key_id, state, created, updated = tuple(row)
+    where = f"KEK version row (alias {alias!r}, version {version!r}) in {url}"
+    if not isinstance(version, int) or version < 1:
+        raise KeyVersionError(f"{where} is corrupt: bad version number")
+    if not isinstance(key_id, str) or not key_id.strip():
+        raise KeyVersionError(f"{where} is corrupt: empty key id")
+    if state not in STATES:
+        raise KeyVersionError(f"{where} is corrupt: unknown state {state!r}")
+    try:
+        created_at, updated_at = _timestamp(created), _timestamp(updated)
+    except (TypeError, ValueError):
+        raise KeyVersionError(f"{where} is corrupt: bad timestamp") from None
+    return KEKVersion(str(alias), version, key_id, state, created_at, updated_at)
+
+
+def _timestamp(value: object) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        return _timestamp(datetime.fromisoformat(value))
+    raise TypeError("not a timestamp")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return "<unparseable database URL>"
+
+
+def default_database_url() -> str:
+    """``$ENCX_DATABASE_URL``, or a SQLite file in the user's data directory.
+
+    The file is ``$XDG_DATA_HOME/encx-async/keys.db``, by default
+    ``~/.local/share/encx-async/keys.db``.
+    """
+    configured = os.environ.get(DEFAULT_DATABASE_ENV)
+    if configured:
+        return configured
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return "sqlite:///" + str(Path(base) / "encx-async" / "keys.db")
+
+
+def open_keystore(database: object) -> KeyStore:
+    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet opened)."""
+    if database is None:
+        database = default_database_url()
+    if isinstance(database, str):
+        scheme = database.split(":", 1)[0].lower() if ":" in database else ""
+        if scheme == "sqlite":
+            from ._sqlite import SQLiteKeyStore
+
+            return SQLiteKeyStore.from_url(database)
+        if scheme in ("postgresql", "postgres"):
+            from ._postgres import PostgresKeyStore
+
+            return PostgresKeyStore(dsn=database)
+        raise DatabaseUnavailableError(
+            f"unsupported database URL {redact_url(database)!r}: use sqlite:///path/keys.db "
+            "or postgresql://user@host/db"
+        )
+    kind = type(database).__module__.split(".")[0]
+    if kind == "asyncpg":
+        from ._postgres import PostgresKeyStore
+
+        return PostgresKeyStore(pool=cast("asyncpg.Pool", database))
+    if kind == "aiosqlite":
+        from ._sqlite import SQLiteKeyStore
+
+        return SQLiteKeyStore(connection=cast("aiosqlite.Connection", database))
+    raise DatabaseUnavailableError(
+        f"database must be a URL, an asyncpg pool or an aiosqlite connection, "
+        f"not {type(database).__name__}"
+    )

@@ -1,0 +1,190 @@
+"""KEK versions in PostgreSQL (asyncpg): one database for a fleet of instances.
+
+Writers take a transaction-scoped advisory lock per alias, so concurrent
+rotations from any number of processes queue up and number their versions
+without gaps. Each new version is announced with ``NOTIFY encx_kek_versions``,
+which instances that listen use to pick it up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
+
+from . import SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, redact_url, row_to_version
+
+__all__ = ["CHANNEL", "PostgresKeyStore"]
+
+CHANNEL = "encx_kek_versions"
+_SCHEMA_LOCK = 0x656E6378  # "encx": serialises schema creation across instances
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS encx_schema (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS encx_kek_versions (
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version > 0),
+    key_id TEXT NOT NULL CHECK (key_id <> ''),
+    state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (alias, version)
+);
+"""
+_COLUMNS = "alias, version, key_id, state, created_at, updated_at"
+_CONNECT_TIMEOUT = 10.0
+# What asyncpg raises when the server is away or the URL leads nowhere.
+_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _alias_lock(alias: str) -> int:
+    digest = hashlib.sha256(b"encx-async kek " + alias.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PostgresKeyStore:
+    def __init__(self, *, dsn: str | None = None, pool: asyncpg.Pool | None = None) -> None:
+        self._dsn = dsn
+        self._pool = pool
+        self._owns_pool = pool is None
+        # a connection of its own (given a DSN) or one borrowed from a given pool
+        self._listener: Any = None
+        self.url = redact_url(dsn) if dsn is not None else "postgresql (given pool)"
+
+    def _fail(self, action: str, exc: BaseException) -> DatabaseUnavailableError:
+        # asyncpg's messages name hosts and roles, never passwords; keep them.
+        return DatabaseUnavailableError(f"cannot {action} {self.url}: {exc}")
+
+    async def open(self) -> None:
+        try:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=4, timeout=_CONNECT_TIMEOUT
+                )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+                await conn.execute(_SCHEMA)
+                found = await conn.fetchval("SELECT version FROM encx_schema WHERE id = 1")
+                if found is None:
+                    await conn.execute(
+                        "INSERT INTO encx_schema (id, version) VALUES (1, $1)", SCHEMA_VERSION
+                    )
+                elif found > SCHEMA_VERSION:
+                    raise DatabaseUnavailableError(
+                        f"{self.url} has schema version {found}; this encx-async knows up "
+                        f"to {SCHEMA_VERSION}: upgrade encx-async"
+                    )
+        except DatabaseUnavailableError:
+            await self.aclose()
+            raise
+        except (*_UNAVAILABLE, ValueError) as exc:  # ValueError: a malformed DSN
+            await self.aclose()
+            raise self._fail("open", exc) from exc
+
+    async def aclose(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            if self._dsn is not None:
+                await listener.close()
+            elif self._pool is not None:
+                await listener.remove_listener(CHANNEL, None)
+                await self._pool.release(listener)
+        pool, self._pool = self._pool, None
+        if pool is not None and self._owns_pool:
+            await pool.close()
+
+    def _live_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise DatabaseUnavailableError(f"{self.url} is not open")
+        return self._pool
+
+    async def _fetch(self, conn: Any, alias: str) -> list[KEKVersion]:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM encx_kek_versions WHERE alias = $1 ORDER BY version", alias
+        )
+        return [row_to_version(self.url, row) for row in rows]
+
+    async def versions(self, alias: str) -> list[KEKVersion]:
+        try:
+            async with self._live_pool().acquire() as conn:
+                return await self._fetch(conn, alias)
+        except _UNAVAILABLE as exc:
+            raise self._fail("read", exc) from exc
+
+    async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        existing = await self.versions(alias)
+        if existing:
+            return existing[-1]
+        return await self._locked_insert(alias, new_key, only_if_empty=True)
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        return await self._locked_insert(alias, new_key, only_if_empty=False)
+
+    async def _locked_insert(
+        self, alias: str, new_key: NewKey, *, only_if_empty: bool
+    ) -> KEKVersion:
+        try:
+            async with self._live_pool().acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _alias_lock(alias))
+                existing = await self._fetch(conn, alias)
+                if existing and only_if_empty:  # another instance got here first
+                    return existing[-1]
+                current = existing[-1] if existing else None
+                key_id = await new_key(current)
+                stamp = now()
+                await conn.execute(
+                    "UPDATE encx_kek_versions SET state = 'deprecated', updated_at = $2 "
+                    "WHERE alias = $1 AND state = 'active'",
+                    alias,
+                    stamp,
+                )
+                version = current.version + 1 if current else 1
+                row = (alias, version, key_id, "active", stamp, stamp)
+                await conn.execute(
+                    f"INSERT INTO encx_kek_versions ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                    *row,
+                )
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, alias)
+                return row_to_version(self.url, row)
+        except _UNAVAILABLE as exc:
+            raise self._fail("write", exc) from exc
+
+    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion:
+        try:
+            async with self._live_pool().acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _alias_lock(alias))
+                await conn.execute(
+                    "UPDATE encx_kek_versions SET state = $3, updated_at = $4 "
+                    "WHERE alias = $1 AND version = $2",
+                    alias,
+                    version,
+                    state,
+                    now(),
+                )
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, alias)
+                for found in await self._fetch(conn, alias):
+                    if found.version == version:
+                        return found
+        except _UNAVAILABLE as exc:
+            raise self._fail("write", exc) from exc
+        raise KeyVersionNotFoundError(f"alias {alias!r} has no KEK version {version} in {self.url}")
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(alias)`` whenever any instance changes an alias's versions."""
+        if self._listener is not None:
+            return
+        try:
+            if self._dsn is not None:
+                self._listener = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT)
+            else:  # a given pool: borrow one connection for as long as we are open
+                self._listener = await self._live_pool().acquire()
+            await self._listener.add_listener(CHANNEL, lambda *args: callback(str(args[3])))
+        except _UNAVAILABLE:
+            return  # listening is an optimisation: polling still converges

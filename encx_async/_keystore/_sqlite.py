@@ -1,0 +1,192 @@
+"""KEK versions in SQLite (aiosqlite): the embedded default, shared by processes
+on one machine through the file's locks (WAL journal, ``BEGIN IMMEDIATE``)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiosqlite
+import anyio.to_thread
+
+from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
+
+from . import SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, row_to_version
+
+__all__ = ["SQLiteKeyStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS encx_schema (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS encx_kek_versions (
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version > 0),
+    key_id TEXT NOT NULL CHECK (key_id <> ''),
+    state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (alias, version)
+);
+"""
+_COLUMNS = "alias, version, key_id, state, created_at, updated_at"
+_BUSY_TIMEOUT_MS = 30_000
+
+
+class SQLiteKeyStore:
+    def __init__(
+        self, *, path: str | None = None, connection: aiosqlite.Connection | None = None
+    ) -> None:
+        self._path = path
+        self._connection = connection
+        self._owns_connection = connection is None
+        # One connection serves every task: transactions must not interleave on it.
+        self._lock = asyncio.Lock()
+        self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteKeyStore:
+        rest = url[len("sqlite:") :]
+        if not rest.startswith("///") or len(rest) == 3:
+            raise DatabaseUnavailableError(
+                f"malformed SQLite URL {url!r}: use sqlite:///relative/keys.db, "
+                "sqlite:////absolute/keys.db or sqlite:///:memory:"
+            )
+        return cls(path=rest[3:])
+
+    async def open(self) -> None:
+        try:
+            if self._connection is None:
+                assert self._path is not None
+                target = self._path
+                if target != ":memory:":
+                    target = await anyio.to_thread.run_sync(_prepare_file, self._path)
+                self._connection = await aiosqlite.connect(
+                    target, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
+                )
+            else:
+                self._connection.isolation_level = None
+            db = self._connection
+            await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if self._path != ":memory:":
+                await db.execute("PRAGMA journal_mode = WAL")
+            async with self._write() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+                rows = await db.execute_fetchall("SELECT version FROM encx_schema WHERE id = 1")
+                found = next(iter(rows), None)
+                if found is None:
+                    await db.execute(
+                        "INSERT INTO encx_schema (id, version) VALUES (1, ?)", (SCHEMA_VERSION,)
+                    )
+                elif found[0] > SCHEMA_VERSION:
+                    raise DatabaseUnavailableError(
+                        f"{self.url} has schema version {found[0]}; this encx-async "
+                        f"knows up to {SCHEMA_VERSION}: upgrade encx-async"
+                    )
+        except (sqlite3.Error, OSError) as exc:
+            await self.aclose()
+            raise DatabaseUnavailableError(f"cannot use {self.url}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and self._owns_connection:
+            await connection.close()
+
+    def _db(self) -> aiosqlite.Connection:
+        if self._connection is None:
+            raise DatabaseUnavailableError(f"{self.url} is not open")
+        return self._connection
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A transaction holding SQLite's write lock from its first statement."""
+        async with self._lock:
+            db = self._db()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _fetch(self, db: aiosqlite.Connection, alias: str) -> list[KEKVersion]:
+        rows = await db.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM encx_kek_versions WHERE alias = ? ORDER BY version",
+            (alias,),
+        )
+        return [row_to_version(self.url, row) for row in rows]
+
+    async def versions(self, alias: str) -> list[KEKVersion]:
+        try:
+            async with self._lock:
+                return await self._fetch(self._db(), alias)
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailableError(f"cannot read {self.url}: {exc}") from exc
+
+    async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        existing = await self.versions(alias)
+        if existing:
+            return existing[-1]
+        try:
+            async with self._write() as db:
+                existing = await self._fetch(db, alias)
+                if existing:  # another instance got here first
+                    return existing[-1]
+                return await self._insert(db, alias, 1, await new_key(None))
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        try:
+            async with self._write() as db:
+                existing = await self._fetch(db, alias)
+                current = existing[-1] if existing else None
+                key_id = await new_key(current)
+                stamp = now().isoformat()
+                await db.execute(
+                    "UPDATE encx_kek_versions SET state = 'deprecated', updated_at = ? "
+                    "WHERE alias = ? AND state = 'active'",
+                    (stamp, alias),
+                )
+                return await self._insert(db, alias, current.version + 1 if current else 1, key_id)
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+
+    async def _insert(
+        self, db: aiosqlite.Connection, alias: str, version: int, key_id: str
+    ) -> KEKVersion:
+        stamp = now().isoformat()
+        row = (alias, version, key_id, "active", stamp, stamp)
+        await db.execute(
+            f"INSERT INTO encx_kek_versions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+        )
+        return row_to_version(self.url, row)
+
+    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion:
+        try:
+            async with self._write() as db:
+                await db.execute(
+                    "UPDATE encx_kek_versions SET state = ?, updated_at = ? "
+                    "WHERE alias = ? AND version = ?",
+                    (state, now().isoformat(), alias, version),
+                )
+                for found in await self._fetch(db, alias):
+                    if found.version == version:
+                        return found
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+        raise KeyVersionNotFoundError(f"alias {alias!r} has no KEK version {version} in {self.url}")
+
+
+def _prepare_file(path: str) -> str:
+    """The absolute path of the database file, its directory created (owner only)."""
+    target = Path(path).expanduser().absolute()
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(target)

@@ -1,0 +1,156 @@
+"""The benchmark scripts run end to end on tiny inputs and report what they promise.
+
+Each script runs once, as ``python -m benchmarks.<name> --json``, in a fresh
+interpreter: stdout must be one JSON document and stderr the human-readable
+report. Only the shape of the output is checked, never PASS or FAIL, which
+depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60.0
+_AWS_ENV_TO_DROP = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS", "AWS_REGION")
+
+
+def run_benchmark(name: str, *args: str) -> tuple[dict[str, Any], str]:
+    """Run a benchmark module with ``--json``; return the parsed stdout and the stderr text."""
+    env = {k: v for k, v in os.environ.items() if k not in _AWS_ENV_TO_DROP}
+    # The benchmarks start their own moto server; keep them away from real AWS.
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    env.pop("AWS_SESSION_TOKEN", None)
+    completed = subprocess.run(  # noqa: S603 (our own interpreter and module, fixed arguments)
+        [sys.executable, "-m", f"benchmarks.{name}", "--json", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    document: dict[str, Any] = json.loads(completed.stdout)
+    return document, completed.stderr
+
+
+def check_names(document: dict[str, Any]) -> set[str]:
+    return {check["name"] for check in document["checks"]}
+
+
+def test_cache_benchmark_reports_runs_ratios_and_kms_calls() -> None:
+    document, report = run_benchmark(
+        "cache",
+        "--records",
+        "200",
+        "--uncached-records",
+        "50",
+        "--skip-esdk",
+        "--no-progress",
+        "--round-trips",
+        "300",
+        "--repeats",
+        "2",
+    )
+    for header in (
+        "Uncached vs DEKCache() defaults",
+        "encrypt records/s",
+        "KMS calls: encrypt_dek",
+        "cache hit ratio: decrypt",
+        "KMS cost per 1M records",
+        "Round trip (encrypt + decrypt)",
+        "round trips/s",
+        "Ratios",
+    ):
+        assert header in report
+    assert "first 50 records only" in report
+    assert "cached round trip / raw AESGCM" in report
+    assert "target >= 0.5x" in report
+
+    runs = document["runs"]
+    uncached, cached = runs["uncached"], runs["cached"]
+    assert uncached["records"] == 50
+    assert cached["records"] == 200
+    # Without a cache every record costs one wrap and one unwrap.
+    assert uncached["kms_calls"]["encrypt_phase"]["encrypt_dek"] == 50
+    assert uncached["kms_calls"]["decrypt_phase"]["decrypt_dek"] == 50
+    assert cached["kms_calls_total"] < uncached["kms_calls_total"]
+    assert cached["data_key_calls"] < uncached["data_key_calls"]
+    assert cached["kms_calls_per_record"] < uncached["kms_calls_per_record"]
+    assert 0.0 < cached["hit_ratio"]["decrypt_phase"] <= 1.0
+    assert uncached["hit_ratio"]["encrypt_phase"] is None
+    assert uncached["kms_cost_usd_per_million_records"] == pytest.approx(6.0)
+    assert document["round_trip_per_s"]["raw_aesgcm"] > 0
+    assert document["round_trip_per_s"]["encx_cached"] > 0
+    assert document["round_trip_per_s"]["esdk_caching"] is None
+    assert "cached round trip / raw AESGCM" in check_names(document)
+
+
+def test_core_benchmark_reports_ratios_and_lag() -> None:
+    document, report = run_benchmark(
+        "core",
+        "--iterations",
+        "500",
+        "--repeats",
+        "2",
+        "--lag-payload-mib",
+        "4",
+        "--lag-repeats",
+        "1",
+    )
+    for header in (
+        "Throughput against bare AES-GCM",
+        "vs bare AESGCM",
+        "Event-loop lag, 4 MiB payload",
+        "max lag ms",
+        "Ratios",
+    ):
+        assert header in report
+    assert "encrypt_data / raw AESGCM encrypt" in report
+    assert "target >= 0.8x" in report
+    assert "event-loop lag, high level, 4 MiB" in report
+    assert "target <= 10 ms" in report
+
+    assert {"encrypt_data", "decrypt_data", "encrypt", "decrypt"} <= set(document["ops_per_s"])
+    assert all(rate > 0 for rate in document["ops_per_s"].values())
+    assert document["lag"]["encrypt (high level)"]["max_lag_ms"] >= 0
+    assert {"encrypt_data / raw AESGCM encrypt", "decrypt_data / raw AESGCM decrypt"} <= (
+        check_names(document)
+    )
+
+
+def test_cache_benchmark_compares_with_the_encryption_sdk() -> None:
+    document, report = run_benchmark(
+        "cache",
+        "--records",
+        "100",
+        "--uncached-records",
+        "10",
+        "--esdk-records",
+        "10",
+        "--no-progress",
+        "--round-trips",
+        "200",
+        "--repeats",
+        "1",
+    )
+    assert document["esdk_error"] is None, document["esdk_error"]
+    rates = document["round_trip_per_s"]["esdk_caching"]
+    assert rates
+    assert all(rate > 0 for rate in rates.values())
+    assert "AWS Encryption SDK caching CMM" in report
+    assert "cached round trip / ESDK caching round trip" in check_names(document)
+    assert "target >= 20x" in report

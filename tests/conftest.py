@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio

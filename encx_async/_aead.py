@@ -78,26 +78,32 @@ class EnvelopeCipher:
         for i in range(len(self._stream_key)):
             self._stream_key[i] = 0
 
-    def stream_job(self, data: Bytes, aad: bytes, *, seal: bool) -> Callable[[], bytes]:
+    def stream_job(
+        self, data: Bytes, aad: bytes, *, seal: bool, prefix: bytes = b""
+    ) -> Callable[[], bytes]:
         """A Cobblestone-256 job over ``data``, to run in a worker thread.
 
         The key is captured now, in the caller's thread, so wiping this cipher
-        afterwards cannot change what the job does.
+        afterwards cannot change what the job does. ``prefix`` (a header) comes
+        out in front of the result.
         """
         if self.gcm is None:
             raise RuntimeError("this data key has been wiped")
         key = bytes(self._stream_key)
-        return partial(_stream, key, aad, data, seal)
+        return partial(_stream, key, aad, data, seal, prefix)
 
 
-def _stream(key: bytes, aad: bytes, data: Bytes, seal: bool) -> bytes:
+def _stream(key: bytes, aad: bytes, data: Bytes, seal: bool, prefix: bytes) -> bytes:
     cipher = Cobblestone256Encryptor(key, aad) if seal else Cobblestone256Decryptor(key, aad)
     view = memoryview(data)
     try:
-        parts = [cipher.update(view[i : i + _SLICE]) for i in range(0, len(view), _SLICE)]
+        parts = [prefix]
+        parts += [cipher.update(view[i : i + _SLICE]) for i in range(0, len(view), _SLICE)]
         parts.append(cipher.finalize())
     except (InvalidTag, ValueError):
         raise DecryptionError(
             "decryption failed: wrong key, context or aad, or modified or truncated data"
         ) from None
+    # One join, not ``header + body``: join lets go of the GIL while it copies
+    # a large result, an addition would hold it for the whole copy.
     return b"".join(parts)

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType, TracebackType
@@ -17,19 +18,21 @@ import anyio.to_thread
 from ._aead import NONCE_SIZE, Bytes, EnvelopeCipher, open_raw, seal_raw
 from ._cache import DEKCache, DEKCacheStats, _Side
 from ._context import Context, decode_context, encode_context, normalize_context
-from ._envelope import BODY_GCM, MAX_WRAPPED_DEK, Envelope, Sealer, parse
+from ._envelope import BODY_GCM, MAX_WRAPPED_DEK, Envelope, Sealer, parse, replace_wrapped_dek
 from ._exceptions import (
     ClosedError,
     ConfigurationError,
     DecryptionError,
     EncryptionError,
+    KeyVersionError,
     KMSError,
     KMSKeyNotFoundError,
 )
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
 from ._keystore import KEKVersion, open_keystore
-from .kms import KeyManagementService
+from ._rewrap import ordered_map
+from .kms import KeyManagementService, KeyRotationService
 
 __all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats"]
 
@@ -402,6 +405,135 @@ class Crypto:
             return Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
         finally:
             dek.wipe()
+
+    # -- rotation --------------------------------------------------------------
+
+    async def rotate_kek(self, *, strategy: Rotation | None = None) -> KEKVersion:
+        """Rotate the KEK and record the new version; new data is encrypted under it.
+
+        ``"new-key"`` creates a KMS key and moves the alias to it;
+        ``"kms-managed"`` has the KMS give the same key new material
+        (``RotateKeyOnDemand``). Either way older data still decrypts, and the
+        version is recorded under the database's write lock, so concurrent
+        rotations from many instances number their versions without gaps.
+        Other instances switch within ``version_check_interval``.
+        """
+        self._check_open()
+        kms = self._rotation_service()
+        strategy = strategy or self._rotation
+        if strategy not in ROTATIONS:
+            raise ConfigurationError(f"strategy must be one of {', '.join(ROTATIONS)}")
+        alias = self._kek_alias
+        if strategy == "new-key" and not alias.startswith("alias/"):
+            raise ConfigurationError(
+                "new-key rotation moves an alias, so kek_alias must be 'alias/...'; "
+                "use strategy='kms-managed' to rotate a key named by id or ARN"
+            )
+
+        async def new_key(current: KEKVersion | None) -> str:
+            if current is None:  # pragma: no cover - the key ring always starts with a version
+                raise KeyVersionError(f"alias {alias!r} has no KEK version to rotate from")
+            if strategy == "kms-managed":
+                await self._call_kms("rotate_key_material", kms.rotate_key_material(current.key_id))
+                return current.key_id
+            description = f"encx-async KEK {alias} version {current.version + 1}"
+            key_id: str = await self._call_kms("create_key", self._kms.create_key(description))
+            await self._call_kms("update_alias", kms.update_alias(alias, key_id))
+            return key_id
+
+        created = await self._keyring.rotate(new_key)
+        logger.info(
+            "KEK %s rotated (%s): version %d is %s",
+            alias,
+            strategy,
+            created.version,
+            created.key_id,
+        )
+        return created
+
+    async def retire_kek_version(self, version: int) -> KEKVersion:
+        """Refuse, from now on, to decrypt data under ``version`` (rewrap it first).
+
+        The current version cannot be retired: rotate first.
+        """
+        self._check_open()
+        if version == self.kek_version:
+            raise ConfigurationError(f"version {version} is current: rotate before retiring it")
+        await self._keyring.key_id_for(version)  # KeyVersionNotFoundError if unknown
+        return await self._keyring.set_state(version, "retired")
+
+    async def rewrap(self, blob: Bytes, *, context: Context | None = None) -> bytes:
+        """Move an envelope to the current KEK version without decrypting it.
+
+        KMS ``ReEncrypt`` re-wraps its DEK under the current KEK (the plaintext DEK
+        never leaves the KMS); the body is kept byte for byte. An envelope
+        already on the current version comes back unchanged. ``context`` is the
+        one it was encrypted with.
+        """
+        self._check_open()
+        return await self._rewrap(parse(blob), context, {})
+
+    async def rewrap_many(
+        self,
+        items: Iterable[Bytes | tuple[Bytes, Context | None]]
+        | AsyncIterable[Bytes | tuple[Bytes, Context | None]],
+        *,
+        context: Context | None = None,
+        concurrency: int = 16,
+        progress: Callable[[int], object] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """:meth:`rewrap` a stream of envelopes; yields the results in input order.
+
+        An item is a blob (under ``context``) or a ``(blob, context)`` pair.
+        Envelopes that share a wrapped DEK (a cached DEK's messages) cost one
+        ``ReEncrypt`` between them. At most ``concurrency`` KMS calls run at
+        once; ``progress(n)`` hears how many results have been yielded.
+        """
+        self._check_open()
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        shared: dict[tuple[int, bytes, bytes], asyncio.Future[bytes]] = {}
+
+        async def one(item: Bytes | tuple[Bytes, Context | None]) -> bytes:
+            blob, item_context = item if isinstance(item, tuple) else (item, context)
+            return await self._rewrap(parse(blob), item_context, shared)
+
+        async for result in ordered_map(items, one, concurrency=concurrency, progress=progress):
+            yield result
+
+    async def _rewrap(
+        self,
+        envelope: Envelope,
+        context: Context | None,
+        shared: dict[tuple[int, bytes, bytes], asyncio.Future[bytes]],
+    ) -> bytes:
+        target = self.kek_version
+        if envelope.kek_version == target:
+            return envelope.blob
+        kms = self._rotation_service()
+        source = await self._keyring.key_id_for(envelope.kek_version)
+        destination = self._key_ids[target]
+        kms_context = normalize_context(context)
+        key = (envelope.kek_version, envelope.wrapped_dek, encode_context(context))
+        moved = shared.get(key)
+        if moved is None:
+            call = kms.re_encrypt_dek(
+                envelope.wrapped_dek,
+                source_key_id=source,
+                destination_key_id=destination,
+                context=kms_context,
+            )
+            moved = shared[key] = asyncio.ensure_future(self._call_kms("re_encrypt_dek", call))
+        wrapped = await asyncio.shield(moved)
+        return replace_wrapped_dek(envelope, target, wrapped)
+
+    def _rotation_service(self) -> KeyRotationService:
+        if not isinstance(self._kms, KeyRotationService):
+            raise ConfigurationError(
+                "this KMS service does not implement KeyRotationService "
+                "(rotation and rewrap need update_alias, rotate_key_material, re_encrypt_dek)"
+            )
+        return self._kms
 
     # -- low-level API -----------------------------------------------------------
 

@@ -190,8 +190,7 @@ class Sealer:
         """A job sealing a large payload with Cobblestone-256, for a worker thread."""
         header = pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)
         full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
-        job = self.cipher.stream_job(plaintext, full_aad, seal=True)
-        return lambda: header + job()
+        return self.cipher.stream_job(plaintext, full_aad, seal=True, prefix=header)
 
     def open_job(self, envelope: Envelope, aad: bytes | None) -> Callable[[], bytes]:
         """A job opening a large envelope of either kind, for a worker thread.

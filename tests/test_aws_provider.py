@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -510,7 +510,7 @@ async def test_error_codes_are_mapped(
     body = {"__type": code, "message": message}
     with FakeEndpoint(status=status, body=body) as endpoint:
         async with KMSService(fast_config(endpoint.url)) as kms:
-            calls = {
+            calls: dict[str, Callable[[], Awaitable[object]]] = {
                 "encrypt": lambda: kms.encrypt_dek("alias/test-key", DEK),
                 "decrypt": lambda: kms.decrypt_dek("alias/test-key", DEK + DEK),
                 "reencrypt": lambda: kms.re_encrypt_dek(
@@ -801,7 +801,7 @@ async def test_lookup_in_flight_during_invalidation_is_not_cached(
 ) -> None:
     first = await admin_key(admin, "alias/test-key")
     second = await admin_key(admin)
-    session, counters = counting_session("before-call.kms.DescribeKey")
+    session = AioSession()
     gate = asyncio.Event()
     entered = asyncio.Event()
     config = Config(region=REGION, endpoint_url=moto_endpoint, session=session, alias_cache_ttl=600)

@@ -178,7 +178,11 @@ class _Side(Generic[V]):
                 if ok:
                     self.entries.move_to_end(key)
                     self.hits += 1
-                    if not entry.refreshing and limits.near_end(entry, now):
+                    if (
+                        not entry.refreshing
+                        and (now >= entry.refresh_at or limits.refresh_ahead_uses)
+                        and limits.near_end(entry, now)
+                    ):
                         self._refresh(key, entry)
                     return entry.value
         while True:

@@ -18,7 +18,15 @@ import anyio.to_thread
 from ._aead import NONCE_SIZE, Bytes, EnvelopeCipher, open_raw, seal_raw
 from ._cache import DEKCache, DEKCacheStats, _Side
 from ._context import Context, decode_context, encode_context, normalize_context
-from ._envelope import BODY_GCM, MAX_WRAPPED_DEK, Envelope, Sealer, parse, replace_wrapped_dek
+from ._envelope import (
+    BODY_GCM,
+    MAX_WRAPPED_DEK,
+    Envelope,
+    Sealer,
+    parse,
+    replace_wrapped_dek,
+    split_binding,
+)
 from ._exceptions import (
     ClosedError,
     ConfigurationError,
@@ -48,7 +56,7 @@ Rotation = Literal["new-key", "kms-managed"]
 ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
 EncryptKey = tuple[str, int, bytes]  # KEK id, KEK version, encoded context
-DecryptKey = tuple[str, int, bytes, bytes]  # KEK id, KEK version, wrapped DEK, encoded context
+DecryptKey = tuple[bytes, bytes]  # envelope binding, encoded context
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,16 +364,19 @@ class Crypto:
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
         ctx = encode_context(context)
-        version = envelope.kek_version
-        key_id = self._key_ids.get(version) or await self._keyring.key_id_for(version)
+        if envelope.kek_version not in self._key_ids:
+            # Unknown here (a newer version, or a forged number) or retired: ask the store.
+            await self._keyring.key_id_for(envelope.kek_version)
+        # Keyed by the envelope's binding (KEK version, wrapped DEK, commitment):
+        # a sealer is only ever made for a binding whose commitment matched its DEK.
+        key = (envelope.binding, ctx)
         side = self._decrypt_side
         if side is not None:
-            key = (key_id, version, envelope.wrapped_dek, ctx)
             sealer = side.take(key, None) or await side.get(key, None)
             if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
                 return sealer.open_small(envelope, aad)
             return await self._open(sealer, envelope, aad)
-        sealer = await self._open_sealer((key_id, version, envelope.wrapped_dek, ctx))
+        sealer = await self._open_sealer(key)
         try:
             return await self._open(sealer, envelope, aad)
         finally:
@@ -393,18 +404,26 @@ class Crypto:
             if self._cache is not None:
                 # What we just wrapped we can read back without asking the KMS.
                 twin = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
-                self._cache.remember_for_decrypt((key_id, version, wrapped, ctx), twin)
+                self._cache.remember_for_decrypt((twin.binding, ctx), twin)
             return sealer
         finally:
             dek.wipe()
 
     async def _open_sealer(self, key: DecryptKey) -> Sealer:
-        key_id, version, wrapped, ctx = key
+        binding, ctx = key
+        version, wrapped, commitment = split_binding(binding)
+        key_id = await self._keyring.key_id_for(version)
         dek = await self._unwrap(key_id, wrapped, decode_context(ctx))
         try:
-            return Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
+            sealer = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
         finally:
             dek.wipe()
+        try:
+            sealer.check_commitment(commitment)
+        except DecryptionError:
+            sealer.wipe()
+            raise
+        return sealer
 
     # -- rotation --------------------------------------------------------------
 

@@ -50,6 +50,7 @@ __all__ = [
     "pack_header",
     "parse",
     "replace_wrapped_dek",
+    "split_binding",
 ]
 
 MAGIC = b"EX"
@@ -65,10 +66,21 @@ MIN_BODY = {BODY_GCM: NONCE_SIZE + TAG_SIZE, BODY_STREAM: TAG_SIZE}
 class Envelope(NamedTuple):
     body_kind: int
     kek_version: int
-    wrapped_dek: bytes
-    commitment: bytes
     blob: bytes
     body_at: int
+
+    @property
+    def binding(self) -> bytes:
+        """KEK version, wrapped DEK and commitment: what names the DEK of this envelope."""
+        return self.blob[4 : self.body_at]
+
+    @property
+    def wrapped_dek(self) -> bytes:
+        return self.blob[_FIXED.size : self.body_at - COMMITMENT_SIZE]
+
+    @property
+    def commitment(self) -> bytes:
+        return self.blob[self.body_at - COMMITMENT_SIZE : self.body_at]
 
     @property
     def header(self) -> bytes:
@@ -77,6 +89,12 @@ class Envelope(NamedTuple):
     @property
     def body(self) -> bytes:
         return self.blob[self.body_at :]
+
+
+def split_binding(binding: bytes) -> tuple[int, bytes, bytes]:
+    """(KEK version, wrapped DEK, commitment) of an :attr:`Envelope.binding`."""
+    version = int.from_bytes(binding[:4], "big")
+    return version, binding[6:-COMMITMENT_SIZE], binding[-COMMITMENT_SIZE:]
 
 
 # What NamedTuple._make does, minus a Python-level call: parse runs per message.
@@ -120,12 +138,10 @@ def parse(blob: bytes | bytearray | memoryview) -> Envelope:
         raise DecryptionError(f"unknown ciphertext body kind {kind}")
     if not 0 < wrapped_len <= MAX_WRAPPED_DEK:
         raise DecryptionError("malformed ciphertext: bad wrapped-key length")
-    wrapped_end = _FIXED.size + wrapped_len
-    body_at = wrapped_end + COMMITMENT_SIZE
+    body_at = _FIXED.size + wrapped_len + COMMITMENT_SIZE
     if len(blob) < body_at + MIN_BODY[kind]:
         raise DecryptionError("ciphertext is truncated")
-    fields = (kind, kek_version, blob[_FIXED.size : wrapped_end], blob[wrapped_end:body_at])
-    return _make_envelope(Envelope, (*fields, blob, body_at))
+    return _make_envelope(Envelope, (kind, kek_version, blob, body_at))
 
 
 class Sealer:
@@ -173,10 +189,20 @@ class Sealer:
         full_aad = self._aad_prefix + aad if aad else self._aad_prefix
         return b"".join((self._header, nonce, self._live_gcm().encrypt(nonce, plaintext, full_aad)))
 
-    def open_small(self, envelope: Envelope, aad: bytes | None) -> bytes:
-        """Open a parsed AES-GCM envelope whose wrapped DEK and context are ours."""
-        if not hmac.compare_digest(self._commitment, envelope.commitment):
+    @property
+    def binding(self) -> bytes:
+        return self._header[4:]
+
+    def check_commitment(self, commitment: bytes) -> None:
+        if not hmac.compare_digest(self._commitment, commitment):
             raise DecryptionError("decryption failed: the data key does not match this ciphertext")
+
+    def open_small(self, envelope: Envelope, aad: bytes | None) -> bytes:
+        """Open a parsed AES-GCM envelope whose binding and context are ours.
+
+        The caller looked this sealer up by the envelope's binding, whose
+        commitment was checked against the DEK when the sealer was made.
+        """
         blob, at = envelope.blob, envelope.body_at
         full_aad = self._aad_prefix + aad if aad else self._aad_prefix
         try:
@@ -198,8 +224,6 @@ class Sealer:
         The key is taken now, in the event loop: a wipe that happens while the
         job waits for its thread cannot pull it away.
         """
-        if not hmac.compare_digest(self._commitment, envelope.commitment):
-            raise DecryptionError("decryption failed: the data key does not match this ciphertext")
         if envelope.body_kind == BODY_GCM:
             return partial(_open_gcm, self._live_gcm(), envelope, self._aad_prefix + (aad or b""))
         full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)

@@ -10,9 +10,12 @@ from ._crypto import DEFAULT_THREAD_THRESHOLD, Crypto, CryptoStats
 from ._exceptions import (
     ClosedError,
     ConfigurationError,
+    DatabaseUnavailableError,
     DecryptionError,
     EncryptionError,
     EncxError,
+    KeyVersionError,
+    KeyVersionNotFoundError,
     KMSAccessDeniedError,
     KMSError,
     KMSKeyNotFoundError,
@@ -20,7 +23,8 @@ from ._exceptions import (
     KMSUnavailableError,
 )
 from ._keys import DataKey
-from .kms import KeyManagementService
+from ._keystore import KEKVersion
+from .kms import KeyManagementService, KeyRotationService
 
 __version__ = "0.1.0"
 
@@ -35,14 +39,19 @@ __all__ = [
     "DEKCache",
     "DEKCacheStats",
     "DataKey",
+    "DatabaseUnavailableError",
     "DecryptionError",
     "EncryptionError",
     "EncxError",
+    "KEKVersion",
     "KMSAccessDeniedError",
     "KMSError",
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
     "KMSUnavailableError",
     "KeyManagementService",
+    "KeyRotationService",
+    "KeyVersionError",
+    "KeyVersionNotFoundError",
     "__version__",
 ]

@@ -20,9 +20,10 @@ from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
 __all__ = ["KeyRing"]
 
 logger = logging.getLogger("encx_async.keys")
-#: At most one forced re-read per this many seconds: a forged version number
-#: in a ciphertext must not turn every decrypt into a database query.
-_MIN_FORCED_INTERVAL = 1.0
+#: How far above the newest known version a ciphertext's version may be and
+#: still send us to the database: a forged number must not turn every decrypt
+#: into a query, and a fleet is never this many rotations behind.
+_LOOKAHEAD = 1000
 
 
 class KeyRing:
@@ -43,8 +44,10 @@ class KeyRing:
         self.key_ids: dict[int, str] = {}
         self.current = 0
         self.next_check = 0.0
-        self._last_forced = -_MIN_FORCED_INTERVAL
-        self._reload: asyncio.Task[None] | None = None
+        self._reload: asyncio.Task[None] | None = None  # background re-read
+        self._lookup: asyncio.Task[None] | None = None  # re-read for an unknown version
+        self._started = 0  # re-reads begun, and the latest applied
+        self._applied = 0
 
     # -- loading -----------------------------------------------------------------
 
@@ -55,7 +58,14 @@ class KeyRing:
         return self._versions[self.current]
 
     async def reload(self) -> None:
-        self.install(await self.store.versions(self.alias))
+        """Re-read the versions. Of overlapping re-reads, only the last one begun is
+        applied: one that began before a rotation committed must not undo it."""
+        self._started += 1
+        ticket = self._started
+        versions = await self.store.versions(self.alias)
+        if ticket > self._applied:
+            self._applied = ticket
+            self.install(versions)
 
     def install(self, versions: list[KEKVersion]) -> None:
         active = [v for v in versions if v.state == "active"]
@@ -83,25 +93,30 @@ class KeyRing:
         try:
             await self.reload()
         except Exception as exc:  # keep serving the versions already known
-            logger.warning(
-                "KEK %s: could not re-read versions (%s)", self.alias, type(exc).__name__
-            )
+            reason = type(exc).__name__
+            logger.warning("KEK %s: could not re-read versions (%s)", self.alias, reason)
 
     # -- lookups -----------------------------------------------------------------
 
     async def key_id_for(self, version: int) -> str:
-        """The key id of ``version``; re-reads the store once for an unknown one."""
+        """The key id of ``version``, re-reading the store for one newer than known."""
         key_id = self.key_ids.get(version)
         if key_id is not None:
             return key_id
-        if (
-            version not in self._versions
-            and self.clock() - self._last_forced >= _MIN_FORCED_INTERVAL
-        ):
-            self._last_forced = self.clock()
-            if self._reload is None or self._reload.done():
-                self._reload = asyncio.ensure_future(self.reload())
-            await asyncio.shield(self._reload)
+        newest = max(self._versions, default=0)
+        # Versions are numbered without gaps, so only a number above the newest
+        # known can be new. One far above it is forged, and not worth a query.
+        if newest < version <= newest + _LOOKAHEAD:
+            for _ in range(2):
+                # Join a re-read under way; if it began before the version was
+                # written it may miss it, so then read once more, ourselves.
+                joined = self._lookup is not None and not self._lookup.done()
+                if not joined:
+                    self._lookup = asyncio.ensure_future(self.reload())
+                assert self._lookup is not None
+                await asyncio.shield(self._lookup)
+                if version in self._versions or not joined:
+                    break
         found = self._versions.get(version)
         if found is None:
             raise KeyVersionNotFoundError(
@@ -131,8 +146,8 @@ class KeyRing:
         return changed
 
     async def aclose(self) -> None:
-        task, self._reload = self._reload, None
-        if task is not None and not task.done():
+        tasks = [t for t in (self._reload, self._lookup) if t is not None and not t.done()]
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.aclose()

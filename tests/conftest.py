@@ -176,3 +176,62 @@ def provider(kms: KeyManagementService) -> Provider:
     """The current ``kms`` provider (same object, same params), as its concrete type."""
     assert isinstance(kms, LocalKMSService | KMSService)
     return kms
+
+
+# -- PostgreSQL, for the fleet tests ---------------------------------------------------
+
+POSTGRES_URL_ENV = "ENCX_TEST_POSTGRES_URL"
+REQUIRE_POSTGRES_ENV = "ENCX_REQUIRE_POSTGRES"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def postgres_url() -> AsyncIterator[str]:
+    """The URL of a PostgreSQL server for key-version tests; yields it.
+
+    ``$ENCX_TEST_POSTGRES_URL``, else a local server with trust authentication.
+    If it cannot be reached the test is skipped, or fails when
+    ``ENCX_REQUIRE_POSTGRES=1`` (as CI sets it). The tables persist from run to
+    run: use a fresh alias per test (see ``postgres_alias``), never drop them.
+    """
+    import os
+
+    from encx_async._keystore import redact_url
+
+    url = os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL
+    problem: str | None = None
+    try:
+        import asyncpg
+    except ImportError:
+        problem = "asyncpg is not installed (pip install -e '.[dev]')"
+    else:
+        try:
+            connection = await asyncpg.connect(url, timeout=5)
+        except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
+            problem = f"cannot connect to {redact_url(url)}: {type(exc).__name__}: {exc}"
+        else:
+            await connection.close()
+    if problem is not None:
+        reason = f"PostgreSQL is needed for this test: {problem} (set {POSTGRES_URL_ENV})"
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_POSTGRES_ENV}=1 makes this a failure")
+        pytest.skip(reason)
+    yield url
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def postgres_alias(postgres_url: str) -> AsyncIterator[str]:
+    """A KEK alias no run has used; its rows in ``encx_kek_versions`` are deleted after."""
+    import uuid
+
+    import asyncpg
+
+    alias = f"alias/fleet-{uuid.uuid4().hex}"
+    yield alias
+    connection = await asyncpg.connect(postgres_url, timeout=5)
+    try:
+        await connection.execute("DELETE FROM encx_kek_versions WHERE alias = $1", alias)
+    except asyncpg.UndefinedTableError:
+        pass  # the test failed before any store created the table
+    finally:
+        await connection.close()

@@ -11,12 +11,13 @@ start or rotate at once cannot create two version 1s or skip a number.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionError
 
@@ -116,16 +117,23 @@ def now() -> datetime:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
+    """``url`` without its secrets (the password, and query options such as
+    ``password=``), for messages and logs."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+        query = "&".join(
+            f"{name}=***" if _SECRET_OPTION.search(name) else f"{name}={value}"
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
         return "<unparseable database URL>"
+
+
+_SECRET_OPTION = re.compile("pass|secret|token|key", re.IGNORECASE)
 
 
 def default_database_url() -> str:

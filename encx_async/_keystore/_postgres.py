@@ -54,8 +54,7 @@ class PostgresKeyStore:
         self._dsn = dsn
         self._pool = pool
         self._owns_pool = pool is None
-        # a connection of its own (given a DSN) or one borrowed from a given pool
-        self._listener: Any = None
+        self._listener: Any = None  # a connection of its own, for LISTEN
         self.url = redact_url(dsn) if dsn is not None else "postgresql (given pool)"
 
     def _fail(self, action: str, exc: BaseException) -> DatabaseUnavailableError:
@@ -91,11 +90,7 @@ class PostgresKeyStore:
     async def aclose(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            if self._dsn is not None:
-                await listener.close()
-            elif self._pool is not None:
-                await listener.remove_listener(CHANNEL, None)
-                await self._pool.release(listener)
+            await listener.close()
         pool, self._pool = self._pool, None
         if pool is not None and self._owns_pool:
             await pool.close()
@@ -177,14 +172,20 @@ class PostgresKeyStore:
         raise KeyVersionNotFoundError(f"alias {alias!r} has no KEK version {version} in {self.url}")
 
     async def listen(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(alias)`` whenever any instance changes an alias's versions."""
-        if self._listener is not None:
+        """Call ``callback(alias)`` whenever any instance changes an alias's versions.
+
+        Needs a connection of its own for as long as the store is open, so it is
+        done only when the store made its own pool from a DSN; with a pool that
+        was passed in, instances converge by polling alone.
+        """
+        if self._listener is not None or self._dsn is None:
             return
+
+        def on_notify(connection: object, pid: int, channel: str, payload: str) -> None:
+            callback(payload)
+
         try:
-            if self._dsn is not None:
-                self._listener = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT)
-            else:  # a given pool: borrow one connection for as long as we are open
-                self._listener = await self._live_pool().acquire()
-            await self._listener.add_listener(CHANNEL, lambda *args: callback(str(args[3])))
+            self._listener = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT)
+            await self._listener.add_listener(CHANNEL, on_notify)
         except _UNAVAILABLE:
             return  # listening is an optimisation: polling still converges

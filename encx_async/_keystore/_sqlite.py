@@ -1,11 +1,12 @@
 """KEK versions in SQLite (aiosqlite): the embedded default, shared by processes
-on one machine through the file's locks (WAL journal, ``BEGIN IMMEDIATE``)."""
+on one machine through the file's locks (``BEGIN IMMEDIATE`` for every write)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -38,6 +39,9 @@ _BUSY_TIMEOUT_MS = 30_000
 
 
 class SQLiteKeyStore:
+    """A connection passed in should be in autocommit mode (``isolation_level=None``)
+    and is left open; transactions here are explicit (``BEGIN IMMEDIATE``)."""
+
     def __init__(
         self, *, path: str | None = None, connection: aiosqlite.Connection | None = None
     ) -> None:
@@ -68,12 +72,11 @@ class SQLiteKeyStore:
                 self._connection = await aiosqlite.connect(
                     target, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
                 )
-            else:
-                self._connection.isolation_level = None
             db = self._connection
+            # The default rollback journal, not WAL: a few small writes a day need
+            # no concurrent readers, and switching a new file to WAL while another
+            # process opens it can deadlock the two until the busy timeout.
             await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            if self._path != ":memory:":
-                await db.execute("PRAGMA journal_mode = WAL")
             async with self._write() as db:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -108,7 +111,7 @@ class SQLiteKeyStore:
         """A transaction holding SQLite's write lock from its first statement."""
         async with self._lock:
             db = self._db()
-            await db.execute("BEGIN IMMEDIATE")
+            await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 yield db
             except BaseException:
@@ -190,3 +193,26 @@ def _prepare_file(path: str) -> str:
     target = Path(path).expanduser().absolute()
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return str(target)
+
+
+async def _patiently(statement: Callable[[], Awaitable[object]]) -> None:
+    """Run a statement, waiting out SQLITE_BUSY that SQLite reports at once.
+
+    The busy timeout covers most waits, but SQLite fails some lock upgrades
+    immediately rather than risk a deadlock (switching a new file to WAL while
+    another process opens it, for one); those are retried here, for as long as
+    the busy timeout would have waited.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            await statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)

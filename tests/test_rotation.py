@@ -1,0 +1,312 @@
+"""KEK versions and rotation on real stores (SQLite) and KMSs (local, moto)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from encx_async import (
+    ConfigurationError,
+    Crypto,
+    DatabaseUnavailableError,
+    DecryptionError,
+    DEKCache,
+    KeyManagementService,
+    KeyVersionError,
+    KeyVersionNotFoundError,
+    KMSKeyNotFoundError,
+)
+from encx_async._envelope import parse
+from encx_async.providers.local import LocalKMSService
+
+ALIAS = "alias/rotation-test"
+CTX = {"tenant": "acme"}
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[LocalKMSService]:
+    async with LocalKMSService() as kms:
+        await kms.create_key("rotation tests", alias=ALIAS)
+        yield kms
+
+
+def version_of(blob: bytes) -> int:
+    return parse(blob).kek_version
+
+
+async def test_default_database_is_sqlite_in_the_data_directory(
+    local: LocalKMSService, tmp_path: Path
+) -> None:
+    async with await Crypto.create(kms=local, kek_alias=ALIAS) as crypto:
+        assert [v.version for v in crypto.kek_versions()] == [1]
+        assert crypto.kek_versions()[0].key_id == await local.get_key_id(ALIAS)
+    # conftest points XDG_DATA_HOME at tmp_path / "xdg-data" for every test
+    assert (tmp_path / "xdg-data" / "encx-async" / "keys.db").is_file()
+
+
+async def test_versions_survive_a_restart(tmp_path: Path) -> None:
+    key_file, db = tmp_path / "kms.json", f"sqlite:///{tmp_path / 'keys.db'}"
+    async with LocalKMSService(key_file) as kms:
+        await kms.create_key("restart", alias=ALIAS)
+        async with await Crypto.create(kms=kms, kek_alias=ALIAS, database=db) as crypto:
+            old = await crypto.encrypt(b"before", context=CTX)
+            await crypto.rotate_kek()
+            new = await crypto.encrypt(b"after", context=CTX)
+    async with (
+        LocalKMSService(key_file) as kms,
+        await Crypto.create(kms=kms, kek_alias=ALIAS, database=db) as crypto,
+    ):
+        assert crypto.kek_version == 2
+        assert [(v.version, v.state) for v in crypto.kek_versions()] == [
+            (1, "deprecated"),
+            (2, "active"),
+        ]
+        assert await crypto.decrypt(old, context=CTX) == b"before"
+        assert await crypto.decrypt(new, context=CTX) == b"after"
+        assert (version_of(old), version_of(new)) == (1, 2)
+
+
+@pytest.mark.parametrize("strategy", ["new-key", "kms-managed"])
+async def test_old_data_decrypts_after_rotation_on_moto(
+    aws_kms: KeyManagementService, strategy: str
+) -> None:
+    await aws_kms.create_key("rotation", alias=ALIAS)
+    crypto = await Crypto.create(
+        kms=aws_kms,
+        kek_alias=ALIAS,
+        rotation=strategy,  # type: ignore[arg-type]
+        dek_cache=DEKCache(),
+    )
+    blobs = [await crypto.encrypt(b"v1", context=CTX)]
+    first_key = crypto.key_id
+    for _ in range(2):
+        await crypto.rotate_kek()
+        blobs.append(await crypto.encrypt(b"v%d" % crypto.kek_version, context=CTX))
+    assert [version_of(b) for b in blobs] == [1, 2, 3]
+    if strategy == "new-key":
+        assert crypto.key_id != first_key
+        assert await aws_kms.get_key_id(ALIAS) == crypto.key_id  # the alias moved
+        assert len({v.key_id for v in crypto.kek_versions()}) == 3
+    else:
+        assert {v.key_id for v in crypto.kek_versions()} == {first_key}
+    await crypto.aclose()
+    # A fresh instance, cold cache: every version still opens.
+    async with await Crypto.create(kms=aws_kms, kek_alias=ALIAS) as reader:
+        assert [await reader.decrypt(b, context=CTX) for b in blobs] == [b"v1", b"v2", b"v3"]
+        calls = dict(reader.stats().kms_calls)
+    assert calls["decrypt_dek"] == 3
+
+
+async def test_rotation_under_load_loses_nothing_and_rewrap_moves_everything(
+    local: LocalKMSService,
+) -> None:
+    crypto = await Crypto.create(
+        kms=local, kek_alias=ALIAS, dek_cache=DEKCache(max_messages_per_dek=500)
+    )
+    rows: list[tuple[int, bytes]] = []
+
+    async def writer(start: int) -> None:
+        for i in range(start, start + 2000):
+            rows.append((i, await crypto.encrypt(b"row %d" % i, context=CTX, aad=b"%d" % i)))
+            if i % 20 == 0:
+                await asyncio.sleep(0)  # let the rotations in
+
+    async def rotator() -> None:
+        for k in range(1, 6):
+            while len(rows) < k * 1600:  # noqa: ASYNC110 (polling the writers is the point)
+                await asyncio.sleep(0)
+            await crypto.rotate_kek()
+
+    await asyncio.gather(*(writer(n * 2000) for n in range(5)), rotator())
+    assert len(rows) == 10_000
+    assert crypto.kek_version == 6
+    seen = {version_of(blob) for _, blob in rows}
+    assert len(seen) >= 5, f"rotations did not interleave with the writes: {seen}"
+    for i, blob in rows:  # zero undecryptable blobs
+        assert await crypto.decrypt(blob, context=CTX, aad=b"%d" % i) == b"row %d" % i
+
+    blobs = [blob for _, blob in rows]
+    distinct = {(version_of(b), parse(b).wrapped_dek) for b in blobs if version_of(b) != 6}
+    before = crypto.stats().kms_calls.get("re_encrypt_dek", 0)
+    progress: list[int] = []
+    moved = [m async for m in crypto.rewrap_many(blobs, context=CTX, progress=progress.append)]
+    assert {version_of(m) for m in moved} == {6}
+    assert progress[-1] == 10_000
+    # Blobs sharing a wrapped DEK cost one ReEncrypt between them.
+    assert crypto.stats().kms_calls["re_encrypt_dek"] - before == len(distinct)
+    for (i, old), new in zip(rows, moved, strict=True):
+        assert parse(new).body == parse(old).body  # the payload is not touched
+        assert await crypto.decrypt(new, context=CTX, aad=b"%d" % i) == b"row %d" % i
+    await crypto.aclose()
+
+
+async def test_rewrap_keeps_current_blobs_and_needs_the_right_context(
+    local: LocalKMSService,
+) -> None:
+    async with await Crypto.create(kms=local, kek_alias=ALIAS) as crypto:
+        blob = await crypto.encrypt(b"x", context=CTX)
+        assert await crypto.rewrap(blob, context=CTX) == blob
+        await crypto.rotate_kek()
+        with pytest.raises(DecryptionError):
+            await crypto.rewrap(blob, context={"tenant": "other"})
+        moved = await crypto.rewrap(blob, context=CTX)
+        assert version_of(moved) == 2
+        assert await crypto.decrypt(moved, context=CTX) == b"x"
+
+
+async def test_retired_versions_are_refused(local: LocalKMSService) -> None:
+    async with await Crypto.create(kms=local, kek_alias=ALIAS) as crypto:
+        old = await crypto.encrypt(b"old", context=CTX)
+        with pytest.raises(ConfigurationError, match="current"):
+            await crypto.retire_kek_version(1)
+        await crypto.rotate_kek()
+        moved = await crypto.rewrap(old, context=CTX)
+        retired = await crypto.retire_kek_version(1)
+        assert retired.state == "retired"
+        with pytest.raises(KeyVersionError, match="retired"):
+            await crypto.decrypt(old, context=CTX)
+        assert await crypto.decrypt(moved, context=CTX) == b"old"
+        with pytest.raises(KeyVersionNotFoundError):
+            await crypto.retire_kek_version(9)
+
+
+async def test_unknown_version_is_a_key_version_not_found_error(local: LocalKMSService) -> None:
+    async with await Crypto.create(kms=local, kek_alias=ALIAS) as crypto:
+        blob = bytearray(await crypto.encrypt(b"x"))
+        blob[4:8] = (99).to_bytes(4, "big")
+        with pytest.raises(KeyVersionNotFoundError, match="version 99") as info:
+            await crypto.decrypt(bytes(blob))
+        assert isinstance(info.value, DecryptionError)
+
+
+async def test_an_instance_sees_another_instances_rotation_within_the_interval(
+    local: LocalKMSService, tmp_path: Path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = await Crypto.create(kms=local, kek_alias=ALIAS, database=db)
+    b = await Crypto.create(kms=local, kek_alias=ALIAS, database=db, version_check_interval=0.05)
+    await a.rotate_kek()
+    assert b.kek_version == 1
+    for _ in range(100):
+        await b.encrypt(b"tick")  # an encrypt after the interval starts a re-read
+        if b.kek_version == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert b.kek_version == 2
+    assert version_of(await b.encrypt(b"now")) == 2
+    # And b reads what a writes under a version b has never seen before.
+    await a.rotate_kek()
+    assert await b.decrypt(await a.encrypt(b"v3")) == b"v3"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_missing_alias_is_an_error_unless_asked_to_create_it(tmp_path: Path) -> None:
+    async with LocalKMSService() as kms:
+        with pytest.raises(KMSKeyNotFoundError):
+            await Crypto.create(kms=kms, kek_alias="alias/new-app")
+        async with await Crypto.create(
+            kms=kms, kek_alias="alias/new-app", create_key_if_missing=True
+        ) as crypto:
+            assert await kms.get_key_id("alias/new-app") == crypto.key_id
+            assert crypto.stats().kms_calls["create_key"] == 1
+
+
+async def test_concurrent_starts_make_one_version_1(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'race.db'}"
+    async with LocalKMSService() as kms:
+        cryptos = await asyncio.gather(
+            *(
+                Crypto.create(
+                    kms=kms, kek_alias="alias/raced", create_key_if_missing=True, database=db
+                )
+                for _ in range(5)
+            )
+        )
+        assert len({c.key_id for c in cryptos}) == 1
+        assert [v.version for v in cryptos[0].kek_versions()] == [1]
+        assert sum(c.stats().kms_calls.get("create_key", 0) for c in cryptos) == 1
+        for c in cryptos:
+            await c.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://user@host/db",
+        "sqlite:/relative-without-slashes.db",
+        "sqlite:///",
+        "postgresql://encx:s3cret@127.0.0.1:1/test",
+    ],
+)
+async def test_bad_database_urls_are_typed_errors(local: LocalKMSService, url: str) -> None:
+    with pytest.raises(DatabaseUnavailableError) as info:
+        await Crypto.create(kms=local, kek_alias=ALIAS, database=url)
+    assert "s3cret" not in str(info.value)
+
+
+async def test_an_unusable_sqlite_file_is_a_typed_error(
+    local: LocalKMSService, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "not-a-db.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DatabaseUnavailableError, match="not-a-db"):
+        await Crypto.create(kms=local, kek_alias=ALIAS, database=f"sqlite:///{garbage}")
+    assert garbage.read_bytes() == b"this is not a database" * 100  # left as it was
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    with pytest.raises(DatabaseUnavailableError):
+        await Crypto.create(kms=local, kek_alias=ALIAS, database=f"sqlite:///{blocked}/keys.db")
+
+
+async def test_a_corrupt_version_row_is_a_typed_error_and_loses_nothing(
+    local: LocalKMSService, tmp_path: Path
+) -> None:
+    path = tmp_path / "keys.db"
+    db = f"sqlite:///{path}"
+    async with await Crypto.create(kms=local, kek_alias=ALIAS, database=db) as crypto:
+        blob = await crypto.encrypt(b"keep me", context=CTX)
+        await crypto.rotate_kek()
+        newer = await crypto.encrypt(b"and me", context=CTX)
+
+    def corrupt(state: str) -> None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA ignore_check_constraints = ON")
+            conn.execute(
+                "UPDATE encx_kek_versions SET state = ? WHERE alias = ? AND version = 1",
+                (state, ALIAS),
+            )
+
+    corrupt("bogus")
+    with pytest.raises(KeyVersionError, match="corrupt") as info:
+        await Crypto.create(kms=local, kek_alias=ALIAS, database=db)
+    assert "version 1" in str(info.value)
+    corrupt("deprecated")  # repaired: everything is still there
+    async with await Crypto.create(kms=local, kek_alias=ALIAS, database=db) as crypto:
+        assert await crypto.decrypt(blob, context=CTX) == b"keep me"
+        assert await crypto.decrypt(newer, context=CTX) == b"and me"
+
+
+async def test_a_database_for_another_kms_says_so(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'keys.db'}"
+    async with LocalKMSService() as first:
+        await first.create_key("x", alias=ALIAS)
+        await (await Crypto.create(kms=first, kek_alias=ALIAS, database=db)).aclose()
+    async with LocalKMSService() as second:
+        await second.create_key("x", alias=ALIAS)
+        with pytest.raises(KMSKeyNotFoundError, match="does not have"):
+            await Crypto.create(kms=second, kek_alias=ALIAS, database=db)
+
+
+async def test_a_passed_connection_stays_open(local: LocalKMSService, tmp_path: Path) -> None:
+    import aiosqlite
+
+    async with aiosqlite.connect(tmp_path / "mine.db", isolation_level=None) as conn:
+        async with await Crypto.create(kms=local, kek_alias=ALIAS, database=conn) as crypto:
+            await crypto.rotate_kek()
+        rows = await conn.execute_fetchall("SELECT version FROM encx_kek_versions")
+        assert sorted(r[0] for r in rows) == [1, 2]

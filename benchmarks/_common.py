@@ -116,8 +116,7 @@ def raw_aesgcm_loops(size: int) -> dict[str, Loop]:
 
     async def framed_decrypt(n: int) -> None:
         for _ in range(n):
-            view = memoryview(framed0)
-            aesgcm.decrypt(view[:12], view[12:], None)
+            aesgcm.decrypt(framed0[:12], framed0[12:], None)
 
     return {
         "encrypt": encrypt,

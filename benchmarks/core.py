@@ -42,7 +42,7 @@ from ._common import (
     table,
 )
 
-LOW_LEVEL_TARGET = 0.8  # encrypt_data / decrypt_data against bare AES-GCM
+LOW_LEVEL_TARGET = 0.8  # encrypt_data / decrypt_data against AES-GCM of the same bytes
 LAG_TARGET_MS = 10.0  # worst event-loop stall during a large high-level call
 TICK = 0.001
 IDLE = "idle loop (baseline)"
@@ -286,19 +286,22 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
 
     high_lag = max(lag[HIGH_ENCRYPT]["max_lag_ms"], lag[HIGH_DECRYPT]["max_lag_ms"])
     low_lag = max(lag[LOW_ENCRYPT]["max_lag_ms"], lag[LOW_DECRYPT]["max_lag_ms"])
+    # The low-level API's output is nonce || ciphertext || tag, so its baseline is
+    # raw AES-GCM producing (or reading) those same bytes; the bare calls, which
+    # keep the nonce apart, are shown for information.
     checks = [
         Check(
-            "encrypt_data / raw AESGCM encrypt",
-            ratio("encrypt_data", "raw encrypt"),
+            "encrypt_data / raw AESGCM, nonce || ct",
+            ratio("encrypt_data", "framed encrypt"),
             LOW_LEVEL_TARGET,
         ),
         Check(
-            "decrypt_data / raw AESGCM decrypt",
-            ratio("decrypt_data", "raw decrypt"),
+            "decrypt_data / raw AESGCM, nonce || ct",
+            ratio("decrypt_data", "framed decrypt"),
             LOW_LEVEL_TARGET,
         ),
-        Check("encrypt_data / raw AESGCM, nonce-framed", ratio("encrypt_data", "framed encrypt")),
-        Check("decrypt_data / raw AESGCM, nonce-framed", ratio("decrypt_data", "framed decrypt")),
+        Check("encrypt_data / bare AESGCM encrypt call", ratio("encrypt_data", "raw encrypt")),
+        Check("decrypt_data / bare AESGCM decrypt call", ratio("decrypt_data", "raw decrypt")),
         Check("encrypt (cached) / raw AESGCM encrypt", ratio("encrypt", "raw encrypt")),
         Check("decrypt (cached) / raw AESGCM decrypt", ratio("decrypt", "raw decrypt")),
         Check(

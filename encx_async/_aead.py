@@ -28,6 +28,7 @@ from ._keys import DataKey
 __all__ = [
     "COMMITMENT_SIZE",
     "NONCE_SIZE",
+    "RAW_OPEN_FAILED",
     "TAG_SIZE",
     "Bytes",
     "EnvelopeCipher",
@@ -42,6 +43,7 @@ COMMITMENT_SIZE = 32
 # them: one AES call over 64 MiB would hold it, and stall the event loop, ~30 ms.
 _SLICE = 256 * 1024
 _HKDF_INFO = b"encx-async v1 envelope keys"
+RAW_OPEN_FAILED = "decryption failed: wrong key or aad, or modified data"
 Bytes = bytes | bytearray | memoryview
 
 
@@ -57,7 +59,7 @@ def open_raw(dek: DataKey, ciphertext: Bytes, aad: bytes | None) -> bytes:
     try:
         return dek.aesgcm().decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
     except InvalidTag:
-        raise DecryptionError("decryption failed: wrong key or aad, or modified data") from None
+        raise DecryptionError(RAW_OPEN_FAILED) from None
 
 
 class EnvelopeCipher:

@@ -14,8 +14,17 @@ from types import MappingProxyType, TracebackType
 from typing import Literal, Self, TypeVar
 
 import anyio.to_thread
+from cryptography.exceptions import InvalidTag
 
-from ._aead import NONCE_SIZE, Bytes, EnvelopeCipher, open_raw, seal_raw
+from ._aead import (
+    NONCE_SIZE,
+    RAW_OPEN_FAILED,
+    TAG_SIZE,
+    Bytes,
+    EnvelopeCipher,
+    open_raw,
+    seal_raw,
+)
 from ._cache import DEKCache, DEKCacheStats, _Side
 from ._context import Context, decode_context, encode_context, normalize_context
 from ._envelope import (
@@ -600,7 +609,12 @@ class Crypto:
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
         if len(ciphertext) < self._thread_threshold:
-            return open_raw(dek, ciphertext, aad)
+            if len(ciphertext) < NONCE_SIZE + TAG_SIZE:
+                raise DecryptionError("ciphertext is too short")
+            try:
+                return dek.aesgcm().decrypt(ciphertext[:NONCE_SIZE], ciphertext[NONCE_SIZE:], aad)
+            except InvalidTag:
+                raise DecryptionError(RAW_OPEN_FAILED) from None
         dek.aesgcm()
         return await anyio.to_thread.run_sync(open_raw, dek, ciphertext, aad)
 

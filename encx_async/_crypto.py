@@ -61,6 +61,7 @@ logger = logging.getLogger("encx_async")
 #: the GIL and the event loop keeps running.
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
 PEPPER_SIZE = 32
+_MIN_RAW = NONCE_SIZE + TAG_SIZE
 Rotation = Literal["new-key", "kms-managed"]
 ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
@@ -590,7 +591,7 @@ class Crypto:
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
         if len(plaintext) < self._thread_threshold:
-            gcm = dek.aesgcm()
+            gcm = dek._aesgcm or dek.aesgcm()  # the attribute first: this runs per call
             nonce = os.urandom(NONCE_SIZE)
             return nonce + gcm.encrypt(nonce, plaintext, aad)
         dek.aesgcm()  # built here, in the loop, before the hop
@@ -608,13 +609,14 @@ class Crypto:
             ciphertext = bytes(_check_bytes("ciphertext", ciphertext))
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
-        if len(ciphertext) < self._thread_threshold:
-            if len(ciphertext) < NONCE_SIZE + TAG_SIZE:
-                raise DecryptionError("ciphertext is too short")
+        if _MIN_RAW <= len(ciphertext) < self._thread_threshold:
+            gcm = dek._aesgcm or dek.aesgcm()
             try:
-                return dek.aesgcm().decrypt(ciphertext[:NONCE_SIZE], ciphertext[NONCE_SIZE:], aad)
+                return gcm.decrypt(ciphertext[:NONCE_SIZE], ciphertext[NONCE_SIZE:], aad)
             except InvalidTag:
                 raise DecryptionError(RAW_OPEN_FAILED) from None
+        if len(ciphertext) < _MIN_RAW:
+            raise DecryptionError("ciphertext is too short")
         dek.aesgcm()
         return await anyio.to_thread.run_sync(open_raw, dek, ciphertext, aad)
 

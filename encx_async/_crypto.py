@@ -603,22 +603,23 @@ class Crypto:
         """Reverse :meth:`encrypt_data`; DecryptionError if anything was changed."""
         if self._closed:
             raise ClosedError("this Crypto is closed")
-        if type(dek) is not DataKey:
-            _check_dek(dek)
-        if type(ciphertext) is not bytes:
-            ciphertext = bytes(_check_bytes("ciphertext", ciphertext))
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
-        if _MIN_RAW <= len(ciphertext) < self._thread_threshold:
-            gcm = dek._aesgcm or dek.aesgcm()
+        # The common case first, with the fewest checks that keep it exact.
+        if type(ciphertext) is bytes and _MIN_RAW <= len(ciphertext) < self._thread_threshold:
+            if type(dek) is not DataKey:
+                _check_dek(dek)
+            gcm = dek._aesgcm or dek.aesgcm()  # the attribute first: this runs per call
             try:
                 return gcm.decrypt(ciphertext[:NONCE_SIZE], ciphertext[NONCE_SIZE:], aad)
             except InvalidTag:
                 raise DecryptionError(RAW_OPEN_FAILED) from None
-        if len(ciphertext) < _MIN_RAW:
-            raise DecryptionError("ciphertext is too short")
+        _check_dek(dek)
+        data = bytes(_check_bytes("ciphertext", ciphertext))
+        if len(data) < self._thread_threshold:
+            return open_raw(dek, data, aad)
         dek.aesgcm()
-        return await anyio.to_thread.run_sync(open_raw, dek, ciphertext, aad)
+        return await anyio.to_thread.run_sync(open_raw, dek, data, aad)
 
     async def encrypt_dek(self, dek: DataKey, *, context: Context | None = None) -> bytes:
         """Wrap ``dek`` under the current KEK version (see :attr:`kek_version`)."""

@@ -10,10 +10,11 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Literal, Self, TypeVar
 
 import anyio.to_thread
+from anyio.abc import AsyncResource
 from cryptography.exceptions import InvalidTag
 
 from ._aead import (
@@ -95,7 +96,7 @@ def _check_aad(aad: object) -> bytes | None:
     return bytes(_check_bytes("aad", aad))
 
 
-class Crypto:
+class Crypto(AsyncResource):
     """Envelope encryption under a key-encryption key (KEK) held in a KMS.
 
     Create one per process with :meth:`create` and share it; it is safe to use
@@ -272,14 +273,6 @@ class Crypto:
     async def __aenter__(self) -> Self:
         self._check_open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import asyncpg
 
 __all__ = [
+    "COLUMNS",
     "DEFAULT_DATABASE_ENV",
     "SCHEMA_VERSION",
     "KEKVersion",
@@ -35,6 +36,7 @@ __all__ = [
     "open_keystore",
     "redact_url",
     "row_to_version",
+    "schema",
 ]
 
 KeyState = Literal["active", "deprecated", "retired"]
@@ -85,6 +87,29 @@ class KeyStore(Protocol):
         ...
 
     async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion: ...
+
+
+def schema(timestamp_type: str) -> list[str]:
+    """The tables, for a database whose timestamp column type is ``timestamp_type``."""
+    return [
+        """CREATE TABLE IF NOT EXISTS encx_schema (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            version INTEGER NOT NULL
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS encx_kek_versions (
+            alias TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version > 0),
+            key_id TEXT NOT NULL CHECK (key_id <> ''),
+            state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
+            created_at {timestamp_type} NOT NULL,
+            updated_at {timestamp_type} NOT NULL,
+            PRIMARY KEY (alias, version)
+        )""",
+    ]
+
+
+#: The columns of a version row, in the order row_to_version reads them.
+COLUMNS = "alias, version, key_id, state, created_at, updated_at"
 
 
 def row_to_version(url: str, row: Any) -> KEKVersion:

@@ -17,28 +17,23 @@ import asyncpg
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
 
-from . import SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, redact_url, row_to_version
+from . import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    KEKVersion,
+    KeyState,
+    NewKey,
+    now,
+    redact_url,
+    row_to_version,
+    schema,
+)
 
 __all__ = ["CHANNEL", "PostgresKeyStore"]
 
 CHANNEL = "encx_kek_versions"
 _SCHEMA_LOCK = 0x656E6378  # "encx": serialises schema creation across instances
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS encx_schema (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS encx_kek_versions (
-    alias TEXT NOT NULL,
-    version INTEGER NOT NULL CHECK (version > 0),
-    key_id TEXT NOT NULL CHECK (key_id <> ''),
-    state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
-    created_at TIMESTAMPTZ NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (alias, version)
-);
-"""
-_COLUMNS = "alias, version, key_id, state, created_at, updated_at"
+_SCHEMA = schema("TIMESTAMPTZ")
 _CONNECT_TIMEOUT = 10.0
 # What asyncpg raises when the server is away or the URL leads nowhere.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -69,7 +64,8 @@ class PostgresKeyStore:
                 )
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                await conn.execute(_SCHEMA)
+                for statement in _SCHEMA:
+                    await conn.execute(statement)
                 found = await conn.fetchval("SELECT version FROM encx_schema WHERE id = 1")
                 if found is None:
                     await conn.execute(
@@ -102,7 +98,7 @@ class PostgresKeyStore:
 
     async def _fetch(self, conn: Any, alias: str) -> list[KEKVersion]:
         rows = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM encx_kek_versions WHERE alias = $1 ORDER BY version", alias
+            f"SELECT {COLUMNS} FROM encx_kek_versions WHERE alias = $1 ORDER BY version", alias
         )
         return [row_to_version(self.url, row) for row in rows]
 
@@ -143,7 +139,7 @@ class PostgresKeyStore:
                 version = current.version + 1 if current else 1
                 row = (alias, version, key_id, "active", stamp, stamp)
                 await conn.execute(
-                    f"INSERT INTO encx_kek_versions ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                    f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
                     *row,
                 )
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, alias)

@@ -15,26 +15,11 @@ import anyio.to_thread
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
 
-from . import SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, row_to_version
+from . import COLUMNS, SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, row_to_version, schema
 
 __all__ = ["SQLiteKeyStore"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS encx_schema (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS encx_kek_versions (
-    alias TEXT NOT NULL,
-    version INTEGER NOT NULL CHECK (version > 0),
-    key_id TEXT NOT NULL CHECK (key_id <> ''),
-    state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (alias, version)
-);
-"""
-_COLUMNS = "alias, version, key_id, state, created_at, updated_at"
+_SCHEMA = schema("TEXT")
 _BUSY_TIMEOUT_MS = 30_000
 
 
@@ -78,9 +63,8 @@ class SQLiteKeyStore:
             # process opens it can deadlock the two until the busy timeout.
             await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             async with self._write() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        await db.execute(statement)
+                for statement in _SCHEMA:
+                    await db.execute(statement)
                 rows = await db.execute_fetchall("SELECT version FROM encx_schema WHERE id = 1")
                 found = next(iter(rows), None)
                 if found is None:
@@ -121,7 +105,7 @@ class SQLiteKeyStore:
 
     async def _fetch(self, db: aiosqlite.Connection, alias: str) -> list[KEKVersion]:
         rows = await db.execute_fetchall(
-            f"SELECT {_COLUMNS} FROM encx_kek_versions WHERE alias = ? ORDER BY version",
+            f"SELECT {COLUMNS} FROM encx_kek_versions WHERE alias = ? ORDER BY version",
             (alias,),
         )
         return [row_to_version(self.url, row) for row in rows]
@@ -168,7 +152,7 @@ class SQLiteKeyStore:
         stamp = now().isoformat()
         row = (alias, version, key_id, "active", stamp, stamp)
         await db.execute(
-            f"INSERT INTO encx_kek_versions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
         )
         return row_to_version(self.url, row)
 

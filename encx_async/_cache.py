@@ -6,7 +6,8 @@ Two sides, each a bounded LRU map with a TTL:
   form serve up to ``max_messages_per_dek`` messages and ``max_bytes_per_dek``
   bytes for ``ttl`` seconds. A use is counted *before* the key is handed out, and
   a key that reaches a limit is never handed out again;
-* decrypt side, keyed by (KEK id, wrapped DEK, context): unwrapped DEKs for
+* decrypt side, keyed by an envelope's binding (KEK version, wrapped DEK,
+  key commitment) and context: unwrapped DEKs for
   ``ttl`` seconds.
 
 Misses are single-flight: the first caller starts the KMS call as a task of its

@@ -367,6 +367,9 @@ class Crypto(AsyncResource):
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
         ctx = encode_context(context)
+        keyring = self._keyring
+        if keyring.clock() >= keyring.next_check:
+            keyring.check_soon()  # retirements reach instances that only decrypt, too
         if envelope.kek_version not in self._key_ids:
             # Unknown here (a newer version, or a forged number) or retired: ask the store.
             await self._keyring.key_id_for(envelope.kek_version)
@@ -619,6 +622,8 @@ class Crypto(AsyncResource):
         self._check_open()
         _check_dek(dek)
         encode_context(context)
+        if self._keyring.clock() >= self._keyring.next_check:
+            self._keyring.check_soon()
         return await self._wrap(self.key_id, dek, context)
 
     async def decrypt_dek(

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from encx_async._exceptions import KeyVersionError, KeyVersionNotFoundError
+from encx_async._exceptions import ConfigurationError, KeyVersionError, KeyVersionNotFoundError
 from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
 
 __all__ = ["KeyRing"]
@@ -120,8 +120,7 @@ class KeyRing:
         found = self._versions.get(version)
         if found is None:
             raise KeyVersionNotFoundError(
-                f"the ciphertext names KEK version {version} of {self.alias!r}, "
-                f"which {self.store.url} does not have"
+                f"KEK version {version} of {self.alias!r} is not in {self.store.url}"
             )
         if found.state == "retired":
             raise KeyVersionError(
@@ -143,6 +142,11 @@ class KeyRing:
     async def set_state(self, version: int, state: KeyState) -> KEKVersion:
         changed = await self.store.set_state(self.alias, version, state)
         await self.reload()
+        if changed.state != state:
+            raise ConfigurationError(
+                f"KEK version {version} of {self.alias!r} is the active version in "
+                f"{self.store.url}: rotate before retiring it"
+            )
         return changed
 
     async def aclose(self) -> None:

@@ -129,7 +129,8 @@ def example_env(
     """The environment an example runs in: the moto server (reset by ``moto_endpoint``,
     from conftest) with a fresh key behind ``alias/my-app``."""
     for name in list(os.environ):
-        if name.startswith("AWS_"):
+        # A developer's own settings must not reach the examples (their database!).
+        if name.startswith(("AWS_", "ENCX_")) or name == "DATABASE_URL":
             monkeypatch.delenv(name)
     aws_dir = tmp_path / "aws"
     aws_dir.mkdir()

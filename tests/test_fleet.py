@@ -428,3 +428,34 @@ async def test_a_passed_pool_is_used_and_left_open(
         else:
             closed_cleanly = True
     assert closed_cleanly, "pool.close() hung: a connection borrowed by the Crypto is still out"
+
+
+async def test_a_stale_instance_cannot_retire_the_active_version(
+    moto_endpoint: str, postgres_url: str, postgres_alias: str
+) -> None:
+    import asyncpg
+
+    from encx_async import ConfigurationError, Crypto
+    from encx_async.providers.aws import Config, KMSService
+
+    async with (
+        KMSService(Config(region="us-east-1", endpoint_url=moto_endpoint)) as kms,
+        asyncpg.create_pool(postgres_url, min_size=1, max_size=2) as pool,
+    ):
+        a = await Crypto.create(
+            kms=kms, kek_alias=postgres_alias, database=postgres_url, create_key_if_missing=True
+        )
+        # A passed pool means no LISTEN: b hears of rotations only by polling, hourly.
+        b = await Crypto.create(
+            kms=kms, kek_alias=postgres_alias, database=pool, version_check_interval=3600
+        )
+        try:
+            await a.rotate_kek()
+            await a.rotate_kek()
+            assert b.kek_version == 1  # stale, and about to act on it
+            with pytest.raises(ConfigurationError, match="active version"):
+                await b.retire_kek_version(3)
+            assert [v.state for v in a.kek_versions()][-1] == "active"
+        finally:
+            await b.aclose()
+            await a.aclose()

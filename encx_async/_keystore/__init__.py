@@ -185,8 +185,12 @@ def open_keystore(database: object) -> KeyStore:
 
             return SQLiteKeyStore.from_url(database)
         if scheme in ("postgresql", "postgres"):
-            from ._postgres import PostgresKeyStore
-
+            try:
+                from ._postgres import PostgresKeyStore
+            except ImportError:
+                raise DatabaseUnavailableError(
+                    f"{redact_url(database)} needs asyncpg: pip install 'encx-async[postgres]'"
+                ) from None
             return PostgresKeyStore(dsn=database)
         raise DatabaseUnavailableError(
             f"unsupported database URL {redact_url(database)!r}: use sqlite:///path/keys.db "

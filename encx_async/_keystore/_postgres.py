@@ -64,8 +64,15 @@ class PostgresKeyStore:
                 )
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                for statement in _SCHEMA:
-                    await conn.execute(statement)
+                # Create only what is missing: a role that may use the tables need
+                # not be allowed to create any.
+                missing = await conn.fetchval(
+                    "SELECT to_regclass('encx_schema') IS NULL "
+                    "OR to_regclass('encx_kek_versions') IS NULL"
+                )
+                if missing:
+                    for statement in _SCHEMA:
+                        await conn.execute(statement)
                 found = await conn.fetchval("SELECT version FROM encx_schema WHERE id = 1")
                 if found is None:
                     await conn.execute(
@@ -151,9 +158,12 @@ class PostgresKeyStore:
         try:
             async with self._live_pool().acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _alias_lock(alias))
+                # Never retire the active version: another instance may not know
+                # it has rotated, but the database does.
                 await conn.execute(
                     "UPDATE encx_kek_versions SET state = $3, updated_at = $4 "
-                    "WHERE alias = $1 AND version = $2",
+                    "WHERE alias = $1 AND version = $2 "
+                    "AND NOT (state = 'active' AND $3 = 'retired')",
                     alias,
                     version,
                     state,

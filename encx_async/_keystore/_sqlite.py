@@ -159,10 +159,12 @@ class SQLiteKeyStore:
     async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion:
         try:
             async with self._write() as db:
+                # Never retire the active version: another instance may not know
+                # it has rotated, but the database does.
                 await db.execute(
                     "UPDATE encx_kek_versions SET state = ?, updated_at = ? "
-                    "WHERE alias = ? AND version = ?",
-                    (state, now().isoformat(), alias, version),
+                    "WHERE alias = ? AND version = ? AND NOT (state = 'active' AND ? = 'retired')",
+                    (state, now().isoformat(), alias, version, state),
                 )
                 for found in await self._fetch(db, alias):
                     if found.version == version:

@@ -273,11 +273,11 @@ async def test_create_classmethod_and_properties(moto_endpoint: str) -> None:
 
 async def test_repr_never_shows_credentials(moto_endpoint: str) -> None:
     session = AioSession()
-    session.set_credentials("AKIAEXAMPLEEXAMPLE12", "very-secret-value", "session-token-xyz")
+    session.set_credentials("TESTKEYIDNOTREAL0001", "very-secret-value", "session-token-xyz")
     config = Config(region=REGION, endpoint_url=moto_endpoint, session=session)
     async with KMSService(config) as kms:
         for text in (repr(kms), repr(config), str(kms)):
-            assert "AKIAEXAMPLEEXAMPLE12" not in text
+            assert "TESTKEYIDNOTREAL0001" not in text
             assert "very-secret-value" not in text
             assert "session-token-xyz" not in text
         assert REGION in repr(kms)

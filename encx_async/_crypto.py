@@ -602,12 +602,15 @@ class Crypto(AsyncResource):
         if aad is not None and type(aad) is not bytes:
             aad = bytes(_check_bytes("aad", aad))
         # The common case first, with the fewest checks that keep it exact.
-        if type(ciphertext) is bytes and _MIN_RAW <= len(ciphertext) < self._thread_threshold:
-            if type(dek) is not DataKey:
-                _check_dek(dek)
-            gcm = dek._aesgcm or dek.aesgcm()  # the attribute first: this runs per call
+        # (28 = nonce + tag and 12 = nonce, written out: a global lookup shows here.)
+        if type(ciphertext) is bytes and 28 <= len(ciphertext) < self._thread_threshold:
             try:
-                return gcm.decrypt(ciphertext[:NONCE_SIZE], ciphertext[NONCE_SIZE:], aad)
+                gcm = dek._aesgcm or dek.aesgcm()  # the attribute first: this runs per call
+            except AttributeError:
+                _check_dek(dek)
+                raise
+            try:
+                return gcm.decrypt(ciphertext[:12], ciphertext[12:], aad)
             except InvalidTag:
                 raise DecryptionError(RAW_OPEN_FAILED) from None
         _check_dek(dek)

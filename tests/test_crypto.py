@@ -139,6 +139,10 @@ async def test_bad_input_types_are_clear(crypto: Crypto) -> None:
         await crypto.encrypt(b"x", context={"k": "v" * 9000})
     with pytest.raises(TypeError, match="dek must be a DataKey"):
         await crypto.encrypt_data(b"x", b"k" * 32)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dek must be a DataKey"):
+        await crypto.decrypt_data(b"x" * 40, b"k" * 32)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ciphertext must be bytes-like"):
+        await crypto.decrypt_data("x" * 40, crypto.generate_dek())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

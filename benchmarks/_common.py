@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TextIO
 
+from anyio.abc import AsyncResource
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encx_async import Crypto, DEKCache, EncxError, KeyManagementService, KMSKeyNotFoundError
@@ -272,7 +273,7 @@ def progress_default() -> bool:
 # -- KMS -------------------------------------------------------------------------
 
 
-class DelayedKMS:
+class DelayedKMS(AsyncResource):
     """A KMS wrapper that waits ``latency`` seconds before each wrap and unwrap.
 
     moto answers in about a millisecond; a real KMS is 5 to 50 ms away. The wait
@@ -304,17 +305,6 @@ class DelayedKMS:
 
     async def aclose(self) -> None:
         return None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 @dataclass(frozen=True, slots=True)

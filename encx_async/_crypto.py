@@ -90,9 +90,8 @@ def _check_bytes(name: str, value: object) -> Bytes:
     return value
 
 
-def _check_aad(aad: object) -> bytes | None:
-    if aad is None:
-        return None
+def _aad_bytes(aad: object) -> bytes:
+    """``aad`` as bytes; the hot paths call this only when it is not bytes already."""
     return bytes(_check_bytes("aad", aad))
 
 
@@ -330,7 +329,7 @@ class Crypto(AsyncResource):
         if type(plaintext) is not bytes:
             plaintext = bytes(_check_bytes("plaintext", plaintext))
         if aad is not None and type(aad) is not bytes:
-            aad = bytes(_check_bytes("aad", aad))
+            aad = _aad_bytes(aad)
         ctx = encode_context(context)
         keyring = self._keyring
         if keyring.clock() >= keyring.next_check:
@@ -365,7 +364,7 @@ class Crypto(AsyncResource):
             raise ClosedError("this Crypto is closed")
         envelope = parse(blob)
         if aad is not None and type(aad) is not bytes:
-            aad = bytes(_check_bytes("aad", aad))
+            aad = _aad_bytes(aad)
         ctx = encode_context(context)
         keyring = self._keyring
         if keyring.clock() >= keyring.next_check:
@@ -585,7 +584,7 @@ class Crypto(AsyncResource):
         if type(plaintext) is not bytes:
             plaintext = _check_bytes("plaintext", plaintext)
         if aad is not None and type(aad) is not bytes:
-            aad = bytes(_check_bytes("aad", aad))
+            aad = _aad_bytes(aad)
         if len(plaintext) < self._thread_threshold:
             gcm = dek._aesgcm or dek.aesgcm()  # the attribute first: this runs per call
             nonce = os.urandom(NONCE_SIZE)
@@ -600,7 +599,7 @@ class Crypto(AsyncResource):
         if self._closed:
             raise ClosedError("this Crypto is closed")
         if aad is not None and type(aad) is not bytes:
-            aad = bytes(_check_bytes("aad", aad))
+            aad = _aad_bytes(aad)
         # The common case first, with the fewest checks that keep it exact.
         # (28 = nonce + tag and 12 = nonce, written out: a global lookup shows here.)
         if type(ciphertext) is bytes and 28 <= len(ciphertext) < self._thread_threshold:

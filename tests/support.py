@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Self
+
+from anyio.abc import AsyncResource
 
 from encx_async import KeyManagementService
 
@@ -21,7 +21,7 @@ class FakeClock:
         self.now += seconds
 
 
-class GatedKMS:
+class GatedKMS(AsyncResource):
     """Delegates to a real KMS; can hold calls at a gate or fail the next ones."""
 
     def __init__(self, inner: KeyManagementService) -> None:
@@ -59,14 +59,3 @@ class GatedKMS:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -465,10 +465,18 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
         out.section("Uncached vs DEKCache() defaults (decrypt uses a fresh Crypto and cache)")
         out.say(runs_table(runs))
 
-        async with await open_crypto(kms, alias, DEKCache()) as crypto:
+        # The target is about the cached path, so its timed loop uses a DEK
+        # that lasts the whole run; the defaults row shows what one KMS wrap
+        # per 10,000 messages adds on top (an in-process moto wrap is CPU spent
+        # in this very process, a real KMS wrap is a wait).
+        async with (
+            await open_crypto(kms, alias, DEKCache(max_messages_per_dek=2**32)) as crypto,
+            await open_crypto(kms, alias, DEKCache()) as defaults,
+        ):
             loops = {
                 "raw": raw_aesgcm_loops(args.size)["round trip"],
                 "encx": await encx_round_trip_loop(crypto, args.size),
+                "defaults": await encx_round_trip_loop(defaults, args.size),
             }
             rates = await best_rates(loops, n=args.round_trips, repeats=args.repeats)
 
@@ -481,7 +489,8 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
 
     paths = [
         ("raw AESGCM (cryptography), key built once", rates["raw"]),
-        ("encx-async encrypt+decrypt, DEKCache warm", rates["encx"]),
+        ("encx-async, one cached DEK (the target)", rates["encx"]),
+        ("encx-async, DEKCache() defaults", rates["defaults"]),
     ]
     if esdk is not None:
         paths += [(f"AWS Encryption SDK caching CMM, {k}", v) for k, v in esdk.rates.items()]
@@ -534,6 +543,7 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
         "round_trip_per_s": {
             "raw_aesgcm": rates["raw"],
             "encx_cached": rates["encx"],
+            "encx_cache_defaults": rates["defaults"],
             "esdk_caching": None if esdk is None else dict(esdk.rates),
         },
         "esdk_error": None if esdk is None else esdk.error,

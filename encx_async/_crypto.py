@@ -62,7 +62,9 @@ logger = logging.getLogger("encx_async")
 #: the GIL and the event loop keeps running.
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
 PEPPER_SIZE = 32
-_MIN_RAW = NONCE_SIZE + TAG_SIZE
+_MIN_RAW = _MIN_GCM_BODY = NONCE_SIZE + TAG_SIZE
+#: what the decrypt hint holds before any decrypt: no envelope starts with it
+_NO_HEADER = b"no envelope yet"
 Rotation = Literal["new-key", "kms-managed"]
 ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
@@ -128,6 +130,12 @@ class Crypto(AsyncResource):
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = 0
+        # The cache key of the last encrypt, reused while its context and version
+        # are asked for again, so the cache can find its entry by identity.
+        self._seal_key: EncryptKey = ("", 0, b"")
+        # The header, context bytes and cache key of the last small AES-GCM
+        # envelope decrypted: a blob with that same header needs no parsing.
+        self._open_hint: tuple[bytes, bytes, DecryptKey, int] = (_NO_HEADER, b"", (b"", b""), 0)
         if dek_cache is not None:
             self._encrypt_side, self._decrypt_side = dek_cache._bind(
                 self,
@@ -335,16 +343,17 @@ class Crypto(AsyncResource):
         if keyring.clock() >= keyring.next_check:
             keyring.check_soon()  # another instance may have rotated: look, in the background
         version = keyring.current
-        key_id = self._key_ids[version]
         size = len(plaintext)
         side = self._encrypt_side
         if side is not None and size <= self._max_cached_bytes:
-            key = (key_id, version, ctx)
+            key = self._seal_key
+            if key[2] is not ctx or key[1] != version:
+                key = self._seal_key = (self._key_ids[version], version, ctx)
             sealer = side.take(key, size) or await side.get(key, size)
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
             return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        sealer = await self._new_sealer(version, key_id, ctx)
+        sealer = await self._new_sealer(version, self._key_ids[version], ctx)
         try:
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
@@ -362,24 +371,40 @@ class Crypto(AsyncResource):
         """
         if self._closed:
             raise ClosedError("this Crypto is closed")
-        envelope = parse(blob)
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
         ctx = encode_context(context)
         keyring = self._keyring
         if keyring.clock() >= keyring.next_check:
             keyring.check_soon()  # retirements reach instances that only decrypt, too
+        side = self._decrypt_side
+        header, hint_ctx, key, version = self._open_hint
+        if (
+            side is not None
+            and type(blob) is bytes
+            and blob.startswith(header)
+            and hint_ctx is ctx
+            and len(header) + _MIN_GCM_BODY <= len(blob) < self._thread_threshold
+            and version in self._key_ids
+        ):
+            # The same DEK as the last message, the usual case with a cache: the
+            # header is byte for byte one we parsed and checked already.
+            sealer = side.take(key, None)
+            if sealer is not None:
+                return sealer.open_at(blob, len(header), aad)
+        envelope = parse(blob)
         if envelope.kek_version not in self._key_ids:
             # Unknown here (a newer version, or a forged number) or retired: ask the store.
             await self._keyring.key_id_for(envelope.kek_version)
         # Keyed by the envelope's binding (KEK version, wrapped DEK, commitment):
         # a sealer is only ever made for a binding whose commitment matched its DEK.
         key = (envelope.binding, ctx)
-        side = self._decrypt_side
         if side is not None:
             sealer = side.take(key, None) or await side.get(key, None)
             if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
-                return sealer.open_small(envelope, aad)
+                plaintext = sealer.open_small(envelope, aad)
+                self._open_hint = (sealer.header, ctx, key, envelope.kek_version)
+                return plaintext
             return await self._open(sealer, envelope, aad)
         sealer = await self._open_sealer(key)
         try:

@@ -169,25 +169,28 @@ class Sealer:
         self.kek_version = kek_version
         self.wrapped_dek = wrapped_dek
         self._context = context
-        self._gcm: AESGCM | None = cipher.gcm
+        self._gcm: AESGCM | _Wiped = cipher.gcm or _WIPED
         self._commitment = cipher.commitment
         self._header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
         self._aad_prefix = associated_data(BODY_GCM, cipher.commitment, context, None)
 
     def wipe(self) -> None:
-        self._gcm = None
+        self._gcm = _WIPED
         self.cipher.wipe()
-
-    def _live_gcm(self) -> AESGCM:
-        gcm = self._gcm
-        if gcm is None:
-            raise RuntimeError("this data key has been wiped")
-        return gcm
 
     def seal_small(self, plaintext: Bytes, aad: bytes | None) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
         full_aad = self._aad_prefix + aad if aad else self._aad_prefix
-        return b"".join((self._header, nonce, self._live_gcm().encrypt(nonce, plaintext, full_aad)))
+        return b"".join((self._header, nonce, self._gcm.encrypt(nonce, plaintext, full_aad)))
+
+    @property
+    def wiped(self) -> bool:
+        return self._gcm is _WIPED
+
+    @property
+    def header(self) -> bytes:
+        """The header of this sealer's AES-GCM envelopes: every byte before the body."""
+        return self._header
 
     @property
     def binding(self) -> bytes:
@@ -203,12 +206,17 @@ class Sealer:
         The caller looked this sealer up by the envelope's binding, whose
         commitment was checked against the DEK when the sealer was made.
         """
-        blob, at = envelope.blob, envelope.body_at
+        return self.open_at(envelope.blob, envelope.body_at, aad)
+
+    def open_at(self, blob: bytes, at: int, aad: bytes | None) -> bytes:
+        """Open the AES-GCM body that starts at ``at`` of a blob with our header.
+
+        The caller has checked the header (and so the commitment) and that the
+        body is at least a nonce and a tag long.
+        """
         full_aad = self._aad_prefix + aad if aad else self._aad_prefix
         try:
-            return self._live_gcm().decrypt(
-                blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad
-            )
+            return self._gcm.decrypt(blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad)
         except InvalidTag:
             raise DecryptionError(_OPEN_FAILED) from None
 
@@ -225,16 +233,31 @@ class Sealer:
         job waits for its thread cannot pull it away.
         """
         if envelope.body_kind == BODY_GCM:
-            return partial(_open_gcm, self._live_gcm(), envelope, self._aad_prefix + (aad or b""))
+            return partial(_open_gcm, self._gcm, envelope, self._aad_prefix + (aad or b""))
         full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
         body = memoryview(envelope.blob)[envelope.body_at :]
         return self.cipher.stream_job(body, full_aad, seal=False)
 
 
+class _Wiped:
+    """Stands in for the AES-GCM key of a wiped sealer: any use fails loudly.
+
+    An object rather than None, so the per-message path needs no check.
+    """
+
+    __slots__ = ()
+
+    def encrypt(self, nonce: Bytes, data: Bytes, aad: Bytes | None) -> bytes:
+        raise RuntimeError("this data key has been wiped")
+
+    decrypt = encrypt
+
+
+_WIPED = _Wiped()
 _OPEN_FAILED = "decryption failed: wrong key, context or aad, or modified data"
 
 
-def _open_gcm(gcm: AESGCM, envelope: Envelope, full_aad: bytes) -> bytes:
+def _open_gcm(gcm: AESGCM | _Wiped, envelope: Envelope, full_aad: bytes) -> bytes:
     body = memoryview(envelope.blob)[envelope.body_at :]
     try:
         return gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)

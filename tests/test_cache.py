@@ -302,12 +302,12 @@ async def test_retired_keys_are_wiped(local: LocalKMSService) -> None:
     crypto = await make(local, cache)
     await crypto.encrypt(b"", context=CTX)
     (entry,) = cache._encrypt.entries.values()
-    assert entry.value._gcm is not None  # type: ignore[attr-defined]
+    assert not entry.value.wiped  # type: ignore[attr-defined]
     clock.advance(11)
     await crypto.encrypt(b"", context=CTX)
     await asyncio.sleep(0)
     assert entry.dead
-    assert entry.value._gcm is None  # type: ignore[attr-defined]
+    assert entry.value.wiped  # type: ignore[attr-defined]
     assert not any(entry.value.cipher._stream_key)  # type: ignore[attr-defined]
 
 
@@ -319,7 +319,7 @@ async def test_close_wipes_everything_and_refuses_use(local: LocalKMSService) ->
     assert len(entries) == 2
     await crypto.aclose()
     await crypto.aclose()  # idempotent
-    assert all(e.value._gcm is None for e in entries)  # type: ignore[attr-defined]
+    assert all(e.value.wiped for e in entries)  # type: ignore[attr-defined]
     with pytest.raises(ClosedError):
         await crypto.decrypt(blob, context=CTX)
     with pytest.raises(ClosedError):
@@ -373,7 +373,7 @@ async def test_expired_keys_nobody_asks_for_are_wiped_on_the_next_insert(
     clock.advance(11)
     await crypto.encrypt(b"", context={"tenant": "other"})  # a miss: sweeps
     await asyncio.sleep(0)
-    assert all(e.dead and e.value._gcm is None for e in stale)  # type: ignore[attr-defined]
+    assert all(e.dead and e.value.wiped for e in stale)  # type: ignore[attr-defined]
     stats = crypto.stats().cache
     assert stats is not None
     assert stats.encrypt.expirations["ttl"] == 1
@@ -404,3 +404,65 @@ async def test_decrypt_side_refreshes_only_reused_keys(local: LocalKMSService) -
     assert stats is not None
     assert stats.decrypt.refreshes == 1
     assert calls(reader, "decrypt_dek") == 3
+
+
+# -- the repeat-key fast paths --------------------------------------------------
+# A use of the same key as the previous message skips the lookup; these check
+# that it keeps every rule of the slow path.
+
+
+async def test_lru_order_holds_when_the_same_key_repeats(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_entries=2))
+    a = await crypto.encrypt(b"", context={"tenant": "a"})
+    await crypto.encrypt(b"", context={"tenant": "b"})
+    await crypto.encrypt(b"", context={"tenant": "a"})
+    await crypto.encrypt(b"", context={"tenant": "a"})  # the repeat: no lookup
+    await crypto.encrypt(b"", context={"tenant": "c"})  # must evict b, not a
+    assert wrapped_of(await crypto.encrypt(b"", context={"tenant": "a"})) == wrapped_of(a)
+    assert calls(crypto, "encrypt_dek") == 3
+
+
+async def test_repeated_header_with_a_bad_body_is_refused(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache())
+    good = await crypto.encrypt(b"payload", context=CTX)
+    assert await crypto.decrypt(good, context=CTX) == b"payload"  # the header is now known
+    body_at = parse(good).body_at
+    flipped = bytearray(good)
+    flipped[-1] ^= 1
+    for bad in (bytes(flipped), good[: body_at + 27], good[: body_at + 5], good[:body_at]):
+        with pytest.raises(DecryptionError):
+            await crypto.decrypt(bad, context=CTX)
+    with pytest.raises(DecryptionError):
+        await crypto.decrypt(good, context={"tenant": "other"})
+    with pytest.raises(DecryptionError):
+        await crypto.decrypt(good, context=CTX, aad=b"not bound")
+    assert await crypto.decrypt(good, context=CTX) == b"payload"
+
+
+async def test_repeated_key_still_expires_and_counts(local: LocalKMSService) -> None:
+    clock = FakeClock()
+    crypto = await make(
+        local, DEKCache(ttl=10, refresh_ahead=0, max_messages_per_dek=5, clock=clock)
+    )
+    blobs = [await crypto.encrypt(b"m", context=CTX) for _ in range(6)]
+    assert len({wrapped_of(b) for b in blobs}) == 2  # the 6th message needed a new DEK
+    for blob in blobs:
+        await crypto.decrypt(blob, context=CTX)
+    clock.advance(11)
+    after = await crypto.encrypt(b"m", context=CTX)
+    assert wrapped_of(after) not in {wrapped_of(b) for b in blobs}
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.expirations["messages"] == 1
+    assert (stats.encrypt.hits, stats.encrypt.misses) == (4, 3)  # DEK 1 x5, DEK 2 x1, then ttl
+    assert stats.decrypt.hits == 6
+
+
+async def test_repeated_header_of_a_retired_version_is_refused(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache())
+    old = await crypto.encrypt(b"old", context=CTX)
+    assert await crypto.decrypt(old, context=CTX) == b"old"
+    await crypto.rotate_kek(strategy="kms-managed")
+    await crypto.retire_kek_version(1)
+    with pytest.raises(DecryptionError, match="retired"):
+        await crypto.decrypt(old, context=CTX)

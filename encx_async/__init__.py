@@ -6,7 +6,7 @@ Start with :class:`Crypto`; pick a KMS from :mod:`encx_async.providers`.
 from __future__ import annotations
 
 from ._cache import NIST_GCM_RANDOM_NONCE_LIMIT, CacheSideStats, DEKCache, DEKCacheStats
-from ._crypto import DEFAULT_THREAD_THRESHOLD, Crypto, CryptoStats
+from ._crypto import DEFAULT_THREAD_THRESHOLD, Crypto, CryptoStats, SealedRecord
 from ._exceptions import (
     ClosedError,
     ConfigurationError,
@@ -14,6 +14,8 @@ from ._exceptions import (
     DecryptionError,
     EncryptionError,
     EncxError,
+    InvalidHashError,
+    InvalidValueError,
     KeyVersionError,
     KeyVersionNotFoundError,
     KMSAccessDeniedError,
@@ -21,6 +23,7 @@ from ._exceptions import (
     KMSKeyNotFoundError,
     KMSRegionMismatchError,
     KMSUnavailableError,
+    ModelDefinitionError,
 )
 from ._keys import DataKey
 from ._keystore import KEKVersion
@@ -43,6 +46,8 @@ __all__ = [
     "DecryptionError",
     "EncryptionError",
     "EncxError",
+    "InvalidHashError",
+    "InvalidValueError",
     "KEKVersion",
     "KMSAccessDeniedError",
     "KMSError",
@@ -53,5 +58,7 @@ __all__ = [
     "KeyRotationService",
     "KeyVersionError",
     "KeyVersionNotFoundError",
+    "ModelDefinitionError",
+    "SealedRecord",
     "__version__",
 ]

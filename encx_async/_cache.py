@@ -169,11 +169,12 @@ class _Side(Generic[V]):
             entries=len(self.entries),
         )
 
-    def take(self, key: Hashable, cost: int | None) -> V | None:
-        """The cached value for ``key`` with one use counted, or None on a miss.
+    def take(self, key: Hashable, cost: int | None, uses: int = 1) -> V | None:
+        """The cached value for ``key`` with ``uses`` uses counted, or None on a miss.
 
         Synchronous, so a hit costs no extra await. ``cost`` (encrypt side only)
-        is the size of the message about to use the key.
+        is the size of the messages about to use the key, ``uses`` their number
+        (the fields of one record share a key).
         """
         if key is self.recent_key:
             # The hottest case, spelled out: the key of the last message again,
@@ -185,7 +186,7 @@ class _Side(Generic[V]):
                     entry.messages += 1
                     self.hits += 1
                     return entry.value
-                messages, size = entry.messages + 1, entry.bytes + cost
+                messages, size = entry.messages + uses, entry.bytes + cost
                 if messages < self.quiet_messages and size < self.quiet_bytes:
                     entry.messages, entry.bytes = messages, size
                     self.hits += 1
@@ -202,7 +203,7 @@ class _Side(Generic[V]):
                     ok = True
                     entry.messages += 1  # counted for refresh-ahead on the decrypt side
                 else:
-                    messages, size = entry.messages + 1, entry.bytes + cost
+                    messages, size = entry.messages + uses, entry.bytes + cost
                     # Not the last use (that one retires the key, below).
                     ok = messages < limits.max_messages and size < limits.max_bytes  # type: ignore[operator]
                     if ok:
@@ -226,7 +227,7 @@ class _Side(Generic[V]):
                     self._drop(key, entry, "ttl")
                 else:
                     self.entries.move_to_end(key)
-                if not entry.dead and self._reserve(key, entry, cost):
+                if not entry.dead and self._reserve(key, entry, cost, uses):
                     if not entry.dead:  # last in LRU order: it was just moved
                         self.recent_key, self.recent_entry = key, entry
                     self.hits += 1
@@ -238,10 +239,10 @@ class _Side(Generic[V]):
                 return None
             self._install(key, successor)  # fetched ahead: takes over without a KMS call
 
-    async def get(self, key: Hashable, cost: int | None) -> V:
+    async def get(self, key: Hashable, cost: int | None, uses: int = 1) -> V:
         """Like :meth:`take`, but a miss loads the value: once, however many callers ask."""
         while True:
-            value = self.take(key, cost)
+            value = self.take(key, cost, uses)
             if value is not None:
                 return value
             task = self.inflight.get(key)
@@ -259,7 +260,7 @@ class _Side(Generic[V]):
             # A waiter takes its use from the entry it waited for, so a brand-new
             # entry is never missed because of the clock; if other waiters used it
             # up already, go round again.
-            if self._reserve(key, loaded, cost):
+            if self._reserve(key, loaded, cost, uses):
                 return loaded.value
 
     def _spawn(self, coro: Awaitable[_Entry[V]]) -> asyncio.Task[_Entry[V]]:
@@ -334,19 +335,21 @@ class _Side(Generic[V]):
         self.refreshes += 1
         self.inflight[key] = self._spawn(self._load(key, ahead=True))
 
-    def _reserve(self, key: Hashable, entry: _Entry[V], cost: int | None) -> bool:
+    def _reserve(self, key: Hashable, entry: _Entry[V], cost: int | None, uses: int = 1) -> bool:
         if entry.dead:
             return False
         limits = self.limits
         if cost is None or limits.max_messages is None or limits.max_bytes is None:
             return True
-        if entry.messages >= limits.max_messages:
+        if uses > limits.max_messages:
+            return False  # never fits: the caller goes without the cache
+        if entry.messages + uses > limits.max_messages:
             self._drop(key, entry, "messages")
             return False
         if entry.bytes + cost > limits.max_bytes:
             self._drop(key, entry, "bytes")
             return False
-        entry.messages += 1
+        entry.messages += uses
         entry.bytes += cost
         if entry.messages >= limits.max_messages:
             self._drop(key, entry, "messages")

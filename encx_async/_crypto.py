@@ -11,7 +11,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
-from typing import Literal, Self, TypeVar
+from typing import Literal, NamedTuple, Self, TypeVar
 
 import anyio.to_thread
 from anyio.abc import AsyncResource
@@ -34,6 +34,7 @@ from ._envelope import (
     Envelope,
     Sealer,
     parse,
+    parse_record_header,
     replace_wrapped_dek,
     split_binding,
 )
@@ -52,7 +53,7 @@ from ._keystore import KEKVersion, open_keystore
 from ._rewrap import ordered_map
 from .kms import KeyManagementService, KeyRotationService
 
-__all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats"]
+__all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats", "SealedRecord"]
 
 logger = logging.getLogger("encx_async")
 
@@ -92,6 +93,24 @@ def _check_bytes(name: str, value: object) -> Bytes:
     return value
 
 
+class SealedRecord(NamedTuple):
+    """The fields of one record sealed under one DEK (see :meth:`Crypto.seal_record`).
+
+    ``header`` names the DEK (KEK version, wrapped DEK, key commitment) and is
+    the same for every field; ``fields`` maps each field name to its
+    ``nonce || ciphertext || tag``. Store both; neither is secret.
+    """
+
+    header: bytes
+    fields: dict[str, bytes]
+
+
+def _field_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError("field names must be non-empty str")
+    return name
+
+
 def _aad_bytes(aad: object) -> bytes:
     """``aad`` as bytes; the hot paths call this only when it is not bytes already."""
     return bytes(_check_bytes("aad", aad))
@@ -129,7 +148,7 @@ class Crypto(AsyncResource):
         self._closed = False
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
-        self._max_cached_bytes = 0
+        self._max_cached_bytes = self._max_cached_uses = 0
         # The cache key of the last encrypt, reused while its context and version
         # are asked for again, so the cache can find its entry by identity.
         self._seal_key: EncryptKey = ("", 0, b"")
@@ -143,6 +162,7 @@ class Crypto(AsyncResource):
                 self._open_sealer,  # type: ignore[arg-type]
             )
             self._max_cached_bytes = dek_cache.max_bytes_per_dek
+            self._max_cached_uses = dek_cache.max_messages_per_dek
 
     @classmethod
     async def create(
@@ -454,6 +474,98 @@ class Crypto(AsyncResource):
             sealer.wipe()
             raise
         return sealer
+
+    # -- records: several fields under one DEK --------------------------------
+
+    async def seal_record(
+        self,
+        fields: Mapping[str, Bytes],
+        *,
+        context: Context | None = None,
+        aad: Bytes | None = None,
+    ) -> SealedRecord:
+        """Encrypt the fields of one record under one DEK, each bound to its name.
+
+        The result keeps the header (KEK version, wrapped DEK, key commitment)
+        once for the record, and per field only ``nonce || ciphertext || tag``:
+        a record of ten fields stores one wrapped DEK, not ten. Swapping two
+        fields' ciphertexts, or moving one to another record with another
+        ``aad`` (say, the record's id), fails to decrypt. ``context`` is the KMS
+        encryption context, as for :meth:`encrypt`.
+        """
+        self._check_open()
+        plaintexts = {
+            _field_name(name): _check_bytes("a field value", v) for name, v in fields.items()
+        }
+        if aad is not None and type(aad) is not bytes:
+            aad = _aad_bytes(aad)
+        ctx = encode_context(context)
+        version = self._keyring.current
+        key_id = self._key_ids[version]
+        size, uses = sum(len(v) for v in plaintexts.values()), max(1, len(plaintexts))
+        side = self._encrypt_side
+        if side is not None and size <= self._max_cached_bytes and uses <= self._max_cached_uses:
+            key = (key_id, version, ctx)
+            sealer = side.take(key, size, uses) or await side.get(key, size, uses)
+            return SealedRecord(
+                sealer.header, await self._run(sealer.seal_fields, plaintexts, aad, size)
+            )
+        sealer = await self._new_sealer(version, key_id, ctx)
+        try:
+            return SealedRecord(
+                sealer.header, await self._run(sealer.seal_fields, plaintexts, aad, size)
+            )
+        finally:
+            sealer.wipe()
+
+    async def open_record(
+        self,
+        record: SealedRecord,
+        *,
+        context: Context | None = None,
+        aad: Bytes | None = None,
+    ) -> dict[str, bytes]:
+        """Decrypt the fields of a :meth:`seal_record` result (all, or any subset).
+
+        Any tampering, a field under another name, or a wrong context or aad
+        raises :class:`~encx_async.DecryptionError`.
+        """
+        self._check_open()
+        header, fields = record
+        if type(header) is not bytes:
+            header = bytes(_check_bytes("a record header", header))
+        bodies = {
+            _field_name(name): bytes(_check_bytes("a field", v)) for name, v in fields.items()
+        }
+        if aad is not None and type(aad) is not bytes:
+            aad = _aad_bytes(aad)
+        ctx = encode_context(context)
+        envelope = parse_record_header(header)
+        if envelope.kek_version not in self._key_ids:
+            await self._keyring.key_id_for(envelope.kek_version)
+        key = (envelope.binding, ctx)
+        size = sum(len(v) for v in bodies.values())
+        side = self._decrypt_side
+        if side is not None:
+            sealer = side.take(key, None) or await side.get(key, None)
+            return await self._run(sealer.open_fields, bodies, aad, size)
+        sealer = await self._open_sealer(key)
+        try:
+            return await self._run(sealer.open_fields, bodies, aad, size)
+        finally:
+            sealer.wipe()
+
+    async def _run(
+        self,
+        job: Callable[[Mapping[str, Bytes], bytes | None], dict[str, bytes]],
+        fields: Mapping[str, Bytes],
+        aad: bytes | None,
+        size: int,
+    ) -> dict[str, bytes]:
+        """Run a fields job inline when small, in a worker thread when large."""
+        if size < self._thread_threshold:
+            return job(fields, aad)
+        return await anyio.to_thread.run_sync(job, fields, aad)
 
     # -- rotation --------------------------------------------------------------
 

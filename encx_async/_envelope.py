@@ -30,7 +30,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import NamedTuple
 
@@ -49,6 +49,7 @@ __all__ = [
     "associated_data",
     "pack_header",
     "parse",
+    "parse_record_header",
     "replace_wrapped_dek",
     "split_binding",
 ]
@@ -57,6 +58,9 @@ MAGIC = b"EX"
 VERSION = 1
 BODY_GCM = 0
 BODY_STREAM = 1
+#: not a body kind of any envelope: the associated data of a record's fields
+#: carries it, so no field ciphertext opens as an envelope body or vice versa
+RECORD_FIELD = 0x80
 MAX_WRAPPED_DEK = 1024
 _FIXED = struct.Struct(">2sBBIH")
 _U32 = struct.Struct(">I")
@@ -127,6 +131,21 @@ def parse(blob: bytes | bytearray | memoryview) -> Envelope:
         if not isinstance(blob, bytearray | memoryview):
             raise TypeError(f"a ciphertext is bytes, not {type(blob).__name__}")
         blob = bytes(blob)
+    kind, kek_version, body_at = _parse_header(blob)
+    if len(blob) < body_at + MIN_BODY[kind]:
+        raise DecryptionError("ciphertext is truncated")
+    return _make_envelope(Envelope, (kind, kek_version, blob, body_at))
+
+
+def parse_record_header(header: bytes) -> Envelope:
+    """A record's header (see :meth:`Sealer.seal_fields`): an AES-GCM header, no body."""
+    kind, kek_version, body_at = _parse_header(header)
+    if kind != BODY_GCM or len(header) != body_at:
+        raise DecryptionError("malformed record header")
+    return _make_envelope(Envelope, (kind, kek_version, header, body_at))
+
+
+def _parse_header(blob: bytes) -> tuple[int, int, int]:
     if len(blob) < _FIXED.size:
         raise DecryptionError("not an encx-async ciphertext: too short")
     magic, version, kind, kek_version, wrapped_len = _FIXED.unpack_from(blob)
@@ -139,9 +158,9 @@ def parse(blob: bytes | bytearray | memoryview) -> Envelope:
     if not 0 < wrapped_len <= MAX_WRAPPED_DEK:
         raise DecryptionError("malformed ciphertext: bad wrapped-key length")
     body_at = _FIXED.size + wrapped_len + COMMITMENT_SIZE
-    if len(blob) < body_at + MIN_BODY[kind]:
+    if len(blob) < body_at:
         raise DecryptionError("ciphertext is truncated")
-    return _make_envelope(Envelope, (kind, kek_version, blob, body_at))
+    return kind, kek_version, body_at
 
 
 class Sealer:
@@ -155,6 +174,7 @@ class Sealer:
         "_aad_prefix",
         "_commitment",
         "_context",
+        "_field_prefix",
         "_gcm",
         "_header",
         "cipher",
@@ -173,6 +193,7 @@ class Sealer:
         self._commitment = cipher.commitment
         self._header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
         self._aad_prefix = associated_data(BODY_GCM, cipher.commitment, context, None)
+        self._field_prefix = associated_data(RECORD_FIELD, cipher.commitment, context, None)
 
     def wipe(self) -> None:
         self._gcm = _WIPED
@@ -220,6 +241,31 @@ class Sealer:
         except InvalidTag:
             raise DecryptionError(_OPEN_FAILED) from None
 
+    def seal_fields(self, fields: Mapping[str, Bytes], aad: bytes | None) -> dict[str, bytes]:
+        """Seal each field under this one DEK: ``nonce || ciphertext || tag`` per field.
+
+        Each field's associated data names the field, so two fields' ciphertexts
+        cannot be swapped, and the record keeps :attr:`header` once for all.
+        """
+        gcm, prefix, out = self._gcm, self._field_prefix, {}
+        for name, plaintext in fields.items():
+            nonce = os.urandom(NONCE_SIZE)
+            out[name] = nonce + gcm.encrypt(nonce, plaintext, prefix + _field_aad(name, aad))
+        return out
+
+    def open_fields(self, fields: Mapping[str, Bytes], aad: bytes | None) -> dict[str, bytes]:
+        """The inverse of :meth:`seal_fields`; DecryptionError if any field fails."""
+        gcm, prefix, out = self._gcm, self._field_prefix, {}
+        try:
+            for name, body in fields.items():
+                if len(body) < NONCE_SIZE + TAG_SIZE:
+                    raise InvalidTag
+                full_aad = prefix + _field_aad(name, aad)
+                out[name] = gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)
+        except InvalidTag:
+            raise DecryptionError(_OPEN_FAILED) from None
+        return out
+
     def seal_large_job(self, plaintext: Bytes, aad: bytes | None) -> Callable[[], bytes]:
         """A job sealing a large payload with Cobblestone-256, for a worker thread."""
         header = pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)
@@ -237,6 +283,11 @@ class Sealer:
         full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
         body = memoryview(envelope.blob)[envelope.body_at :]
         return self.cipher.stream_job(body, full_aad, seal=False)
+
+
+def _field_aad(name: str, aad: bytes | None) -> bytes:
+    encoded = name.encode()
+    return b"".join((_U32.pack(len(encoded)), encoded, aad or b""))
 
 
 class _Wiped:

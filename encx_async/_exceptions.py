@@ -5,6 +5,9 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
 
     EncxError
     ├── ConfigurationError (also ValueError)
+    │   └── ModelDefinitionError
+    ├── InvalidValueError (also ValueError)
+    ├── InvalidHashError (also ValueError)
     ├── ClosedError (also RuntimeError)
     ├── KMSError
     │   ├── KMSUnavailableError
@@ -31,6 +34,8 @@ __all__ = [
     "DecryptionError",
     "EncryptionError",
     "EncxError",
+    "InvalidHashError",
+    "InvalidValueError",
     "KMSAccessDeniedError",
     "KMSError",
     "KMSKeyNotFoundError",
@@ -38,6 +43,7 @@ __all__ = [
     "KMSUnavailableError",
     "KeyVersionError",
     "KeyVersionNotFoundError",
+    "ModelDefinitionError",
 ]
 
 
@@ -47,6 +53,21 @@ class EncxError(Exception):
 
 class ConfigurationError(EncxError, ValueError):
     """A setting or argument is invalid: a pepper of the wrong size, a bad context..."""
+
+
+class ModelDefinitionError(ConfigurationError):
+    """A model's field markers cannot work: an unsupported field type, or markers
+    that do not combine. Raised when the model is first inspected, naming the field."""
+
+
+class InvalidValueError(EncxError, ValueError):
+    """A value cannot be hashed or encrypted as a field: an unsupported type, a
+    naive datetime, a NaN. The message names the type, never the value."""
+
+
+class InvalidHashError(EncxError, ValueError):
+    """A stored hash string is malformed, names a pepper version this instance
+    does not have, or asks for Argon2 parameters outside the configured bounds."""
 
 
 class ClosedError(EncxError, RuntimeError):

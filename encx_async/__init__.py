@@ -25,8 +25,11 @@ from ._exceptions import (
     KMSUnavailableError,
     ModelDefinitionError,
 )
+from ._hashing import Argon2Params
 from ._keys import DataKey
 from ._keystore import KEKVersion
+from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
+from ._pepper import Pepper
 from .kms import KeyManagementService, KeyRotationService
 
 __version__ = "0.1.0"
@@ -34,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_THREAD_THRESHOLD",
     "NIST_GCM_RANDOM_NONCE_LIMIT",
+    "Argon2Params",
     "CacheSideStats",
     "ClosedError",
     "ConfigurationError",
@@ -44,8 +48,12 @@ __all__ = [
     "DataKey",
     "DatabaseUnavailableError",
     "DecryptionError",
+    "Encrypt",
+    "EncryptedRecord",
     "EncryptionError",
     "EncxError",
+    "HashBasic",
+    "HashSecure",
     "InvalidHashError",
     "InvalidValueError",
     "KEKVersion",
@@ -59,6 +67,7 @@ __all__ = [
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
+    "Pepper",
     "SealedRecord",
     "__version__",
 ]

@@ -11,12 +11,13 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
-from typing import Literal, NamedTuple, Self, TypeVar
+from typing import Any, Literal, NamedTuple, Self, TypeVar
 
 import anyio.to_thread
 from anyio.abc import AsyncResource
 from cryptography.exceptions import InvalidTag
 
+from . import _models
 from ._aead import (
     NONCE_SIZE,
     RAW_OPEN_FAILED,
@@ -47,9 +48,12 @@ from ._exceptions import (
     KMSError,
     KMSKeyNotFoundError,
 )
+from ._hashing import Argon2Params, BasicHasher, SecureHasher
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
 from ._keystore import KEKVersion, open_keystore
+from ._models import EncryptedRecord
+from ._pepper import Pepper
 from ._rewrap import ordered_map
 from .kms import KeyManagementService, KeyRotationService
 
@@ -62,7 +66,6 @@ logger = logging.getLogger("encx_async")
 #: envelope uses Cobblestone-256 for them, fed in slices so the thread lets go of
 #: the GIL and the event loop keeps running.
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
-PEPPER_SIZE = 32
 _MIN_RAW = _MIN_GCM_BODY = NONCE_SIZE + TAG_SIZE
 #: what the decrypt hint holds before any decrypt: no envelope starts with it
 _NO_HEADER = b"no envelope yet"
@@ -130,7 +133,8 @@ class Crypto(AsyncResource):
         kms: KeyManagementService,
         kek_alias: str,
         keyring: KeyRing,
-        pepper: bytes | None,
+        pepper: Pepper | None,
+        argon2: Argon2Params,
         dek_cache: DEKCache | None,
         thread_threshold: int,
         rotation: Rotation,
@@ -140,7 +144,11 @@ class Crypto(AsyncResource):
         self._kek_alias = kek_alias
         self._keyring = keyring
         self._key_ids = keyring.key_ids
-        self._pepper = pepper
+        self._basic: BasicHasher | None = None
+        self._secure: SecureHasher | None = None
+        if pepper is not None:
+            self._basic = BasicHasher(pepper.secret, pepper.version)
+            self._secure = SecureHasher(pepper.secret, pepper.version, argon2)
         self._cache = dek_cache
         self._thread_threshold = thread_threshold
         self._rotation: Rotation = rotation
@@ -170,7 +178,8 @@ class Crypto(AsyncResource):
         *,
         kms: KeyManagementService,
         kek_alias: str,
-        pepper: Bytes | None = None,
+        pepper: Pepper | Bytes | None = None,
+        argon2: Argon2Params | None = None,
         dek_cache: DEKCache | None = None,
         database: object = None,
         create_key_if_missing: bool = False,
@@ -182,7 +191,12 @@ class Crypto(AsyncResource):
 
         :param kms: a :class:`~encx_async.KeyManagementService`, already open.
         :param kek_alias: ``alias/...`` (recommended), a key id or a key ARN.
-        :param pepper: 32 random bytes, not all zero, for the keyed hashes.
+        :param pepper: the secret key of the keyed hashes (:meth:`hash_basic`,
+            :meth:`hash_secure`): a :class:`~encx_async.Pepper` (from the
+            environment, a file or AWS Secrets Manager), or 32 random bytes, not
+            all zero, taken as pepper version 1.
+        :param argon2: the :class:`~encx_async.Argon2Params` of :meth:`hash_secure`
+            and the bounds :meth:`verify_secure` accepts; OWASP's by default.
         :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
             wraps a new DEK and every decrypt unwraps through the KMS.
         :param database: where KEK versions live: ``sqlite:///path/keys.db``,
@@ -205,15 +219,10 @@ class Crypto(AsyncResource):
             raise ConfigurationError("kms must implement encx_async.KeyManagementService")
         if not isinstance(kek_alias, str) or not kek_alias:
             raise ConfigurationError("kek_alias must be a non-empty str such as 'alias/my-key'")
-        if pepper is not None:
-            if not isinstance(pepper, bytes | bytearray | memoryview):
-                raise ConfigurationError("the pepper must be bytes")
-            if len(pepper) != PEPPER_SIZE:
-                raise ConfigurationError(
-                    f"the pepper must be exactly {PEPPER_SIZE} bytes, got {len(pepper)}"
-                )
-            if not any(bytes(pepper)):
-                raise ConfigurationError("the pepper must not be all zero bytes")
+        if pepper is not None and not isinstance(pepper, Pepper):
+            pepper = Pepper(pepper)  # checks size, type and zeros; version 1
+        if argon2 is not None and not isinstance(argon2, Argon2Params):
+            raise ConfigurationError("argon2 must be an encx_async.Argon2Params")
         if dek_cache is not None and not isinstance(dek_cache, DEKCache):
             raise ConfigurationError("dek_cache must be an encx_async.DEKCache")
         if rotation not in ROTATIONS:
@@ -230,7 +239,8 @@ class Crypto(AsyncResource):
                 kms=kms,
                 kek_alias=kek_alias,
                 keyring=keyring,
-                pepper=None if pepper is None else bytes(pepper),
+                pepper=pepper,
+                argon2=argon2 or Argon2Params(),
                 dek_cache=dek_cache,
                 thread_threshold=thread_threshold,
                 rotation=rotation,
@@ -474,6 +484,111 @@ class Crypto(AsyncResource):
             sealer.wipe()
             raise
         return sealer
+
+    # -- keyed hashes ---------------------------------------------------------
+
+    def hash_basic(self, value: object) -> str:
+        """A deterministic, keyed blind index of ``value``, to look records up by.
+
+        HMAC-SHA-256 under a key derived from the pepper, over the canonical
+        encoding of ``value`` (str, bytes, int, float, bool, datetime, date,
+        UUID, Decimal, None, or a list of them). Equal values give equal
+        strings; without the pepper nobody can confirm a guess.
+        """
+        return self._basic_hasher().hash(value)
+
+    def verify_basic(self, value: object, digest: str) -> bool:
+        """Whether ``digest`` is :meth:`hash_basic` of ``value``, compared in constant time."""
+        return self._basic_hasher().verify(value, digest)
+
+    async def hash_secure(self, value: object) -> str:
+        """A salted Argon2id hash of ``value`` (a PHC string), for passwords and the like.
+
+        The pepper is Argon2's secret input; the work runs in a worker thread.
+        """
+        return await self._secure_hasher().hash(value)
+
+    async def verify_secure(self, value: object, phc: str) -> bool:
+        """Whether ``phc`` is a :meth:`hash_secure` of ``value``.
+
+        Stored parameters outside the configured bounds raise
+        :class:`~encx_async.InvalidHashError` before any work is done.
+        """
+        return await self._secure_hasher().verify(value, phc)
+
+    def needs_rehash(self, phc: str) -> bool:
+        """Whether ``phc`` was made with other parameters or another pepper version."""
+        return self._secure_hasher().needs_rehash(phc)
+
+    def _basic_hasher(self) -> BasicHasher:
+        if self._basic is None:
+            raise ConfigurationError("keyed hashes need a pepper: Crypto.create(pepper=...)")
+        return self._basic
+
+    def _secure_hasher(self) -> SecureHasher:
+        self._check_open()
+        if self._secure is None:
+            raise ConfigurationError("keyed hashes need a pepper: Crypto.create(pepper=...)")
+        return self._secure
+
+    # -- models: dataclasses and pydantic models with marked fields ----------
+
+    async def encrypt_model(
+        self, obj: object, *, context: Context | None = None, record_id: object = None
+    ) -> EncryptedRecord:
+        """The storable form of ``obj``, whose fields are marked ``Encrypt()``,
+        ``HashBasic()`` or ``HashSecure()`` (see ``docs/models.md``).
+
+        :param record_id: the record's primary key, when it has one: its
+            ciphertexts are then bound to it and cannot be moved to another row.
+        """
+        return await _models.encrypt_model(self, obj, context=context, record_id=record_id)
+
+    async def decrypt_model(
+        self,
+        record: EncryptedRecord | Mapping[str, object],
+        model: type[T],
+        *,
+        context: Context | None = None,
+        record_id: object = None,
+    ) -> T:
+        """Rebuild a ``model`` instance from :meth:`encrypt_model`'s record (or its dict).
+
+        Hash-only fields are not restored: they take their default.
+        """
+        return await _models.decrypt_model(
+            self, record, model, context=context, record_id=record_id
+        )
+
+    async def encrypt_models(
+        self,
+        objs: Iterable[object],
+        *,
+        context: Context | None = None,
+        record_id: Callable[[Any], object] | None = None,
+        concurrency: int = 16,
+    ) -> list[EncryptedRecord]:
+        """:meth:`encrypt_model` for many objects, in order, ``concurrency`` at a time.
+
+        ``record_id`` maps an object to its id (for example ``lambda u: u.id``).
+        """
+        return await _models.encrypt_models(
+            self, objs, context=context, record_id=record_id, concurrency=concurrency
+        )
+
+    async def decrypt_models(
+        self,
+        records: Iterable[EncryptedRecord | Mapping[str, object]],
+        model: type[T],
+        *,
+        context: Context | None = None,
+        record_id: Callable[[EncryptedRecord], object] | None = None,
+        concurrency: int = 16,
+    ) -> list[T]:
+        """:meth:`decrypt_model` for many records, in order, ``concurrency`` at a time."""
+        return await _models.decrypt_models(
+            self, records, model, context=context, record_id=record_id, concurrency=concurrency
+        )
 
     # -- records: several fields under one DEK --------------------------------
 

@@ -132,6 +132,49 @@ def test_core_benchmark_reports_ratios_and_lag() -> None:
     )
 
 
+def test_hashing_benchmark_reports_ratios_and_lag() -> None:
+    document, report = run_benchmark(
+        "hashing",
+        "--iterations",
+        "500",
+        "--repeats",
+        "2",
+        "--secure-calls",
+        "4",
+        "--secure-repeats",
+        "1",
+    )
+    for header in (
+        "Blind index against raw HMAC-SHA256 of the same encoded bytes",
+        "vs hmac.digest",
+        "Argon2id (default parameters), 4 concurrent hash_secure",
+        "max lag ms",
+        "Ratios",
+    ):
+        assert header in report
+    assert "hash_basic / raw hmac.digest, same bytes" in report
+    assert "target >= 0.8x" in report
+    assert "event-loop lag, 4 concurrent hash_secure" in report
+    assert "target <= 10 ms" in report
+
+    assert set(document["ops_per_s"]) == {
+        "hash_basic",
+        "raw hmac.digest",
+        "raw hmac.new",
+        "raw pre-keyed HMAC copy",
+    }
+    assert all(rate > 0 for rate in document["ops_per_s"].values())
+    assert document["secure"]["calls"] == 4
+    assert document["secure"]["max_lag_ms"] >= 0
+    assert document["secure"]["hashes_per_s"] > 0
+    assert document["argon2_threads"] >= 1
+    assert {
+        "hash_basic / raw hmac.digest, same bytes",
+        "event-loop lag, 4 concurrent hash_secure",
+        "hash_secure throughput",
+    } <= check_names(document)
+
+
 def test_cache_benchmark_compares_with_the_encryption_sdk() -> None:
     document, report = run_benchmark(
         "cache",

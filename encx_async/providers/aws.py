@@ -24,6 +24,11 @@ At DEBUG level botocore logs whole request and response bodies, which for
 therefore attaches the filter of :mod:`encx_async.providers._redact` to the
 ``botocore.endpoint`` and ``botocore.parsers`` loggers, which replaces those
 payloads with a placeholder; nothing else about botocore's logging changes.
+
+:class:`SecretsManagerPepperSource` keeps the pepper of the keyed hashes (see
+:class:`~encx_async._pepper.Pepper`) in AWS Secrets Manager, creating it on a
+fleet's first boot if asked to; it attaches a second filter to the same
+loggers for the ``SecretString`` payloads.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Self, TypeVar, cast
@@ -66,6 +72,7 @@ from encx_async._exceptions import (
     KMSRegionMismatchError,
     KMSUnavailableError,
 )
+from encx_async._pepper import Pepper
 from encx_async.providers import _redact
 from encx_async.providers._common import (
     DECRYPT_FAILED,
@@ -89,8 +96,10 @@ if TYPE_CHECKING:
         KeyMetadataTypeDef,
         ReEncryptRequestTypeDef,
     )
+    from types_aiobotocore_secretsmanager import SecretsManagerClient
+    from types_aiobotocore_secretsmanager.type_defs import GetSecretValueResponseTypeDef
 
-__all__ = ["Config", "KMSService", "RetryMode"]
+__all__ = ["Config", "KMSService", "RetryMode", "SecretsManagerPepperSource"]
 
 _log = logging.getLogger("encx_async.kms")
 
@@ -882,3 +891,511 @@ class KMSService(ProviderResource):
             "enabled": bool(metadata.get("Enabled", False)),
             "key_state": str(metadata.get("KeyState", "Unknown")),
         }
+
+
+# -- the pepper in AWS Secrets Manager ------------------------------------------------
+
+_sm_log = logging.getLogger("encx_async.secretsmanager")
+
+_SM_NOT_FOUND_CODES: Final = frozenset({"ResourceNotFoundException"})
+_SM_EXISTS_CODE: Final = "ResourceExistsException"
+_SM_UNAVAILABLE_CODES: Final = _UNAVAILABLE_CODES | {"InternalServiceError"}
+_SM_INVALID_PARAMETER_CODES: Final = frozenset({"InvalidParameterException", "ValidationException"})
+_SM_PERMISSIONS: Final = {
+    "GetSecretValue": "secretsmanager:GetSecretValue (and kms:Decrypt on the secret's KMS key "
+    "when it is a customer managed key)",
+    "CreateSecret": "secretsmanager:CreateSecret (and kms:GenerateDataKey on the KMS key "
+    "when it is a customer managed key)",
+}
+# Operations whose request carries a secret: their AWS error messages are never
+# quoted, so nothing from the request can reach an exception message.
+_SM_SECRET_BEARING_OPERATIONS: Final = frozenset({"CreateSecret"})
+_MAX_SECRET_ID: Final = 2048
+# The names CreateSecret accepts; GetSecretValue also takes ARNs.
+_SECRET_NAME_RE: Final = re.compile(r"[A-Za-z0-9/_+=.@-]{1,512}")
+# A secret that CreateSecret just made (or said exists) may not be readable at
+# once: Secrets Manager is eventually consistent. Seconds to wait between tries.
+_READ_BACK_DELAYS: Final = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+_CREATED_DESCRIPTION: Final = (
+    "encx-async pepper: the key of keyed hashes (blind indexes, Argon2id). "
+    "Do not change or delete it: every stored hash depends on it."
+)
+_SECRET_MARKERS: Final = ("SecretString", "SecretBinary", "encx_pepper")
+_REDACTED_VALUE: Final = "<redacted by encx-async: may contain a secret value>"
+
+
+class _RedactSecretValues(logging.Filter):
+    """Blank botocore debug records that carry a Secrets Manager secret value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(_carries_secret(a) for a in args):
+            record.args = tuple(_REDACTED_VALUE if _carries_secret(a) else a for a in args)
+        return True
+
+
+def _carries_secret(value: object) -> bool:
+    if isinstance(value, bytes | bytearray):
+        return any(marker.encode() in value for marker in _SECRET_MARKERS)
+    if isinstance(value, str | dict):
+        text = str(value)
+        return any(marker in text for marker in _SECRET_MARKERS)
+    return False
+
+
+_SECRET_FILTER: Final = _RedactSecretValues()
+
+
+def _install_secret_filter() -> None:
+    for name in ("botocore.endpoint", "botocore.parsers"):
+        logger = logging.getLogger(name)
+        if _SECRET_FILTER not in logger.filters:
+            logger.addFilter(_SECRET_FILTER)
+
+
+class _ToleratedError(Exception):
+    """Internal: a ClientError code the caller asked to handle itself. Never escapes."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _check_secret_id(secret_id: object) -> str:
+    if not isinstance(secret_id, str):
+        raise TypeError(
+            f"a Secrets Manager secret name or ARN must be a str, not {type(secret_id).__name__}"
+        )
+    if not secret_id.strip():
+        raise ConfigurationError("a Secrets Manager secret name or ARN must not be empty")
+    if len(secret_id) > _MAX_SECRET_ID:
+        raise ConfigurationError(
+            f"a Secrets Manager secret name or ARN is at most {_MAX_SECRET_ID} characters"
+        )
+    return secret_id
+
+
+def _translate_secrets_error(
+    exc: Exception,
+    *,
+    operation: str,
+    secret_id: str,
+    region: str | None,
+    endpoint: str | None,
+    attempts: int,
+) -> EncxError:
+    """Turn a botocore exception from Secrets Manager into an encx-async error.
+
+    The hierarchy has no Secrets Manager branch, so the KMS classes that say the
+    same thing are reused: :class:`KMSAccessDeniedError` for a missing
+    permission or bad credentials, :class:`KMSUnavailableError` for an endpoint
+    that cannot be reached (the message always says "Secrets Manager"). A
+    missing or unusable secret is a :class:`ConfigurationError`. Messages name
+    the secret and region, never a secret value; for operations that send one
+    (CreateSecret) the AWS message is not quoted at all.
+    """
+    where = f"region {region}" if region else "the configured region"
+    target = f"{endpoint or 'the Secrets Manager endpoint'} ({where})"
+    subject = f"Secrets Manager {operation} on secret {secret_id!r}"
+
+    if isinstance(exc, ClientError):
+        code, message, status = _client_error_details(exc)
+        message = " ".join(message.split())  # moto pads its messages with runs of spaces
+        quote = operation not in _SM_SECRET_BEARING_OPERATIONS and message
+        detail = f": {message}" if quote else ""
+        if code in _SM_NOT_FOUND_CODES:
+            return ConfigurationError(
+                f"Secrets Manager secret {secret_id!r} was not found in {where} (or has no "
+                "current value); create it holding Pepper.generate().to_secret_string(), "
+                "or pass create_if_missing=True"
+            )
+        if code == "InvalidRequestException":
+            return ConfigurationError(
+                f"{subject} in {where} was refused ({code}{detail}); a secret that is scheduled "
+                "for deletion can be neither read nor created again: restore it "
+                "(aws secretsmanager restore-secret) or use another name"
+            )
+        if code in _SM_INVALID_PARAMETER_CODES:
+            return ConfigurationError(
+                f"Secrets Manager rejected {operation} on {secret_id!r} ({code}{detail})"
+            )
+        if code in _BAD_CREDENTIAL_CODES:
+            return KMSAccessDeniedError(
+                f"{subject} in {where} was refused ({code}{detail}); {_CREDENTIAL_HINT}",
+                code=code,
+            )
+        if code in _ACCESS_DENIED_CODES or status == 403:
+            permission = _SM_PERMISSIONS.get(operation, f"secretsmanager:{operation}")
+            return KMSAccessDeniedError(
+                f"{subject} in {where} was denied ({code or status}{detail}); the caller's IAM "
+                f"policy (and the secret's resource policy, if any) must allow {permission}",
+                code=code or None,
+            )
+        if code in {"DecryptionFailure", "EncryptionFailure"}:
+            return KMSError(
+                f"{subject} in {where} failed: Secrets Manager could not use the secret's KMS key "
+                f"({code}{detail}); the key must be enabled and the caller needs "
+                f"{_SM_PERMISSIONS.get(operation, 'access to it')}",
+                code=code,
+            )
+        if code in _SM_UNAVAILABLE_CODES or status >= 500:
+            return KMSUnavailableError(
+                f"{subject} failed at {target} with {code or status}{detail}, "
+                f"after {attempts} attempt(s); retry later",
+                code=code or None,
+            )
+        return KMSError(f"{subject} in {where} failed: {code or status}{detail}", code=code or None)
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return KMSAccessDeniedError(
+            f"{subject} could not be signed ({type(exc).__name__}); {_CREDENTIAL_HINT}"
+        )
+    if isinstance(exc, ProfileNotFound):
+        return ConfigurationError(f"the AWS profile for {subject} does not exist: {exc}")
+    if isinstance(exc, NoRegionError):
+        return ConfigurationError(
+            "no AWS region is configured for Secrets Manager: set AWS_REGION "
+            "or pass Config(region=...)"
+        )
+    if isinstance(exc, ParamValidationError):
+        # botocore's report can quote parameter values (a SecretString), so it
+        # stays in __cause__ only.
+        return ConfigurationError(f"botocore rejected the parameters of {subject}")
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return KMSUnavailableError(
+            f"{subject}: {target} could not be reached ({type(exc).__name__}); "
+            f"gave up after {attempts} attempt(s)"
+        )
+    return KMSError(f"{subject} in {where} failed: {type(exc).__name__}")
+
+
+class SecretsManagerPepperSource(ProviderResource):
+    """Load the pepper from AWS Secrets Manager, over one shared aiobotocore client.
+
+    The secret holds the JSON of :meth:`Pepper.to_secret_string
+    <encx_async._pepper.Pepper.to_secret_string>`
+    (``{"encx_pepper": 1, "version": 1, "secret": "<base64>"}``) as its
+    ``SecretString``. Typical use at start-up::
+
+        async with SecretsManagerPepperSource(Config(region="eu-west-1")) as source:
+            pepper = await source.load("prod/orders/pepper", create_if_missing=True)
+
+    It takes the :class:`Config` that :class:`KMSService` takes (region,
+    profile or session, retries, timeouts, pool size); ``endpoint_url`` is the
+    Secrets Manager endpoint here, and ``alias_cache_ttl`` is unused.
+    ``kms_key_id`` is the KMS key a created secret is encrypted under
+    (Secrets Manager's default, ``aws/secretsmanager``, when ``None``).
+
+    The lifecycle is :class:`KMSService`'s: the constructor does no I/O; the
+    client is created by ``async with``, :meth:`create` or the first
+    :meth:`load`, and closed by :meth:`aclose` (idempotent; any call after it
+    raises :class:`~encx_async.ClosedError`).
+
+    Errors: a missing secret, one scheduled for deletion, or one that does not
+    hold an encx pepper raise :class:`~encx_async.ConfigurationError`; a
+    missing permission :class:`~encx_async.KMSAccessDeniedError`, naming it;
+    an endpoint that cannot be reached :class:`~encx_async.KMSUnavailableError`
+    (there is no Secrets Manager branch in the error tree, so the KMS classes
+    that mean the same are used, with messages that say "Secrets Manager").
+    No message or log line contains the secret value.
+    """
+
+    def __init__(self, config: Config | None = None, *, kms_key_id: str | None = None) -> None:
+        self._config = config if config is not None else Config()
+        if kms_key_id is not None:
+            check_key_ref(kms_key_id)
+        self._kms_key_id = kms_key_id
+        self._client_config = self._config.build_client_config()
+        self._attempts = _total_attempts(self._client_config)
+        self._region: str | None = self._config.region
+        self._endpoint: str | None = self._config.endpoint_url
+        self._client: SecretsManagerClient | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def create(cls, config: Config | None = None, *, kms_key_id: str | None = None) -> Self:
+        """Create and open a source."""
+        source = cls(config, kms_key_id=kms_key_id)
+        await source._ensure_client()
+        return source
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def region(self) -> str | None:
+        """The resolved region; ``None`` before opening when it comes from the environment."""
+        return self._region
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The Secrets Manager endpoint in use; ``None`` until opened unless set in the config."""
+        return self._endpoint
+
+    def __repr__(self) -> str:
+        if self._closed:
+            state = "closed"
+        elif self._client is not None:
+            state = "open"
+        else:
+            state = "not opened"
+        return (
+            f"{type(self).__name__}(region={self._region!r}, "
+            f"endpoint_url={self._endpoint!r}, {state})"
+        )
+
+    async def aclose(self) -> None:
+        """Close the client and its connections; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._open_lock:
+            stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+            _sm_log.debug("Secrets Manager client closed region=%s", self._region)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _ensure_open(self) -> None:
+        await self._ensure_client()
+
+    async def _ensure_client(self) -> SecretsManagerClient:
+        self._raise_if_closed()
+        client = self._client
+        if client is not None:
+            return client
+        async with self._open_lock:
+            self._raise_if_closed()
+            if self._client is None:
+                await self._open_locked()
+            assert self._client is not None
+            return self._client
+
+    async def _open_locked(self) -> None:
+        config = self._config
+        try:
+            session = (
+                config.session if config.session is not None else AioSession(profile=config.profile)
+            )
+            region = (
+                config.region
+                or cast("str | None", getattr(config.client_config, "region_name", None))
+                or os.environ.get("AWS_REGION")
+                or cast("str | None", session.get_config_variable("region"))
+            )
+        except ProfileNotFound as exc:
+            raise ConfigurationError(
+                f"the AWS profile {config.profile!r} is not in the shared config files"
+            ) from exc
+        if not region:
+            raise ConfigurationError(
+                "no AWS region is configured for Secrets Manager: set AWS_REGION (or "
+                "AWS_DEFAULT_REGION, or a region in the AWS profile) or pass Config(region=...)"
+            )
+        _redact.install()
+        _install_secret_filter()
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(
+                session.create_client(
+                    "secretsmanager",
+                    region_name=region,
+                    endpoint_url=config.endpoint_url,
+                    config=self._client_config,
+                )
+            )
+        except BotoCoreError as exc:
+            await stack.aclose()
+            raise ConfigurationError(
+                f"could not create a Secrets Manager client for region {region}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self._client = client
+        self._region = client.meta.region_name or region
+        self._endpoint = client.meta.endpoint_url
+        _sm_log.debug(
+            "Secrets Manager client opened region=%s endpoint=%s", self._region, self._endpoint
+        )
+
+    async def _call(
+        self,
+        operation: str,
+        secret_id: str,
+        request: Callable[[SecretsManagerClient], Awaitable[_T]],
+        *,
+        tolerate: frozenset[str] = frozenset(),
+    ) -> _T:
+        """Send one request; botocore errors become encx errors.
+
+        A ClientError whose code is in ``tolerate`` raises :class:`_ToleratedError`
+        instead, for the caller to handle.
+        """
+        client = await self._ensure_client()
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            result = await request(client)
+            outcome = "ok"
+            return result
+        except (ClientError, BotoCoreError) as exc:
+            if self._closed:
+                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
+            if isinstance(exc, ClientError):
+                code = _client_error_details(exc)[0]
+                if code in tolerate:
+                    outcome = code
+                    raise _ToleratedError(code) from None
+            raise _translate_secrets_error(
+                exc,
+                operation=operation,
+                secret_id=secret_id,
+                region=self._region,
+                endpoint=self._endpoint,
+                attempts=self._attempts,
+            ) from exc
+        except Exception as exc:
+            if self._closed:
+                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
+            raise
+        finally:
+            _sm_log.debug(
+                "Secrets Manager %s secret=%s region=%s %s in %.1f ms",
+                operation,
+                secret_id,
+                self._region,
+                outcome,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    # -- loading -----------------------------------------------------------
+
+    async def load(self, secret_id: str, *, create_if_missing: bool = False) -> Pepper:
+        """The pepper in the secret ``secret_id`` (a name or an ARN).
+
+        With ``create_if_missing=True`` an absent secret is created holding a
+        new :meth:`Pepper.generate <encx_async._pepper.Pepper.generate>`
+        (version 1), and what Secrets Manager then returns is read back and
+        used. When several instances boot at once, one CreateSecret wins; the
+        others get ``ResourceExistsException`` and read the winner's secret,
+        so every instance ends up with the same pepper.
+
+        The secret is read first, so once it exists the caller needs only
+        ``secretsmanager:GetSecretValue``; ``secretsmanager:CreateSecret`` is
+        needed on the first boot only. Creating needs a secret *name*, not an
+        ARN.
+        """
+        secret_id = _check_secret_id(secret_id)
+        if not isinstance(create_if_missing, bool):
+            raise TypeError(
+                f"create_if_missing must be a bool, not {type(create_if_missing).__name__}"
+            )
+        if create_if_missing and _SECRET_NAME_RE.fullmatch(secret_id) is None:
+            raise ConfigurationError(
+                f"cannot create the Secrets Manager secret {secret_id!r}: a secret name is 1 to "
+                "512 letters, digits and /_+=.@- (an ARN names a secret that already exists)"
+            )
+        await self._ensure_client()
+        if not create_if_missing:
+            response = await self._get(secret_id, tolerate_missing=False)
+            assert response is not None
+            return self._parse(secret_id, response)
+        response = await self._get(secret_id, tolerate_missing=True)
+        if response is None:
+            await self._create(secret_id)
+            response = await self._read_back(secret_id)
+        return self._parse(secret_id, response)
+
+    async def _get(
+        self, secret_id: str, *, tolerate_missing: bool
+    ) -> GetSecretValueResponseTypeDef | None:
+        try:
+            return await self._call(
+                "GetSecretValue",
+                secret_id,
+                lambda client: client.get_secret_value(SecretId=secret_id),
+                tolerate=_SM_NOT_FOUND_CODES if tolerate_missing else frozenset(),
+            )
+        except _ToleratedError:
+            return None
+
+    async def _create(self, secret_id: str) -> None:
+        """CreateSecret with a new pepper; an existing secret (a race lost) is fine."""
+        secret_string = Pepper.generate().to_secret_string()
+        token = str(uuid.uuid4())  # botocore's retries resend it: a retried create is idempotent
+        kms_key_id = self._kms_key_id
+        try:
+            if kms_key_id is None:
+                await self._call(
+                    "CreateSecret",
+                    secret_id,
+                    lambda client: client.create_secret(
+                        Name=secret_id,
+                        SecretString=secret_string,
+                        ClientRequestToken=token,
+                        Description=_CREATED_DESCRIPTION,
+                    ),
+                    tolerate=frozenset({_SM_EXISTS_CODE}),
+                )
+            else:
+                await self._call(
+                    "CreateSecret",
+                    secret_id,
+                    lambda client: client.create_secret(
+                        Name=secret_id,
+                        SecretString=secret_string,
+                        ClientRequestToken=token,
+                        Description=_CREATED_DESCRIPTION,
+                        KmsKeyId=kms_key_id,
+                    ),
+                    tolerate=frozenset({_SM_EXISTS_CODE}),
+                )
+        except _ToleratedError:
+            _sm_log.info(
+                "pepper secret %s already exists in region %s (created by another instance); "
+                "reading it",
+                secret_id,
+                self._region,
+            )
+        else:
+            _sm_log.info("created pepper secret %s in region %s", secret_id, self._region)
+
+    async def _read_back(self, secret_id: str) -> GetSecretValueResponseTypeDef:
+        """GetSecretValue after a create, waiting out Secrets Manager's eventual consistency."""
+        for delay in (*_READ_BACK_DELAYS, None):
+            response = await self._get(secret_id, tolerate_missing=True)
+            if response is not None:
+                return response
+            if delay is not None:
+                await asyncio.sleep(delay)
+        waited = sum(_READ_BACK_DELAYS)
+        raise KMSUnavailableError(
+            f"Secrets Manager secret {secret_id!r} in region {self._region} was created (or "
+            f"reported to exist) but GetSecretValue still could not find a current value after "
+            f"{waited:.1f} s; retry later",
+            code="ResourceNotFoundException",
+        )
+
+    def _parse(self, secret_id: str, response: GetSecretValueResponseTypeDef) -> Pepper:
+        where = f"region {self._region}" if self._region else "the configured region"
+        text = response.get("SecretString")
+        if text is None:
+            raise ConfigurationError(
+                f"Secrets Manager secret {secret_id!r} in {where} is not an encx pepper: it holds "
+                "binary data (SecretBinary), not the JSON of Pepper.to_secret_string()"
+            )
+        try:
+            return Pepper.from_secret_string(text)
+        except ConfigurationError as exc:
+            # Pepper's messages never quote the value, so chaining is safe.
+            raise ConfigurationError(
+                f"Secrets Manager secret {secret_id!r} in {where} is not an encx pepper ({exc}); "
+                "it must hold the JSON of Pepper.to_secret_string()"
+            ) from exc

@@ -1,0 +1,443 @@
+"""Keyed hashes of field values: HMAC blind indexes and Argon2id hashes.
+
+Both hash :func:`~encx_async._values.encode_value` of the value, under a key
+derived from the pepper with HKDF-SHA256 (one derived key per purpose, so the
+raw pepper is never itself an HMAC key or an Argon2 secret). Each string names
+the pepper version it was made with, so a rotated pepper's hashes stay
+checkable by a hasher built with the old one::
+
+    blind index  hb1:<pepper version>:<base64url, unpadded, of HMAC-SHA256>
+                 hb1:1:ii2_Mbyfowf8OFl8tu8-oNPPCwVLHt6Bg9aPEBGY25Y
+    Argon2id     $argon2id$v=19$m=<KiB>,t=<passes>,p=<lanes>,keyid=<pepper version>$<salt>$<hash>
+                 $argon2id$v=19$m=19456,t=2,p=1,keyid=1$atYOke4gFKGRmj7wrqU8hA$WMA4...
+
+(salt and hash in standard base64, unpadded, as PHC strings have them).
+
+The Argon2id string is a PHC string with a ``keyid`` parameter, written in
+decimal (the PHC format defines keyid as base64; decimal is readable in a
+database). ``keyid`` is removed before the string goes to ``cryptography``,
+which verifies the standard ``$argon2id$v=19$m=...,t=...,p=...$salt$hash``.
+
+A blind index is deterministic (equal values, equal digests: it can be
+searched on) and fast; use it for lookups. An Argon2id hash is salted and slow;
+use it for secrets that are only ever checked, like passwords or recovery codes.
+
+Stored hashes are parsed strictly before anything is computed, and Argon2
+parameters outside :class:`Argon2Params`' bounds are refused, so a tampered row
+cannot make a verify allocate gigabytes or run for minutes. Messages name
+versions and parameters, never a value, a pepper or a hash.
+
+Argon2id runs in a worker thread (``anyio.to_thread.run_sync``; ``cryptography``
+releases the GIL while it works), so the event loop keeps running. At most one
+Argon2id call per CPU runs at once (per event loop, shared by every
+SecureHasher), the rest wait their turn: Argon2 is CPU-bound, so more threads
+would not hash faster, they would hold 19 MiB each (anyio's default limiter
+allows 40 threads: 760 MiB) and crowd the event loop's thread off the CPU.
+Measured on two cores with 50 calls at once: the loop's worst stall was
+80-750 ms with 40 threads, about 8 ms with 2, for the same throughput. Pass a
+``limiter`` to choose another bound.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hmac
+import os
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import anyio.to_thread
+from anyio import CapacityLimiter
+from anyio.lowlevel import RunVar
+from cryptography.exceptions import InvalidKey
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ._exceptions import ConfigurationError, InvalidHashError
+from ._values import encode_value
+
+__all__ = [
+    "ARGON2_PURPOSE",
+    "BLIND_INDEX_PREFIX",
+    "BLIND_INDEX_PURPOSE",
+    "OWASP_MINIMUMS",
+    "Argon2Params",
+    "BasicHasher",
+    "SecureHasher",
+    "argon2_limiter",
+    "derive_key",
+]
+
+BLIND_INDEX_PURPOSE: Final = b"blind index"
+ARGON2_PURPOSE: Final = b"argon2 secret"
+BLIND_INDEX_PREFIX: Final = "hb1"
+_PEPPER_SIZE: Final = 32
+_MAX_PEPPER_VERSION: Final = 2**31 - 1
+#: OWASP's Argon2id configurations (Password Storage Cheat Sheet), as (memory
+#: KiB, iterations) with one lane: equally strong, trading memory for time.
+#: Parameters at or above one of them meet the recommendation.
+OWASP_MINIMUMS: Final[tuple[tuple[int, int], ...]] = (
+    (47104, 1),
+    (19456, 2),
+    (12288, 3),
+    (9216, 4),
+    (7168, 5),
+)
+
+_HKDF_INFO: Final = b"encx-async v1 "
+_MAC_B64_LEN: Final = 43  # 32 bytes in unpadded base64
+_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+# The last of 43 characters carries 2 spare bits, which must be zero.
+_BLIND_INDEX = re.compile(r"hb1:(0|[1-9][0-9]{0,9}):[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]", re.ASCII)
+# Numbers are decimal without leading zeros and at most 10 digits, so no stored
+# hash makes int() work hard; salt and hash are 8 to 64 bytes of unpadded base64.
+_NUMBER = r"[1-9][0-9]{0,9}"
+_PHC = re.compile(
+    rf"\$argon2id\$v=19\$m=({_NUMBER}),t=({_NUMBER}),p=({_NUMBER}),keyid=(0|{_NUMBER})"
+    r"\$([A-Za-z0-9+/]{11,86})\$([A-Za-z0-9+/]{11,86})",
+    re.ASCII,
+)
+_MIN_SALT, _MIN_WEAK_SALT, _MAX_SALT = 16, 8, 64
+_MIN_HASH, _MAX_HASH = 16, 64
+_MAX_LANES = 2**24 - 1  # Argon2's own limit
+
+
+# One limiter per event loop (a limiter belongs to the loop that first waits on it).
+_argon2_limiter: RunVar[CapacityLimiter] = RunVar("encx_async.argon2_limiter")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def argon2_limiter() -> CapacityLimiter:
+    """The current event loop's Argon2id limiter: one call at a time per CPU."""
+    try:
+        return _argon2_limiter.get()
+    except LookupError:
+        limiter = CapacityLimiter(_cpu_count())
+        _argon2_limiter.set(limiter)
+        return limiter
+
+
+def _check_pepper(pepper: object, version: object) -> tuple[bytes, int]:
+    if not isinstance(pepper, bytes | bytearray | memoryview):
+        raise ConfigurationError(f"the pepper must be bytes, not {type(pepper).__name__}")
+    raw = bytes(pepper)
+    if len(raw) != _PEPPER_SIZE:
+        raise ConfigurationError(f"the pepper must be exactly {_PEPPER_SIZE} bytes, got {len(raw)}")
+    if not any(raw):
+        raise ConfigurationError("the pepper must not be all zero bytes")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigurationError(f"the pepper version must be an int, not {type(version).__name__}")
+    if not 1 <= version <= _MAX_PEPPER_VERSION:
+        raise ConfigurationError(
+            f"the pepper version must be 1 to {_MAX_PEPPER_VERSION}, got {version}"
+        )
+    return raw, version
+
+
+def derive_key(pepper: bytes, purpose: bytes) -> bytes:
+    """32 bytes for ``purpose``: HKDF-SHA256 of the pepper, info ``b"encx-async v1 " + purpose``.
+
+    No salt: the pepper is already uniformly random, and HKDF's info alone
+    separates the purposes (:data:`BLIND_INDEX_PURPOSE`, :data:`ARGON2_PURPOSE`).
+    """
+    if not isinstance(purpose, bytes) or not purpose:
+        raise ConfigurationError("a key derivation purpose must be non-empty bytes")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO + purpose)
+    return hkdf.derive(bytes(pepper))
+
+
+def _version_mismatch(kind: str, named: int, ours: int) -> InvalidHashError:
+    return InvalidHashError(
+        f"the {kind} names pepper version {named}; this hasher has pepper version {ours}"
+    )
+
+
+class BasicHasher:
+    """Deterministic blind indexes: HMAC-SHA256 of the encoded value.
+
+    Equal values give equal digests under one pepper, so a database column of
+    them can be searched on equality; the pepper keeps them from being
+    recomputed, or brute-forced, by anyone who does not hold it.
+    """
+
+    __slots__ = ("_mac", "_prefix", "pepper_version")
+
+    def __init__(self, pepper: bytes, pepper_version: int) -> None:
+        raw, self.pepper_version = _check_pepper(pepper, pepper_version)
+        # Keyed once; each hash copies the keyed state, the fastest HMAC this
+        # Python offers (about 3x hmac.digest(), which re-keys on every call).
+        self._mac = crypto_hmac.HMAC(derive_key(raw, BLIND_INDEX_PURPOSE), hashes.SHA256())
+        self._prefix = f"{BLIND_INDEX_PREFIX}:{self.pepper_version}:".encode()
+
+    def __repr__(self) -> str:
+        return f"BasicHasher(pepper_version={self.pepper_version})"
+
+    def hash(self, value: object) -> str:
+        """The blind index of ``value``: ``hb1:<pepper version>:<base64url MAC>``."""
+        mac = self._mac.copy()
+        mac.update(encode_value(value))
+        # b2a_base64 and a translate beat base64.urlsafe_b64encode by half.
+        b64 = binascii.b2a_base64(mac.finalize(), newline=False)[:_MAC_B64_LEN]
+        return (self._prefix + b64.translate(_URLSAFE)).decode("ascii")
+
+    def verify(self, value: object, digest: str) -> bool:
+        """Whether ``digest`` is the blind index of ``value``, compared in constant time.
+
+        Raises InvalidHashError when ``digest`` is not a blind index, or names a
+        pepper version other than this hasher's.
+        """
+        if not isinstance(digest, str):
+            raise InvalidHashError(f"a blind index is a str, not {type(digest).__name__}")
+        match = _BLIND_INDEX.fullmatch(digest)
+        if match is None:
+            raise InvalidHashError("not an encx-async blind index (hb1:<version>:<43 base64url>)")
+        named = int(match[1])
+        if named != self.pepper_version:
+            raise _version_mismatch("blind index", named, self.pepper_version)
+        return hmac.compare_digest(self.hash(value), digest)
+
+
+def _weak(memory_kib: int, iterations: int) -> bool:
+    return not any(memory_kib >= m and iterations >= t for m, t in OWASP_MINIMUMS)
+
+
+@dataclass(frozen=True, slots=True)
+class Argon2Params:
+    """Argon2id parameters for new hashes, and the bounds a stored hash must keep to.
+
+    The defaults are OWASP's recommended configuration that needs the least
+    memory (19 MiB, 2 passes, 1 lane; about 30 ms on a current server core):
+    stronger settings cost every concurrent call that much more memory, which a
+    service verifying many requests at once pays in full. Raise ``memory_kib``
+    first if you can afford it.
+
+    A stored hash is verified only when its parameters are within
+    ``max_memory_kib`` / ``max_iterations`` / ``max_lanes`` and, unless
+    ``allow_weak``, at or above OWASP's minimum: anything else is refused with
+    InvalidHashError before any work is done. ``allow_weak=True`` permits
+    parameters below the minimum (fast tests); never in production.
+    """
+
+    memory_kib: int = 19456
+    iterations: int = 2
+    lanes: int = 1
+    salt_bytes: int = 16
+    hash_bytes: int = 32
+    max_memory_kib: int = 262144  # 256 MiB
+    max_iterations: int = 16
+    max_lanes: int = 16
+    allow_weak: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "memory_kib",
+            "iterations",
+            "lanes",
+            "salt_bytes",
+            "hash_bytes",
+            "max_memory_kib",
+            "max_iterations",
+            "max_lanes",
+        ):
+            number = getattr(self, name)
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ConfigurationError(f"Argon2Params.{name} must be a positive int")
+        if not isinstance(self.allow_weak, bool):
+            raise ConfigurationError("Argon2Params.allow_weak must be a bool")
+        if self.max_lanes > _MAX_LANES or self.max_iterations > 2**32 - 1:
+            raise ConfigurationError("Argon2Params bounds are beyond what Argon2 allows")
+        if self.memory_kib < 8 * self.lanes:
+            raise ConfigurationError("Argon2 needs at least 8 KiB of memory per lane")
+        min_salt = _MIN_WEAK_SALT if self.allow_weak else _MIN_SALT
+        if not min_salt <= self.salt_bytes <= _MAX_SALT:
+            raise ConfigurationError(f"Argon2Params.salt_bytes must be {min_salt} to {_MAX_SALT}")
+        if not _MIN_HASH <= self.hash_bytes <= _MAX_HASH:
+            raise ConfigurationError(f"Argon2Params.hash_bytes must be {_MIN_HASH} to {_MAX_HASH}")
+        if not self.allow_weak and (self.lanes < 1 or _weak(self.memory_kib, self.iterations)):
+            raise ConfigurationError(
+                f"Argon2id m={self.memory_kib} KiB, t={self.iterations} is below OWASP's "
+                "minimum (m=19456 KiB with t=2, or an equivalent); pass allow_weak=True "
+                "only for tests"
+            )
+        for value, bound, what in (
+            (self.memory_kib, self.max_memory_kib, "memory_kib"),
+            (self.iterations, self.max_iterations, "iterations"),
+            (self.lanes, self.max_lanes, "lanes"),
+        ):
+            if value > bound:
+                raise ConfigurationError(
+                    f"Argon2Params.{what} is {value}, above its own bound max_{what}={bound}"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    memory_kib: int
+    iterations: int
+    lanes: int
+    pepper_version: int
+    salt_bytes: int
+    hash_bytes: int
+    #: the string without keyid, as cryptography reads it
+    phc: str
+
+
+def _b64_size(text: str) -> int | None:
+    """The byte count of canonical unpadded standard base64, else None."""
+    if len(text) % 4 == 1:
+        return None
+    try:
+        raw = binascii.a2b_base64(text + "=" * (-len(text) % 4), strict_mode=True)
+    except binascii.Error:
+        return None
+    if binascii.b2a_base64(raw, newline=False).rstrip(b"=") != text.encode():
+        return None  # spare bits set: another string decodes to the same bytes
+    return len(raw)
+
+
+def _parse_phc(phc: object) -> _Stored:
+    if not isinstance(phc, str):
+        raise InvalidHashError(f"an Argon2id hash is a str, not {type(phc).__name__}")
+    match = _PHC.fullmatch(phc)
+    if match is None:
+        raise InvalidHashError(
+            "not an encx-async Argon2id hash "
+            "($argon2id$v=19$m=<KiB>,t=<n>,p=<n>,keyid=<version>$<salt>$<hash>)"
+        )
+    m, t, p, keyid = (int(group) for group in match.group(1, 2, 3, 4))
+    salt, digest = match[5], match[6]
+    salt_bytes, hash_bytes = _b64_size(salt), _b64_size(digest)
+    if salt_bytes is None or hash_bytes is None:
+        raise InvalidHashError("an Argon2id hash whose salt or hash is not canonical base64")
+    return _Stored(
+        m, t, p, keyid, salt_bytes, hash_bytes, f"$argon2id$v=19$m={m},t={t},p={p}${salt}${digest}"
+    )
+
+
+class SecureHasher:
+    """Salted, slow Argon2id hashes, with the pepper's derived key as Argon2's secret.
+
+    ``hash`` and ``verify`` run Argon2id in a worker thread; ``limiter`` (an
+    :class:`anyio.CapacityLimiter`) bounds how many run at once, and so the
+    memory they hold; by default :func:`argon2_limiter`, one per CPU.
+    """
+
+    __slots__ = ("_limiter", "_secret", "params", "pepper_version")
+
+    def __init__(
+        self,
+        pepper: bytes,
+        pepper_version: int,
+        params: Argon2Params | None = None,
+        *,
+        limiter: CapacityLimiter | None = None,
+    ) -> None:
+        raw, self.pepper_version = _check_pepper(pepper, pepper_version)
+        if params is None:
+            params = Argon2Params()
+        if not isinstance(params, Argon2Params):
+            raise ConfigurationError("params must be an encx_async Argon2Params")
+        self.params = params
+        self._secret = derive_key(raw, ARGON2_PURPOSE)
+        self._limiter = limiter
+
+    def __repr__(self) -> str:
+        return f"SecureHasher(pepper_version={self.pepper_version}, params={self.params!r})"
+
+    def _derive(self, data: bytes) -> str:
+        params = self.params
+        kdf = Argon2id(
+            salt=os.urandom(params.salt_bytes),
+            length=params.hash_bytes,
+            iterations=params.iterations,
+            lanes=params.lanes,
+            memory_cost=params.memory_kib,
+            secret=self._secret,
+        )
+        # "$argon2id$v=19$m=..,t=..,p=..$salt$hash": keyid goes after the parameters.
+        _, _, version, costs, salt, digest = kdf.derive_phc_encoded(data).split("$")
+        return f"$argon2id${version}${costs},keyid={self.pepper_version}${salt}${digest}"
+
+    async def hash(self, value: object) -> str:
+        """A new Argon2id hash of ``value``, with a fresh random salt."""
+        data = encode_value(value)
+        limiter = argon2_limiter() if self._limiter is None else self._limiter
+        return await anyio.to_thread.run_sync(self._derive, data, limiter=limiter)
+
+    def _check_bounds(self, stored: _Stored) -> None:
+        params = self.params
+        if stored.pepper_version != self.pepper_version:
+            raise _version_mismatch("Argon2id hash", stored.pepper_version, self.pepper_version)
+        for value, bound, what in (
+            (stored.memory_kib, params.max_memory_kib, "KiB of memory"),
+            (stored.iterations, params.max_iterations, "iterations"),
+            (stored.lanes, params.max_lanes, "lanes"),
+        ):
+            if value > bound:
+                raise InvalidHashError(
+                    f"the stored Argon2id hash asks for {value:,} {what}; the bound is {bound:,}"
+                )
+        if stored.memory_kib < 8 * stored.lanes:
+            raise InvalidHashError("the stored Argon2id hash has under 8 KiB of memory per lane")
+        min_salt = _MIN_WEAK_SALT if params.allow_weak else _MIN_SALT
+        if not min_salt <= stored.salt_bytes <= _MAX_SALT:
+            raise InvalidHashError(
+                f"the stored Argon2id hash has a {stored.salt_bytes}-byte salt; "
+                f"{min_salt} to {_MAX_SALT} are accepted"
+            )
+        if not _MIN_HASH <= stored.hash_bytes <= _MAX_HASH:
+            raise InvalidHashError(
+                f"the stored Argon2id hash is {stored.hash_bytes} bytes; "
+                f"{_MIN_HASH} to {_MAX_HASH} are accepted"
+            )
+        if not params.allow_weak and _weak(stored.memory_kib, stored.iterations):
+            # Nothing here makes such a hash without allow_weak: it was tampered with.
+            raise InvalidHashError(
+                f"the stored Argon2id hash (m={stored.memory_kib}, t={stored.iterations}) "
+                "is below OWASP's minimum"
+            )
+
+    def _matches(self, data: bytes, phc: str) -> bool:
+        try:
+            Argon2id.verify_phc_encoded(data, phc, secret=self._secret)
+        except InvalidKey:
+            return False
+        return True
+
+    async def verify(self, value: object, phc: str) -> bool:
+        """Whether ``phc`` is an Argon2id hash of ``value``.
+
+        Raises InvalidHashError when ``phc`` is malformed, names another pepper
+        version, or has parameters outside the bounds of :attr:`params`.
+        """
+        stored = _parse_phc(phc)
+        self._check_bounds(stored)
+        data = encode_value(value)
+        limiter = argon2_limiter() if self._limiter is None else self._limiter
+        return await anyio.to_thread.run_sync(self._matches, data, stored.phc, limiter=limiter)
+
+    def needs_rehash(self, phc: str) -> bool:
+        """Whether ``phc`` was made with other parameters or another pepper version.
+
+        True means: after a successful :meth:`verify`, store ``await hash(value)``
+        in its place. Raises InvalidHashError when ``phc`` is malformed.
+        """
+        stored = _parse_phc(phc)
+        params = self.params
+        return (
+            stored.pepper_version != self.pepper_version
+            or stored.memory_kib != params.memory_kib
+            or stored.iterations != params.iterations
+            or stored.lanes != params.lanes
+            or stored.salt_bytes != params.salt_bytes
+            or stored.hash_bytes != params.hash_bytes
+        )

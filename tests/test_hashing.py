@@ -1,0 +1,402 @@
+"""Blind indexes and Argon2id hashes: vectors, verification, and hostile stored hashes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import re
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from encx_async import ConfigurationError, InvalidHashError, InvalidValueError
+from encx_async._hashing import (
+    ARGON2_PURPOSE,
+    BLIND_INDEX_PURPOSE,
+    Argon2Params,
+    BasicHasher,
+    SecureHasher,
+    argon2_limiter,
+    derive_key,
+)
+from encx_async._values import encode_value
+
+PEPPER = bytes(range(1, 33))
+OTHER_PEPPER = bytes(range(101, 133))
+# Fast enough for many tests; the defaults get their own tests below.
+FAST = Argon2Params(memory_kib=64, iterations=1, lanes=1, allow_weak=True)
+VALUE = "jane.doe@example.com"
+
+
+@pytest.fixture
+def basic() -> BasicHasher:
+    return BasicHasher(PEPPER, 1)
+
+
+@pytest.fixture
+def secure() -> SecureHasher:
+    return SecureHasher(PEPPER, 1, FAST)
+
+
+# -- key derivation -----------------------------------------------------------------
+
+
+def test_derived_keys_are_hkdf_sha256_of_the_pepper_per_purpose() -> None:
+    for purpose in (BLIND_INDEX_PURPOSE, ARGON2_PURPOSE):
+        expected = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"encx-async v1 " + purpose
+        ).derive(PEPPER)
+        assert derive_key(PEPPER, purpose) == expected
+    assert derive_key(PEPPER, BLIND_INDEX_PURPOSE) != derive_key(PEPPER, ARGON2_PURPOSE)
+    assert PEPPER not in (derive_key(PEPPER, BLIND_INDEX_PURPOSE), derive_key(PEPPER, b"x"))
+
+
+@pytest.mark.parametrize(
+    ("pepper", "version", "words"),
+    [
+        (b"short", 1, "32 bytes"),
+        (bytes(32), 1, "all zero"),
+        ("a" * 32, 1, "bytes"),
+        (PEPPER, 0, "1 to"),
+        (PEPPER, 2**31, "1 to"),
+        (PEPPER, True, "int"),
+        (PEPPER, "1", "int"),
+    ],
+)
+def test_bad_peppers_and_versions_are_refused(pepper: object, version: object, words: str) -> None:
+    for make in (BasicHasher, SecureHasher):
+        with pytest.raises(ConfigurationError, match=words):
+            make(pepper, version)  # type: ignore[arg-type]
+
+
+# -- blind index ----------------------------------------------------------------------
+
+
+def test_blind_index_vector_matches_an_independent_computation(basic: BasicHasher) -> None:
+    key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"encx-async v1 blind index"
+    ).derive(PEPPER)
+    message = b"\x01\x04" + len(VALUE).to_bytes(4, "big") + VALUE.encode()
+    mac = hmac.new(key, message, hashlib.sha256).digest()
+    expected = "hb1:1:" + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    assert basic.hash(VALUE) == expected
+    # Pinned, so a change to the encoding or the derivation cannot pass unnoticed.
+    assert expected == "hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E"
+
+
+def test_blind_index_is_deterministic_and_shaped(basic: BasicHasher) -> None:
+    digest = basic.hash(VALUE)
+    assert digest == basic.hash(VALUE) == BasicHasher(PEPPER, 1).hash(VALUE)
+    assert re.fullmatch(r"hb1:1:[A-Za-z0-9_-]{43}", digest)
+    assert BasicHasher(PEPPER, 7).hash(VALUE).startswith("hb1:7:")
+
+
+def test_blind_index_separates_values_types_and_peppers(basic: BasicHasher) -> None:
+    digests = {basic.hash(v) for v in (VALUE, VALUE.upper(), 1, True, "1", b"1", [1], None, 1.0)}
+    assert len(digests) == 9
+    assert basic.hash(VALUE) != BasicHasher(OTHER_PEPPER, 1).hash(VALUE)
+
+
+def test_blind_index_verify(basic: BasicHasher) -> None:
+    digest = basic.hash(VALUE)
+    assert basic.verify(VALUE, digest) is True
+    assert basic.verify(VALUE + " ", digest) is False
+    assert BasicHasher(OTHER_PEPPER, 1).verify(VALUE, digest) is False
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "",
+        "hb1:1:",
+        "hb2:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E",
+        "hb1:01:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E",
+        "hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E=",
+        "hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0",  # a character short
+        "hb1:1:TtEROpPQCSJ/aygG9/gCeqTsiYaJ0Ly5ReBmUSPip0E",  # standard, not url-safe, base64
+        "hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0F",  # spare bits set
+        "hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E0",  # a character long
+        "hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E\n",
+        "hb1:12345678901:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E",
+        "hb1:\u0661:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E",  # an Arabic-Indic one
+    ],
+)
+def test_blind_index_verify_refuses_malformed_digests(basic: BasicHasher, digest: str) -> None:
+    with pytest.raises(InvalidHashError, match="not an encx-async blind index"):
+        basic.verify(VALUE, digest)
+
+
+@pytest.mark.parametrize("digest", [None, b"hb1:1:xx", 12])
+def test_blind_index_verify_refuses_non_str(basic: BasicHasher, digest: object) -> None:
+    with pytest.raises(InvalidHashError, match="str"):
+        basic.verify(VALUE, digest)  # type: ignore[arg-type]
+
+
+def test_blind_index_of_another_pepper_version_is_refused_naming_both(basic: BasicHasher) -> None:
+    digest = BasicHasher(OTHER_PEPPER, 2).hash(VALUE)
+    with pytest.raises(InvalidHashError, match=r"names pepper version 2.*has pepper version 1"):
+        basic.verify(VALUE, digest)
+
+
+def test_unsupported_values_are_refused_by_both_hashers(basic: BasicHasher) -> None:
+    with pytest.raises(InvalidValueError, match="set"):
+        basic.hash({VALUE})
+    with pytest.raises(InvalidValueError, match="set"):
+        basic.verify({VALUE}, basic.hash(VALUE))
+
+
+# -- Argon2id -------------------------------------------------------------------------
+
+PHC = re.compile(
+    r"\$argon2id\$v=19\$m=(\d+),t=(\d+),p=(\d+),keyid=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)"
+)
+
+
+async def test_secure_round_trip(secure: SecureHasher) -> None:
+    phc = await secure.hash(VALUE)
+    match = PHC.fullmatch(phc)
+    assert match is not None
+    assert match.groups()[:4] == ("64", "1", "1", "1")
+    assert await secure.verify(VALUE, phc) is True
+    assert await secure.verify(VALUE + "x", phc) is False
+    assert await secure.verify([VALUE], phc) is False
+    assert await SecureHasher(OTHER_PEPPER, 1, FAST).verify(VALUE, phc) is False
+
+
+async def test_secure_hashes_are_salted(secure: SecureHasher) -> None:
+    first, second = await secure.hash(VALUE), await secure.hash(VALUE)
+    assert first != second
+    assert await secure.verify(VALUE, first)
+    assert await secure.verify(VALUE, second)
+
+
+async def test_secure_hash_is_standard_argon2id_with_the_derived_secret(
+    secure: SecureHasher,
+) -> None:
+    phc = await secure.hash(VALUE)
+    standard = phc.replace(",keyid=1", "")
+    secret = derive_key(PEPPER, b"argon2 secret")
+    Argon2id.verify_phc_encoded(encode_value(VALUE), standard, secret=secret)  # no error
+
+
+async def test_default_parameters_round_trip() -> None:
+    hasher = SecureHasher(PEPPER, 3)
+    assert hasher.params == Argon2Params(memory_kib=19456, iterations=2, lanes=1)
+    phc = await hasher.hash(VALUE)
+    assert phc.startswith("$argon2id$v=19$m=19456,t=2,p=1,keyid=3$")
+    assert await hasher.verify(VALUE, phc)
+    assert not hasher.needs_rehash(phc)
+
+
+async def test_secure_hash_does_not_block_the_event_loop() -> None:
+    hasher = SecureHasher(PEPPER, 1)  # default parameters: tens of ms per hash
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    results = await asyncio.gather(*(hasher.hash(f"{VALUE}{i}") for i in range(5)))
+    done = True
+    await task
+    assert len(set(results)) == 5
+    # Had the hashes run on the loop, the ticker would have run between them only.
+    assert ticks > 100
+
+
+async def test_argon2_runs_one_call_per_cpu_by_default() -> None:
+    limiter = argon2_limiter()
+    assert limiter is argon2_limiter()  # one per event loop, shared by every hasher
+    assert 1 <= limiter.total_tokens <= (os.cpu_count() or 1)
+    hasher = SecureHasher(PEPPER, 1, FAST)
+    await asyncio.gather(*(hasher.hash(VALUE) for _ in range(8)))
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_a_given_limiter_bounds_the_calls() -> None:
+    limiter = anyio.CapacityLimiter(1)
+    hasher = SecureHasher(PEPPER, 1, FAST, limiter=limiter)
+    results = await asyncio.gather(*(hasher.hash(VALUE) for _ in range(4)))
+    assert all([await hasher.verify(VALUE, phc) for phc in results])
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_secure_verify_of_another_pepper_version_is_refused(secure: SecureHasher) -> None:
+    phc = await SecureHasher(PEPPER, 2, FAST).hash(VALUE)
+    with pytest.raises(InvalidHashError, match=r"names pepper version 2.*has pepper version 1"):
+        await secure.verify(VALUE, phc)
+
+
+async def test_needs_rehash(secure: SecureHasher) -> None:
+    phc = await secure.hash(VALUE)
+    assert not secure.needs_rehash(phc)
+    for params in (
+        Argon2Params(memory_kib=128, iterations=1, lanes=1, allow_weak=True),
+        Argon2Params(memory_kib=64, iterations=2, lanes=1, allow_weak=True),
+        Argon2Params(memory_kib=64, iterations=1, lanes=2, allow_weak=True),
+        Argon2Params(memory_kib=64, iterations=1, lanes=1, salt_bytes=32, allow_weak=True),
+        Argon2Params(memory_kib=64, iterations=1, lanes=1, hash_bytes=16, allow_weak=True),
+        Argon2Params(),
+    ):
+        assert SecureHasher(PEPPER, 1, params).needs_rehash(phc), params
+    assert SecureHasher(PEPPER, 2, FAST).needs_rehash(phc)
+    with pytest.raises(InvalidHashError):
+        secure.needs_rehash("$argon2i$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA")
+
+
+SALT = "c2FsdHNhbHRzYWx0c2FsdA"  # 16 bytes
+HASH = "aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g"  # 32 bytes
+
+
+def phc(params: str = "m=64,t=1,p=1,keyid=1", salt: str = SALT, digest: str = HASH) -> str:
+    return f"$argon2id$v=19${params}${salt}${digest}"
+
+
+@pytest.mark.parametrize(
+    ("stored", "words"),
+    [
+        (phc("m=4194304,t=1,p=1,keyid=1"), "4,194,304 KiB of memory"),
+        (phc("m=64,t=1000000,p=1,keyid=1"), "1,000,000 iterations"),
+        (phc("m=4096,t=1,p=255,keyid=1"), "255 lanes"),
+        (phc("m=64,t=1,p=9,keyid=1"), "8 KiB of memory per lane"),
+        (phc("m=" + "9" * 30 + ",t=1,p=1,keyid=1"), "not an encx-async Argon2id hash"),
+        (phc("m=064,t=1,p=1,keyid=1"), "not an encx-async"),
+        (phc("m=64,t=01,p=1,keyid=1"), "not an encx-async"),
+        (phc("m=64,t=1,p=1,keyid=01"), "not an encx-async"),
+        (phc("m=0,t=1,p=1,keyid=1"), "not an encx-async"),
+        (phc("m=64,t=1,p=1"), "not an encx-async"),
+        (phc("t=1,m=64,p=1,keyid=1"), "not an encx-async"),
+        (phc("m=64,t=1,p=1,keyid=1,data=AAAA"), "not an encx-async"),
+        (phc().replace("argon2id", "argon2i"), "not an encx-async"),
+        (phc().replace("argon2id", "argon2d"), "not an encx-async"),
+        (phc().replace("v=19", "v=16"), "not an encx-async"),
+        (phc().replace("$v=19", ""), "not an encx-async"),
+        (phc(salt=""), "not an encx-async"),
+        (phc(digest=""), "not an encx-async"),
+        (phc(salt=SALT + "=="), "not an encx-async"),
+        (phc(salt=SALT.replace("c", "-")), "not an encx-async"),
+        (phc(salt="A" * 4000), "not an encx-async"),
+        (phc(digest="A" * 4000), "not an encx-async"),
+        (phc(salt="c2FsdHNhbHRzYWx0c2FsdB"), "canonical base64"),  # spare bits set
+        (phc(salt="c2FsdHNhbHRzYWx0c2FsdAB"), "canonical base64"),  # 4n+1 characters
+        (phc(digest="aGFzaGhhc2g"), "8 bytes"),
+        (phc() + "$", "not an encx-async"),
+        (phc() + "\n", "not an encx-async"),
+        (" " + phc(), "not an encx-async"),
+        ("", "not an encx-async"),
+        ("hb1:1:TtEROpPQCSJ_aygG9_gCeqTsiYaJ0Ly5ReBmUSPip0E", "not an encx-async"),
+    ],
+)
+async def test_hostile_stored_hashes_are_refused_before_any_work(
+    secure: SecureHasher, stored: str, words: str
+) -> None:
+    with pytest.raises(InvalidHashError, match=re.escape(words)):
+        await secure.verify(VALUE, stored)
+
+
+@pytest.mark.parametrize("stored", [None, b"$argon2id$", 5])
+async def test_secure_verify_refuses_non_str(secure: SecureHasher, stored: object) -> None:
+    with pytest.raises(InvalidHashError, match="str"):
+        await secure.verify(VALUE, stored)  # type: ignore[arg-type]
+
+
+async def test_short_salts_are_refused_by_a_strict_hasher() -> None:
+    stored = phc("m=19456,t=2,p=1,keyid=1", salt="c2FsdHNhbHQ")  # 8 bytes
+    with pytest.raises(InvalidHashError, match="8-byte salt"):
+        await SecureHasher(PEPPER, 1).verify(VALUE, stored)
+
+
+async def test_weak_stored_hashes_are_refused_by_a_strict_hasher() -> None:
+    weak = await SecureHasher(PEPPER, 1, FAST).hash(VALUE)
+    with pytest.raises(InvalidHashError, match="below OWASP's minimum"):
+        await SecureHasher(PEPPER, 1).verify(VALUE, weak)
+
+
+async def test_hash_error_messages_never_hold_the_value_or_the_hash(secure: SecureHasher) -> None:
+    stored = await secure.hash(VALUE)
+    salt_and_hash = stored.split("$", 4)[4]
+    tampered = [
+        stored.replace("m=64", "m=999999999"),
+        stored.replace("keyid=1", "keyid=5"),
+        stored + "$x",
+        stored.replace("argon2id", "argon2i"),
+    ]
+    for bad in tampered:
+        with pytest.raises(InvalidHashError) as caught:
+            await secure.verify(VALUE, bad)
+        message = str(caught.value)
+        assert VALUE not in message
+        assert salt_and_hash.split("$")[0] not in message
+        assert salt_and_hash.split("$")[1] not in message
+
+
+# -- parameters -----------------------------------------------------------------------
+
+
+def test_default_parameters_meet_owasp() -> None:
+    params = Argon2Params()
+    assert (params.memory_kib, params.iterations, params.lanes) == (19456, 2, 1)
+    assert (params.salt_bytes, params.hash_bytes) == (16, 32)
+    assert (params.max_memory_kib, params.max_iterations, params.max_lanes) == (262144, 16, 16)
+    Argon2Params(memory_kib=47104, iterations=1)  # OWASP's other configurations
+    Argon2Params(memory_kib=7168, iterations=5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"memory_kib": 19455}, "below OWASP"),
+        ({"iterations": 1}, "below OWASP"),
+        ({"memory_kib": 7168, "iterations": 4}, "below OWASP"),
+        ({"memory_kib": 0, "allow_weak": True}, "positive"),
+        ({"iterations": -1}, "positive"),
+        ({"lanes": True}, "positive"),
+        ({"memory_kib": 1.5e6}, "positive"),
+        ({"memory_kib": 16, "lanes": 4, "allow_weak": True}, "8 KiB"),
+        ({"salt_bytes": 8}, "salt_bytes"),
+        ({"salt_bytes": 65}, "salt_bytes"),
+        ({"hash_bytes": 8}, "hash_bytes"),
+        ({"memory_kib": 300000}, "max_memory_kib"),
+        ({"iterations": 17}, "max_iterations"),
+        ({"lanes": 17}, "max_lanes"),
+        ({"allow_weak": 1}, "bool"),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words):
+        Argon2Params(**kwargs)  # type: ignore[arg-type]
+
+
+def test_weak_parameters_need_allow_weak() -> None:
+    assert Argon2Params(memory_kib=8, iterations=1, salt_bytes=8, allow_weak=True).allow_weak
+    with pytest.raises(ConfigurationError, match="allow_weak"):
+        Argon2Params(memory_kib=8, iterations=1)
+
+
+def test_params_must_be_argon2_params() -> None:
+    with pytest.raises(ConfigurationError, match="Argon2Params"):
+        SecureHasher(PEPPER, 1, {"memory_kib": 64})  # type: ignore[arg-type]
+
+
+def test_reprs_show_versions_and_numbers_only() -> None:
+    for hasher in (BasicHasher(PEPPER, 4), SecureHasher(PEPPER, 4, FAST)):
+        text = repr(hasher)
+        assert "pepper_version=4" in text
+        for secret in (PEPPER, derive_key(PEPPER, BLIND_INDEX_PURPOSE)):
+            for shown in (secret.hex(), repr(secret), base64.b64encode(secret).decode()):
+                assert shown not in text
+        assert not hasattr(hasher, "__dict__")
+    assert repr(FAST) == (
+        "Argon2Params(memory_kib=64, iterations=1, lanes=1, salt_bytes=16, hash_bytes=32, "
+        "max_memory_kib=262144, max_iterations=16, max_lanes=16, allow_weak=True)"
+    )

@@ -43,10 +43,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Both benchmarks with their default settings (well under a minute on two cores)."""
+    """Every benchmark with its default settings (about a minute on two cores)."""
     _install(session)
     session.run("python", "-m", "benchmarks.core")
     session.run("python", "-m", "benchmarks.cache")
+    session.run("python", "-m", "benchmarks.hashing")
 
 
 @nox.session

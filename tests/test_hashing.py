@@ -400,3 +400,46 @@ def test_reprs_show_versions_and_numbers_only() -> None:
         "Argon2Params(memory_kib=64, iterations=1, lanes=1, salt_bytes=16, hash_bytes=32, "
         "max_memory_kib=262144, max_iterations=16, max_lanes=16, allow_weak=True)"
     )
+
+
+# -- verification takes no shortcut --------------------------------------------
+# A verify that compared strings with == would leak, through timing, how much of
+# a guess is right; these check both verifies go through constant-time code.
+
+
+def test_verify_basic_compares_through_compare_digest(
+    basic: BasicHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[object, object]] = []
+    real = hmac.compare_digest
+
+    def spy(a: str, b: str) -> bool:
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("encx_async._hashing.hmac.compare_digest", spy)
+    digest = basic.hash("alice@example.com")
+    assert basic.verify("alice@example.com", digest)
+    assert not basic.verify("mallory@example.com", digest)
+    assert len(seen) == 2
+    assert all(b == digest for _, b in seen)
+
+
+async def test_verify_secure_leaves_the_comparison_to_argon2(
+    secure: SecureHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = Argon2id.verify_phc_encoded
+
+    def spy(key_material: bytes, phc: str, secret: bytes | None = None) -> None:
+        calls.append(phc)
+        real(key_material, phc, secret=secret)
+
+    monkeypatch.setattr(
+        "encx_async._hashing.Argon2id.verify_phc_encoded", staticmethod(spy), raising=True
+    )
+    phc = await secure.hash("correct horse")
+    assert await secure.verify("correct horse", phc)
+    assert not await secure.verify("wrong horse", phc)
+    assert len(calls) == 2
+    assert all("keyid" not in c for c in calls)  # our addition is stripped first

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TextIO
+from typing import Any, Self, TextIO, TypeVar
 
 from anyio.abc import AsyncResource
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -26,6 +26,7 @@ __all__ = [
     "BENCH_ALIAS",
     "BENCH_DATABASE",
     "CONTEXT",
+    "TICK",
     "AwsTarget",
     "Check",
     "DelayedKMS",
@@ -37,6 +38,7 @@ __all__ = [
     "check_lines",
     "ensure_key",
     "fmt_rate",
+    "max_lag",
     "open_crypto",
     "progress_default",
     "raw_aesgcm_loops",
@@ -52,6 +54,10 @@ BENCH_ALIAS = "alias/encx-bench"
 BENCH_DATABASE = "sqlite:///:memory:"
 #: The encryption context every benchmark encrypts under.
 CONTEXT: Mapping[str, str] = {"tenant": "bench"}
+#: The sleep of the lag probe's ticker, in seconds.
+TICK = 0.001
+
+_T = TypeVar("_T")
 
 #: ``await loop(n)`` performs ``n`` operations back to back.
 Loop = Callable[[int], Awaitable[object]]
@@ -126,6 +132,37 @@ def raw_aesgcm_loops(size: int) -> dict[str, Loop]:
         "framed encrypt": framed_encrypt,
         "framed decrypt": framed_decrypt,
     }
+
+
+async def max_lag(work: Callable[[], Awaitable[_T]]) -> tuple[float, float, _T]:
+    """The worst lateness of a 1 ms ticker while ``work`` runs, the work's time (ms), its result.
+
+    The ticker asks for 1 ms of sleep over and over; anything beyond that is time
+    the event loop could not run it, because the thread holding the GIL or the
+    loop itself was busy. The result is handed back rather than dropped, so that
+    freeing a large buffer (the caller's business, whenever it is done with it)
+    does not count against the call being measured.
+    """
+    worst = 0.0
+    running = True
+
+    async def ticker() -> None:
+        nonlocal worst
+        while running:
+            start = time.perf_counter()
+            await asyncio.sleep(TICK)
+            worst = max(worst, time.perf_counter() - start - TICK)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(5 * TICK)  # let the ticker settle into its rhythm
+    start = time.perf_counter()
+    try:
+        result = await work()
+    finally:
+        elapsed = time.perf_counter() - start
+        running = False
+        await task
+    return worst * 1000, elapsed * 1000, result
 
 
 # -- output ----------------------------------------------------------------------

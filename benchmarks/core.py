@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from encx_async import DEFAULT_THREAD_THRESHOLD, Crypto, DEKCache, KeyManagementService
@@ -36,6 +36,7 @@ from ._common import (
     best_rates,
     ensure_key,
     fmt_rate,
+    max_lag,
     open_crypto,
     raw_aesgcm_loops,
     run_script,
@@ -44,7 +45,6 @@ from ._common import (
 
 LOW_LEVEL_TARGET = 0.8  # encrypt_data / decrypt_data against AES-GCM of the same bytes
 LAG_TARGET_MS = 10.0  # worst event-loop stall during a large high-level call
-TICK = 0.001
 IDLE = "idle loop (baseline)"
 HIGH_ENCRYPT = "encrypt (high level)"
 HIGH_DECRYPT = "decrypt (high level)"
@@ -102,37 +102,6 @@ def encx_loops(crypto: Crypto, size: int) -> dict[str, Loop]:
         "encrypt": high_encrypt,
         "decrypt": high_decrypt,
     }
-
-
-async def max_lag(work: Callable[[], Awaitable[bytes]]) -> tuple[float, float, bytes]:
-    """The worst lateness of a 1 ms ticker while ``work`` runs, the work's time (ms), its result.
-
-    The ticker asks for 1 ms of sleep over and over; anything beyond that is time
-    the event loop could not run it, because the thread holding the GIL or the
-    loop itself was busy. The result is handed back rather than dropped, so that
-    freeing a large buffer (the caller's business, whenever it is done with it)
-    does not count against the call being measured.
-    """
-    worst = 0.0
-    running = True
-
-    async def ticker() -> None:
-        nonlocal worst
-        while running:
-            start = time.perf_counter()
-            await asyncio.sleep(TICK)
-            worst = max(worst, time.perf_counter() - start - TICK)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(5 * TICK)  # let the ticker settle into its rhythm
-    start = time.perf_counter()
-    try:
-        result = await work()
-    finally:
-        elapsed = time.perf_counter() - start
-        running = False
-        await task
-    return worst * 1000, elapsed * 1000, result
 
 
 async def lag_figures(crypto: Crypto, mib: int, repeats: int) -> dict[str, dict[str, float]]:

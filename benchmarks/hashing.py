@@ -40,11 +40,20 @@ from encx_async._hashing import (
 )
 from encx_async._values import encode_value
 
-from ._common import Check, Loop, Output, best_rates, fmt_rate, run_script, table
+from ._common import (
+    TICK,
+    Check,
+    Loop,
+    Output,
+    best_rates,
+    fmt_rate,
+    max_lag,
+    run_script,
+    table,
+)
 
 BASIC_TARGET = 0.8  # hash_basic against stdlib HMAC-SHA256 of the same encoded bytes
 LAG_TARGET_MS = 10.0  # worst event-loop stall while Argon2id hashes run concurrently
-TICK = 0.001
 PEPPER = bytes(range(1, 33))  # a benchmark pepper: fixed, so runs are comparable
 VALUE = "jane.doe@example.com"
 BASIC = "hash_basic"
@@ -94,28 +103,12 @@ async def idle_lag(seconds: float = 0.5) -> float:
 
 async def secure_run(hasher: SecureHasher, calls: int) -> tuple[float, float]:
     """The worst lateness (ms) of a 1 ms ticker while ``calls`` hashes run at once, and their ms."""
-    worst = 0.0
-    running = True
-
-    async def ticker() -> None:
-        nonlocal worst
-        while running:
-            start = time.perf_counter()
-            await asyncio.sleep(TICK)
-            worst = max(worst, time.perf_counter() - start - TICK)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(5 * TICK)  # let the ticker settle into its rhythm
-    start = time.perf_counter()
-    try:
-        digests = await asyncio.gather(*(hasher.hash(f"{VALUE}{i}") for i in range(calls)))
-    finally:
-        elapsed = time.perf_counter() - start
-        running = False
-        await task
+    lag, elapsed, digests = await max_lag(
+        lambda: asyncio.gather(*(hasher.hash(f"{VALUE}{i}") for i in range(calls)))
+    )
     if len(set(digests)) != calls:
         raise AssertionError("two Argon2id hashes came out equal")
-    return worst * 1000, elapsed * 1000
+    return lag, elapsed
 
 
 async def secure_figures(

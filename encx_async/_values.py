@@ -66,25 +66,24 @@ FORMAT_VERSION: Final = 1
 #: lists nested deeper than this are refused, when encoding and decoding
 MAX_DEPTH: Final = 32
 
-#: The classes a field may hold (subclasses of these, bool aside, are accepted too).
-SUPPORTED_TYPES: Final[frozenset[type]] = frozenset(
-    {
-        type(None),
-        bool,
-        int,
-        float,
-        str,
-        bytes,
-        bytearray,
-        memoryview,
-        dt.datetime,
-        dt.date,
-        uuid.UUID,
-        Decimal,
-        list,
-        tuple,
-    }
+# The scalar classes a subclass is classified by, checked in this order, so a
+# datetime is never taken for a date (bool cannot be subclassed, and exact bools
+# never get here).
+_BASES: tuple[type, ...] = (
+    int,
+    float,
+    str,
+    bytes,
+    bytearray,
+    memoryview,
+    dt.datetime,
+    dt.date,
+    uuid.UUID,
+    Decimal,
 )
+
+#: The classes a field may hold (subclasses of these, bool aside, are accepted too).
+SUPPORTED_TYPES: Final[frozenset[type]] = frozenset({type(None), bool, *_BASES, list, tuple})
 
 TAG_NONE: Final = 0x00
 TAG_BOOL: Final = 0x01
@@ -189,20 +188,6 @@ _SCALARS: dict[type, tuple[int, Callable[[typing.Any], bytes]]] = {
     uuid.UUID: (TAG_UUID, lambda v: int.to_bytes(v.int, 16, "big")),
     Decimal: (TAG_DECIMAL, _decimal_payload),
 }
-# Checked in this order, so a datetime is never taken for a date (bool cannot be
-# subclassed, and exact bools never get here).
-_BASES: tuple[type, ...] = (
-    int,
-    float,
-    str,
-    bytes,
-    bytearray,
-    memoryview,
-    dt.datetime,
-    dt.date,
-    uuid.UUID,
-    Decimal,
-)
 
 
 def _classify(value: object) -> tuple[int, Callable[[typing.Any], bytes]] | None:

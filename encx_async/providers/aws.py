@@ -27,8 +27,8 @@ payloads with a placeholder; nothing else about botocore's logging changes.
 
 :class:`SecretsManagerPepperSource` keeps the pepper of the keyed hashes (see
 :class:`~encx_async._pepper.Pepper`) in AWS Secrets Manager, creating it on a
-fleet's first boot if asked to; it attaches a second filter to the same
-loggers for the ``SecretString`` payloads.
+fleet's first boot if asked to; the same filter blanks its ``SecretString``
+payloads.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, NamedTuple, Self, TypeVar, cast
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
@@ -88,6 +88,7 @@ from encx_async.providers._common import (
 )
 
 if TYPE_CHECKING:
+    from aiobotocore.client import AioBaseClient
     from types_aiobotocore_kms import KMSClient
     from types_aiobotocore_kms.type_defs import (
         DecryptRequestTypeDef,
@@ -104,6 +105,7 @@ __all__ = ["Config", "KMSService", "RetryMode", "SecretsManagerPepperSource"]
 _log = logging.getLogger("encx_async.kms")
 
 _T = TypeVar("_T")
+_C = TypeVar("_C", bound="AioBaseClient")
 
 RetryMode = Literal["standard", "adaptive", "legacy"]
 """The botocore retry modes."""
@@ -458,6 +460,119 @@ def _check_wrapped(value: object) -> bytes:
     return ciphertext
 
 
+class _AwsClient(Generic[_C]):
+    """The one aiobotocore client of a provider, created on first use.
+
+    Owns what :class:`KMSService` and :class:`SecretsManagerPepperSource`
+    share: the session and region resolution, the client's exit stack, the
+    lock that makes concurrent first calls open one client, and closing.
+    ``service`` is the botocore service name, ``label`` how messages and log
+    lines name it. The owner keeps its closed flag and passes its check in.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        service: Literal["kms", "secretsmanager"],
+        label: str,
+        log: logging.Logger,
+    ) -> None:
+        self.config = config
+        self.service: Final = service
+        self.label: Final = label
+        self._log = log
+        self.client_config = config.build_client_config()
+        self.attempts = _total_attempts(self.client_config)
+        self.region: str | None = config.region
+        self.endpoint: str | None = config.endpoint_url
+        self.client: _C | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._open_lock = asyncio.Lock()
+
+    def describe(self, owner: str, *, closed: bool) -> str:
+        """The owner's repr: region, endpoint and state."""
+        if closed:
+            state = "closed"
+        elif self.client is not None:
+            state = "open"
+        else:
+            state = "not opened"
+        return f"{owner}(region={self.region!r}, endpoint_url={self.endpoint!r}, {state})"
+
+    async def get(self, raise_if_closed: Callable[[], None]) -> _C:
+        """The client, opened by the first caller; ``raise_if_closed`` is the owner's check."""
+        raise_if_closed()
+        client = self.client
+        if client is not None:
+            return client
+        async with self._open_lock:
+            raise_if_closed()
+            if self.client is None:
+                await self._open_locked()
+            assert self.client is not None
+            return self.client
+
+    async def close(self) -> None:
+        """Close the client, if it was opened; the owner marks itself closed first."""
+        async with self._open_lock:  # let an open in progress finish, then undo it
+            stack, self._stack, self.client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+            self._log.debug("%s client closed region=%s", self.label, self.region)
+
+    async def _open_locked(self) -> None:
+        config = self.config
+        try:
+            session = (
+                config.session if config.session is not None else AioSession(profile=config.profile)
+            )
+            region = (
+                config.region
+                or cast("str | None", getattr(config.client_config, "region_name", None))
+                or os.environ.get("AWS_REGION")
+                or cast("str | None", session.get_config_variable("region"))
+            )
+        except ProfileNotFound as exc:
+            raise ConfigurationError(
+                f"the AWS profile {config.profile!r} is not in the shared config files"
+            ) from exc
+        if not region:
+            raise ConfigurationError(
+                f"no AWS region is configured for {self.label}: set AWS_REGION (or "
+                "AWS_DEFAULT_REGION, or a region in the AWS profile) or pass Config(region=...)"
+            )
+        _redact.install()
+        stack = contextlib.AsyncExitStack()
+        try:
+            client = cast(
+                "_C",
+                await stack.enter_async_context(
+                    session.create_client(
+                        self.service,
+                        region_name=region,
+                        endpoint_url=config.endpoint_url,
+                        config=self.client_config,
+                    )
+                ),
+            )
+        except BotoCoreError as exc:
+            await stack.aclose()
+            raise ConfigurationError(
+                f"could not create a {self.label} client for region {region}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self.client = client
+        self.region = client.meta.region_name or region
+        self.endpoint = client.meta.endpoint_url
+        self._log.debug(
+            "%s client opened region=%s endpoint=%s", self.label, self.region, self.endpoint
+        )
+
+
 class KMSService(ProviderResource):
     """AWS KMS over one shared aiobotocore client.
 
@@ -478,14 +593,9 @@ class KMSService(ProviderResource):
     """
 
     def __init__(self, config: Config | None = None) -> None:
-        self._config = config if config is not None else Config()
-        self._client_config = self._config.build_client_config()
-        self._attempts = _total_attempts(self._client_config)
-        self._region: str | None = self._config.region
-        self._endpoint: str | None = self._config.endpoint_url
-        self._client: KMSClient | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._open_lock = asyncio.Lock()
+        self._aws: _AwsClient[KMSClient] = _AwsClient(
+            config if config is not None else Config(), "kms", "KMS", _log
+        )
         self._closed = False
         self._alias_cache: dict[str, tuple[str, float]] = {}
         # Bumped by every invalidation, so a lookup that was in flight across
@@ -503,41 +613,28 @@ class KMSService(ProviderResource):
 
     @property
     def config(self) -> Config:
-        return self._config
+        return self._aws.config
 
     @property
     def region(self) -> str | None:
         """The resolved region; ``None`` before opening when it comes from the environment."""
-        return self._region
+        return self._aws.region
 
     @property
     def endpoint_url(self) -> str | None:
         """The KMS endpoint in use; ``None`` until opened unless set in the config."""
-        return self._endpoint
+        return self._aws.endpoint
 
     def __repr__(self) -> str:
-        if self._closed:
-            state = "closed"
-        elif self._client is not None:
-            state = "open"
-        else:
-            state = "not opened"
-        return (
-            f"{type(self).__name__}(region={self._region!r}, "
-            f"endpoint_url={self._endpoint!r}, {state})"
-        )
+        return self._aws.describe(type(self).__name__, closed=self._closed)
 
     async def aclose(self) -> None:
         """Close the client and its connections; calling it again does nothing."""
         if self._closed:
             return
         self._closed = True
-        async with self._open_lock:  # let an open in progress finish, then undo it
-            stack, self._stack, self._client = self._stack, None, None
-            self._alias_cache.clear()
-        if stack is not None:
-            await stack.aclose()
-            _log.debug("KMS client closed region=%s", self._region)
+        self._alias_cache.clear()
+        await self._aws.close()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -545,75 +642,20 @@ class KMSService(ProviderResource):
         await self._ensure_client()
 
     async def _ensure_client(self) -> KMSClient:
-        self._raise_if_closed()
-        client = self._client
-        if client is not None:
-            return client
-        async with self._open_lock:
-            self._raise_if_closed()
-            if self._client is None:
-                await self._open_locked()
-            assert self._client is not None
-            return self._client
-
-    async def _open_locked(self) -> None:
-        config = self._config
-        try:
-            session = (
-                config.session if config.session is not None else AioSession(profile=config.profile)
-            )
-            region = (
-                config.region
-                or cast("str | None", getattr(config.client_config, "region_name", None))
-                or os.environ.get("AWS_REGION")
-                or cast("str | None", session.get_config_variable("region"))
-            )
-        except ProfileNotFound as exc:
-            raise ConfigurationError(
-                f"the AWS profile {config.profile!r} is not in the shared config files"
-            ) from exc
-        if not region:
-            raise ConfigurationError(
-                "no AWS region is configured for KMS: set AWS_REGION (or AWS_DEFAULT_REGION, "
-                "or a region in the AWS profile) or pass Config(region=...)"
-            )
-        _redact.install()
-        stack = contextlib.AsyncExitStack()
-        try:
-            client = await stack.enter_async_context(
-                session.create_client(
-                    "kms",
-                    region_name=region,
-                    endpoint_url=config.endpoint_url,
-                    config=self._client_config,
-                )
-            )
-        except BotoCoreError as exc:
-            await stack.aclose()
-            raise ConfigurationError(
-                f"could not create a KMS client for region {region}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        self._client = client
-        self._region = client.meta.region_name or region
-        self._endpoint = client.meta.endpoint_url
-        _log.debug("KMS client opened region=%s endpoint=%s", self._region, self._endpoint)
+        return await self._aws.get(self._raise_if_closed)
 
     # -- helpers -----------------------------------------------------------
 
     def _route(self, key_ref: str) -> str:
         """Check an ARN's region against ours; return the reference to send to KMS."""
         arn = _parse_kms_arn(key_ref)
-        if arn is None or self._region is None or arn.region == self._region:
+        if arn is None or self._aws.region is None or arn.region == self._aws.region:
             return key_ref
         if arn.is_multi_region_key:
-            return arn.with_region(self._region)
+            return arn.with_region(self._aws.region)
         raise KMSRegionMismatchError(
             f"{key_ref!r} is in region {arn.region}, but this KMSService uses region "
-            f"{self._region}; use a KMSService for {arn.region}, or a key in {self._region}"
+            f"{self._aws.region}; use a KMSService for {arn.region}, or a key in {self._aws.region}"
         )
 
     async def _call(
@@ -636,9 +678,9 @@ class KMSService(ProviderResource):
                 exc,
                 operation=operation,
                 key_ref=key_ref,
-                region=self._region,
-                endpoint=self._endpoint,
-                attempts=self._attempts,
+                region=self._aws.region,
+                endpoint=self._aws.endpoint,
+                attempts=self._aws.attempts,
             ) from exc
         except Exception as exc:
             if self._closed:
@@ -649,7 +691,7 @@ class KMSService(ProviderResource):
                 "KMS %s key=%s region=%s %s in %.1f ms",
                 operation,
                 _refs_text(key_ref),
-                self._region,
+                self._aws.region,
                 outcome,
                 (time.perf_counter() - started) * 1000,
             )
@@ -691,7 +733,7 @@ class KMSService(ProviderResource):
         generation = self._alias_generation
         metadata = await self._describe(target)
         arn = metadata.get("Arn") or metadata["KeyId"]
-        ttl = self._config.alias_cache_ttl
+        ttl = self._aws.config.alias_cache_ttl
         if ttl > 0 and not self._closed and generation == self._alias_generation:
             self._alias_cache[target] = (arn, self._clock() + ttl)
         return arn
@@ -744,7 +786,7 @@ class KMSService(ProviderResource):
                 raise type(err)(
                     f"{err} (the key {arn} was created without the alias)", code=err.code
                 ) from err.__cause__
-            ttl = self._config.alias_cache_ttl
+            ttl = self._aws.config.alias_cache_ttl
             if ttl > 0:
                 self._alias_cache[alias] = (arn, self._clock() + ttl)
         return arn
@@ -920,37 +962,6 @@ _CREATED_DESCRIPTION: Final = (
     "encx-async pepper: the key of keyed hashes (blind indexes, Argon2id). "
     "Do not change or delete it: every stored hash depends on it."
 )
-_SECRET_MARKERS: Final = ("SecretString", "SecretBinary", "encx_pepper")
-_REDACTED_VALUE: Final = "<redacted by encx-async: may contain a secret value>"
-
-
-class _RedactSecretValues(logging.Filter):
-    """Blank botocore debug records that carry a Secrets Manager secret value."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and any(_carries_secret(a) for a in args):
-            record.args = tuple(_REDACTED_VALUE if _carries_secret(a) else a for a in args)
-        return True
-
-
-def _carries_secret(value: object) -> bool:
-    if isinstance(value, bytes | bytearray):
-        return any(marker.encode() in value for marker in _SECRET_MARKERS)
-    if isinstance(value, str | dict):
-        text = str(value)
-        return any(marker in text for marker in _SECRET_MARKERS)
-    return False
-
-
-_SECRET_FILTER: Final = _RedactSecretValues()
-
-
-def _install_secret_filter() -> None:
-    for name in ("botocore.endpoint", "botocore.parsers"):
-        logger = logging.getLogger(name)
-        if _SECRET_FILTER not in logger.filters:
-            logger.addFilter(_SECRET_FILTER)
 
 
 class _ToleratedError(Exception):
@@ -1101,17 +1112,13 @@ class SecretsManagerPepperSource(ProviderResource):
     """
 
     def __init__(self, config: Config | None = None, *, kms_key_id: str | None = None) -> None:
-        self._config = config if config is not None else Config()
+        config = config if config is not None else Config()
         if kms_key_id is not None:
             check_key_ref(kms_key_id)
         self._kms_key_id = kms_key_id
-        self._client_config = self._config.build_client_config()
-        self._attempts = _total_attempts(self._client_config)
-        self._region: str | None = self._config.region
-        self._endpoint: str | None = self._config.endpoint_url
-        self._client: SecretsManagerClient | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._open_lock = asyncio.Lock()
+        self._aws: _AwsClient[SecretsManagerClient] = _AwsClient(
+            config, "secretsmanager", "Secrets Manager", _sm_log
+        )
         self._closed = False
 
     @classmethod
@@ -1123,40 +1130,27 @@ class SecretsManagerPepperSource(ProviderResource):
 
     @property
     def config(self) -> Config:
-        return self._config
+        return self._aws.config
 
     @property
     def region(self) -> str | None:
         """The resolved region; ``None`` before opening when it comes from the environment."""
-        return self._region
+        return self._aws.region
 
     @property
     def endpoint_url(self) -> str | None:
         """The Secrets Manager endpoint in use; ``None`` until opened unless set in the config."""
-        return self._endpoint
+        return self._aws.endpoint
 
     def __repr__(self) -> str:
-        if self._closed:
-            state = "closed"
-        elif self._client is not None:
-            state = "open"
-        else:
-            state = "not opened"
-        return (
-            f"{type(self).__name__}(region={self._region!r}, "
-            f"endpoint_url={self._endpoint!r}, {state})"
-        )
+        return self._aws.describe(type(self).__name__, closed=self._closed)
 
     async def aclose(self) -> None:
         """Close the client and its connections; calling it again does nothing."""
         if self._closed:
             return
         self._closed = True
-        async with self._open_lock:
-            stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
-            _sm_log.debug("Secrets Manager client closed region=%s", self._region)
+        await self._aws.close()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -1164,66 +1158,7 @@ class SecretsManagerPepperSource(ProviderResource):
         await self._ensure_client()
 
     async def _ensure_client(self) -> SecretsManagerClient:
-        self._raise_if_closed()
-        client = self._client
-        if client is not None:
-            return client
-        async with self._open_lock:
-            self._raise_if_closed()
-            if self._client is None:
-                await self._open_locked()
-            assert self._client is not None
-            return self._client
-
-    async def _open_locked(self) -> None:
-        config = self._config
-        try:
-            session = (
-                config.session if config.session is not None else AioSession(profile=config.profile)
-            )
-            region = (
-                config.region
-                or cast("str | None", getattr(config.client_config, "region_name", None))
-                or os.environ.get("AWS_REGION")
-                or cast("str | None", session.get_config_variable("region"))
-            )
-        except ProfileNotFound as exc:
-            raise ConfigurationError(
-                f"the AWS profile {config.profile!r} is not in the shared config files"
-            ) from exc
-        if not region:
-            raise ConfigurationError(
-                "no AWS region is configured for Secrets Manager: set AWS_REGION (or "
-                "AWS_DEFAULT_REGION, or a region in the AWS profile) or pass Config(region=...)"
-            )
-        _redact.install()
-        _install_secret_filter()
-        stack = contextlib.AsyncExitStack()
-        try:
-            client = await stack.enter_async_context(
-                session.create_client(
-                    "secretsmanager",
-                    region_name=region,
-                    endpoint_url=config.endpoint_url,
-                    config=self._client_config,
-                )
-            )
-        except BotoCoreError as exc:
-            await stack.aclose()
-            raise ConfigurationError(
-                f"could not create a Secrets Manager client for region {region}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        self._client = client
-        self._region = client.meta.region_name or region
-        self._endpoint = client.meta.endpoint_url
-        _sm_log.debug(
-            "Secrets Manager client opened region=%s endpoint=%s", self._region, self._endpoint
-        )
+        return await self._aws.get(self._raise_if_closed)
 
     async def _call(
         self,
@@ -1257,9 +1192,9 @@ class SecretsManagerPepperSource(ProviderResource):
                 exc,
                 operation=operation,
                 secret_id=secret_id,
-                region=self._region,
-                endpoint=self._endpoint,
-                attempts=self._attempts,
+                region=self._aws.region,
+                endpoint=self._aws.endpoint,
+                attempts=self._aws.attempts,
             ) from exc
         except Exception as exc:
             if self._closed:
@@ -1270,7 +1205,7 @@ class SecretsManagerPepperSource(ProviderResource):
                 "Secrets Manager %s secret=%s region=%s %s in %.1f ms",
                 operation,
                 secret_id,
-                self._region,
+                self._aws.region,
                 outcome,
                 (time.perf_counter() - started) * 1000,
             )
@@ -1362,10 +1297,10 @@ class SecretsManagerPepperSource(ProviderResource):
                 "pepper secret %s already exists in region %s (created by another instance); "
                 "reading it",
                 secret_id,
-                self._region,
+                self._aws.region,
             )
         else:
-            _sm_log.info("created pepper secret %s in region %s", secret_id, self._region)
+            _sm_log.info("created pepper secret %s in region %s", secret_id, self._aws.region)
 
     async def _read_back(self, secret_id: str) -> GetSecretValueResponseTypeDef:
         """GetSecretValue after a create, waiting out Secrets Manager's eventual consistency."""
@@ -1377,14 +1312,14 @@ class SecretsManagerPepperSource(ProviderResource):
                 await asyncio.sleep(delay)
         waited = sum(_READ_BACK_DELAYS)
         raise KMSUnavailableError(
-            f"Secrets Manager secret {secret_id!r} in region {self._region} was created (or "
+            f"Secrets Manager secret {secret_id!r} in region {self._aws.region} was created (or "
             f"reported to exist) but GetSecretValue still could not find a current value after "
             f"{waited:.1f} s; retry later",
             code="ResourceNotFoundException",
         )
 
     def _parse(self, secret_id: str, response: GetSecretValueResponseTypeDef) -> Pepper:
-        where = f"region {self._region}" if self._region else "the configured region"
+        where = f"region {self._aws.region}" if self._aws.region else "the configured region"
         text = response.get("SecretString")
         if text is None:
             raise ConfigurationError(

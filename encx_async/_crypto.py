@@ -303,6 +303,7 @@ class Crypto(AsyncResource):
         if self._closed:
             return
         self._closed = True
+        self._basic = self._secure = None  # the keys derived from the pepper go too
         if self._cache is not None:
             await self._cache.aclose()
         await self._keyring.aclose()
@@ -521,6 +522,7 @@ class Crypto(AsyncResource):
         return self._secure_hasher().needs_rehash(phc)
 
     def _basic_hasher(self) -> BasicHasher:
+        self._check_open()
         if self._basic is None:
             raise ConfigurationError("keyed hashes need a pepper: Crypto.create(pepper=...)")
         return self._basic

@@ -44,6 +44,8 @@ import binascii
 import hmac
 import os
 import re
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Final
 
@@ -103,6 +105,18 @@ _PHC = re.compile(
 _MIN_SALT, _MIN_WEAK_SALT, _MAX_SALT = 16, 8, 64
 _MIN_HASH, _MAX_HASH = 16, 64
 _MAX_LANES = 2**24 - 1  # Argon2's own limit
+
+
+# OpenSSL's Argon2id (as cryptography 50 ships it) can deadlock when two
+# multi-lane computations run at once in different threads: both wait forever,
+# holding their memory. Single-lane calls are unaffected, so only calls with
+# more than one lane (a setting, or a stored hash that asks for it) take turns,
+# process-wide, whatever the event loop.
+_MULTI_LANE = threading.Lock()
+
+
+def _lanes_guard(lanes: int) -> AbstractContextManager[object]:
+    return _MULTI_LANE if lanes > 1 else nullcontext()
 
 
 # One limiter per event loop (a limiter belongs to the loop that first waits on it).
@@ -253,7 +267,11 @@ class Argon2Params:
                 raise ConfigurationError(f"Argon2Params.{name} must be a positive int")
         if not isinstance(self.allow_weak, bool):
             raise ConfigurationError("Argon2Params.allow_weak must be a bool")
-        if self.max_lanes > _MAX_LANES or self.max_iterations > 2**32 - 1:
+        if (
+            self.max_lanes > _MAX_LANES
+            or self.max_iterations > 2**32 - 1
+            or self.max_memory_kib > 2**32 - 1
+        ):
             raise ConfigurationError("Argon2Params bounds are beyond what Argon2 allows")
         if self.memory_kib < 8 * self.lanes:
             raise ConfigurationError("Argon2 needs at least 8 KiB of memory per lane")
@@ -354,6 +372,10 @@ class SecureHasher:
         return f"SecureHasher(pepper_version={self.pepper_version}, params={self.params!r})"
 
     def _derive(self, data: bytes) -> str:
+        with _lanes_guard(self.params.lanes):
+            return self._derive_unguarded(data)
+
+    def _derive_unguarded(self, data: bytes) -> str:
         params = self.params
         kdf = Argon2id(
             salt=os.urandom(params.salt_bytes),
@@ -406,9 +428,10 @@ class SecureHasher:
                 "is below OWASP's minimum"
             )
 
-    def _matches(self, data: bytes, phc: str) -> bool:
+    def _matches(self, data: bytes, phc: str, lanes: int) -> bool:
         try:
-            Argon2id.verify_phc_encoded(data, phc, secret=self._secret)
+            with _lanes_guard(lanes):
+                Argon2id.verify_phc_encoded(data, phc, secret=self._secret)
         except InvalidKey:
             return False
         return True
@@ -423,7 +446,9 @@ class SecureHasher:
         self._check_bounds(stored)
         data = encode_value(value)
         limiter = argon2_limiter() if self._limiter is None else self._limiter
-        return await anyio.to_thread.run_sync(self._matches, data, stored.phc, limiter=limiter)
+        return await anyio.to_thread.run_sync(
+            self._matches, data, stored.phc, stored.lanes, limiter=limiter
+        )
 
     def needs_rehash(self, phc: str) -> bool:
         """Whether ``phc`` was made with other parameters or another pepper version.

@@ -178,9 +178,23 @@ class _ValueType:
         return all((item is None and self.item_optional) or self._scalar_ok(item) for item in value)
 
     def _scalar_ok(self, value: object) -> bool:
-        if self.scalar is float and isinstance(value, bool):
-            return False
+        if self.scalar in (int, float) and isinstance(value, bool):
+            return False  # True is an int to Python, but not the int a field declares
+        if self.scalar is _dt.date and isinstance(value, _dt.datetime):
+            return False  # a date field holding an instant would hash unlike its date
         return isinstance(value, _RUNTIME_TYPES.get(self.scalar, (self.scalar,)))
+
+    def coerce(self, value: object) -> object:
+        """An accepted value as the declared type, so it encodes and hashes as one.
+
+        The one widening allowed is int to float (``x: float = 1``): 1 and 1.0
+        must give the same ciphertext type and the same blind index.
+        """
+        if self.scalar is not float:
+            return value
+        if self.is_list and type(value) is list:
+            return [float(v) if type(v) is int else v for v in value]
+        return float(value) if isinstance(value, int) else value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -675,7 +689,8 @@ def _record_aad(model_name: str, record_id: object, fields: Sequence[str]) -> by
         except InvalidValueError as exc:
             raise InvalidValueError(f"record_id cannot be bound: {exc}") from None
     parts = [_AAD_MAGIC, _lp(model_name.encode()), _lp(rid), _U32.pack(len(fields))]
-    parts += [_lp(name.encode()) for name in fields]
+    # Sorted: reordering a model's field declarations must not orphan its records.
+    parts += [_lp(name.encode()) for name in sorted(fields)]
     return b"".join(parts)
 
 
@@ -715,6 +730,7 @@ async def encrypt_model(
                 f"{spec.label(field.name)} holds a {type(value).__name__}, "
                 f"but is declared {value_type.label}"
             )
+        value = value_type.coerce(value)
         if field.encrypt:
             try:
                 plaintexts[field.name] = encode_value(value)
@@ -824,8 +840,9 @@ def _check_basic_hash(
     """The stored blind index must be the decrypted value's, so that a row cannot be
     made to answer lookups for a value it does not hold.
 
-    One made under another pepper version cannot be checked here, and cannot match
-    a lookup (those hash under the current version): it is left alone.
+    One made under an older pepper version cannot be checked here and is left for
+    the re-index to replace; one naming a version newer than ours, or 0, was never
+    issued and is refused.
     """
     column = field.name + HASH_SUFFIX
     if column not in row:
@@ -837,10 +854,14 @@ def _check_basic_hash(
         ok = False
     else:
         expected = crypto.hash_basic(value)
-        if digest.rsplit(":", 1)[0] == expected.rsplit(":", 1)[0]:
+        stored_version = int(digest.split(":")[1])
+        current_version = int(expected.split(":")[1])
+        if stored_version == current_version:
             ok = hmac.compare_digest(expected, digest)
         else:
-            ok = True  # another pepper version
+            # An older pepper's hash cannot be checked here (a re-index replaces
+            # it); a version that never existed yet is a forgery.
+            ok = 1 <= stored_version < current_version
     if not ok:
         raise DecryptionError(
             f"column {column!r} is not the hash of the decrypted {spec.label(field.name)}: "

@@ -163,7 +163,8 @@ def _decimal_payload(value: Decimal) -> bytes:
         return _DECIMAL_HEAD.pack(0, 0) + b"0"  # 0 == -0 == 0E+5 == 0.00
     stripped = text.rstrip(b"0")
     exponent += len(text) - len(stripped)
-    if not _MIN_EXPONENT <= exponent <= _MAX_EXPONENT:
+    # The same bound decode applies: the adjusted exponent stays within Emax.
+    if not _MIN_EXPONENT <= exponent <= _MAX_EXPONENT - len(stripped) + 1:
         _fail("a Decimal with an exponent this large cannot be encoded")
     return _DECIMAL_HEAD.pack(sign, exponent) + stripped
 
@@ -317,7 +318,7 @@ def _decode_decimal(p: bytes) -> Decimal:
         return Decimal(0)
     if sign > 1 or digits[0] == 48 or digits[-1] == 48:
         _bad("a Decimal not in its normalised form")
-    if not _MIN_EXPONENT <= exponent <= _MAX_EXPONENT:
+    if not _MIN_EXPONENT <= exponent <= _MAX_EXPONENT - len(digits) + 1:
         _bad("a Decimal exponent out of range")
     return Decimal((sign, tuple(d - 48 for d in digits), exponent))
 

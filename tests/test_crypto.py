@@ -209,3 +209,13 @@ def test_data_key_hides_itself() -> None:
     assert bytes(dek) == bytes(32)
     with pytest.raises(ValueError, match="wiped"):
         dek.aesgcm()
+
+
+async def test_closed_crypto_refuses_hashing(kms: LocalKMSService) -> None:
+    crypto = await Crypto.create(kms=kms, kek_alias=ALIAS, pepper=PEPPER)
+    digest = crypto.hash_basic("alice@example.com")
+    await crypto.aclose()
+    with pytest.raises(ClosedError):
+        crypto.hash_basic("alice@example.com")
+    with pytest.raises(ClosedError):
+        crypto.verify_basic("alice@example.com", digest)

@@ -443,3 +443,17 @@ async def test_verify_secure_leaves_the_comparison_to_argon2(
     assert not await secure.verify("wrong horse", phc)
     assert len(calls) == 2
     assert all("keyid" not in c for c in calls)  # our addition is stripped first
+
+
+async def test_concurrent_multi_lane_hashes_finish() -> None:
+    # Two multi-lane Argon2id calls at once can deadlock inside OpenSSL; they take turns.
+    params = Argon2Params(memory_kib=1024, iterations=1, lanes=2, allow_weak=True)
+    hasher = SecureHasher(PEPPER, 1, params, limiter=anyio.CapacityLimiter(4))
+    with anyio.fail_after(60):
+        hashes = await asyncio.gather(*(hasher.hash(f"v{i}") for i in range(4)))
+        assert all(await asyncio.gather(*(hasher.verify(f"v{i}", h) for i, h in enumerate(hashes))))
+
+
+def test_memory_bounds_fit_argon2() -> None:
+    with pytest.raises(ConfigurationError):
+        Argon2Params(memory_kib=2**32 + 5, max_memory_kib=2**33)

@@ -876,3 +876,50 @@ def test_the_module_works_without_pydantic() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# -- review findings, kept fixed ------------------------------------------------
+
+
+async def test_reordering_fields_keeps_old_records_readable(crypto: Crypto) -> None:
+    @dataclasses.dataclass
+    class V1:
+        __encx_name__ = "Reordered"
+        a: Annotated[str, Encrypt()]
+        b: Annotated[str, Encrypt()]
+
+    @dataclasses.dataclass
+    class V2:
+        __encx_name__ = "Reordered"
+        b: Annotated[str, Encrypt()]
+        a: Annotated[str, Encrypt()]
+
+    record = await crypto.encrypt_model(V1(a="first", b="second"))
+    assert await crypto.decrypt_model(record, V2) == V2(b="second", a="first")
+
+
+async def test_dataclass_values_take_the_declared_type(crypto: Crypto) -> None:
+    @dataclasses.dataclass
+    class Num:
+        x: Annotated[float, Encrypt(), HashBasic()]
+        n: Annotated[int, Encrypt()] = 0
+        d: Annotated[dt.date | None, Encrypt()] = None
+
+    record = await crypto.encrypt_model(Num(x=1))
+    assert record.fields["x_hash"] == crypto.hash_basic(1.0)
+    back = await crypto.decrypt_model(record, Num)
+    assert type(back.x) is float
+    for bad in (Num(x=1.0, n=True), Num(x=1.0, d=dt.datetime.now(dt.UTC))):
+        with pytest.raises(InvalidValueError):
+            await crypto.encrypt_model(bad)
+
+
+async def test_a_blind_index_of_a_pepper_version_never_issued_is_refused(crypto: Crypto) -> None:
+    @dataclasses.dataclass
+    class Person:
+        email: Annotated[str, Encrypt(), HashBasic()]
+
+    row = (await crypto.encrypt_model(Person(email="alice@example.com"))).as_dict()
+    for forged in ("hb1:0:" + "A" * 43, "hb1:9999999999:" + "A" * 43, "hb1:2:" + "A" * 43):
+        with pytest.raises(DecryptionError):
+            await crypto.decrypt_model({**row, "email_hash": forged}, Person)

@@ -463,3 +463,15 @@ def test_supported_types_all_encode() -> None:
         assert type(sample) is tp
         encode_value(sample)
         assert value_type_ok(tp)
+
+
+def test_a_decimal_beyond_emax_is_refused_on_decode() -> None:
+    import decimal as _decimal
+    import struct
+
+    # tag 09: sign (1 byte) + i64 exponent + digits; "123" at Emax has an adjusted
+    # exponent beyond Emax, which Decimal itself refuses to work with
+    payload = struct.pack(">Bq", 0, _decimal.MAX_EMAX) + b"123"
+    forged = b"\x01\x09" + len(payload).to_bytes(4, "big") + payload
+    with pytest.raises(InvalidValueError):
+        decode_value(forged)

@@ -1263,35 +1263,22 @@ class SecretsManagerPepperSource(ProviderResource):
 
     async def _create(self, secret_id: str) -> None:
         """CreateSecret with a new pepper; an existing secret (a race lost) is fine."""
-        secret_string = Pepper.generate().to_secret_string()
-        token = str(uuid.uuid4())  # botocore's retries resend it: a retried create is idempotent
-        kms_key_id = self._kms_key_id
+        # botocore's retries resend the token: a retried create is idempotent.
+        request: dict[str, str] = {
+            "Name": secret_id,
+            "SecretString": Pepper.generate().to_secret_string(),
+            "ClientRequestToken": str(uuid.uuid4()),
+            "Description": _CREATED_DESCRIPTION,
+        }
+        if self._kms_key_id is not None:
+            request["KmsKeyId"] = self._kms_key_id
         try:
-            if kms_key_id is None:
-                await self._call(
-                    "CreateSecret",
-                    secret_id,
-                    lambda client: client.create_secret(
-                        Name=secret_id,
-                        SecretString=secret_string,
-                        ClientRequestToken=token,
-                        Description=_CREATED_DESCRIPTION,
-                    ),
-                    tolerate=frozenset({_SM_EXISTS_CODE}),
-                )
-            else:
-                await self._call(
-                    "CreateSecret",
-                    secret_id,
-                    lambda client: client.create_secret(
-                        Name=secret_id,
-                        SecretString=secret_string,
-                        ClientRequestToken=token,
-                        Description=_CREATED_DESCRIPTION,
-                        KmsKeyId=kms_key_id,
-                    ),
-                    tolerate=frozenset({_SM_EXISTS_CODE}),
-                )
+            await self._call(
+                "CreateSecret",
+                secret_id,
+                lambda client: client.create_secret(**request),  # type: ignore[arg-type]
+                tolerate=frozenset({_SM_EXISTS_CODE}),
+            )
         except _ToleratedError:
             _sm_log.info(
                 "pepper secret %s already exists in region %s (created by another instance); "
@@ -1301,6 +1288,9 @@ class SecretsManagerPepperSource(ProviderResource):
             )
         else:
             _sm_log.info("created pepper secret %s in region %s", secret_id, self._aws.region)
+        finally:
+            # Error reporters that record frame locals must not find the new pepper.
+            request.clear()
 
     async def _read_back(self, secret_id: str) -> GetSecretValueResponseTypeDef:
         """GetSecretValue after a create, waiting out Secrets Manager's eventual consistency."""

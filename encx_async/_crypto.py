@@ -66,7 +66,8 @@ logger = logging.getLogger("encx_async")
 #: envelope uses Cobblestone-256 for them, fed in slices so the thread lets go of
 #: the GIL and the event loop keeps running.
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
-_MIN_RAW = _MIN_GCM_BODY = NONCE_SIZE + TAG_SIZE
+#: a raw ciphertext, like an envelope's AES-GCM body, is at least a nonce and a tag
+_MIN_RAW = NONCE_SIZE + TAG_SIZE
 #: what the decrypt hint holds before any decrypt: no envelope starts with it
 _NO_HEADER = b"no envelope yet"
 Rotation = Literal["new-key", "kms-managed"]
@@ -415,7 +416,7 @@ class Crypto(AsyncResource):
             and type(blob) is bytes
             and blob.startswith(header)
             and hint_ctx is ctx
-            and len(header) + _MIN_GCM_BODY <= len(blob) < self._thread_threshold
+            and len(header) + _MIN_RAW <= len(blob) < self._thread_threshold
             and version in self._key_ids
         ):
             # The same DEK as the last message, the usual case with a cache: the
@@ -625,12 +626,12 @@ class Crypto(AsyncResource):
             key = (key_id, version, ctx)
             sealer = side.take(key, size, uses) or await side.get(key, size, uses)
             return SealedRecord(
-                sealer.header, await self._run(sealer.seal_fields, plaintexts, aad, size)
+                sealer.header, await self._run_fields(sealer.seal_fields, plaintexts, aad, size)
             )
         sealer = await self._new_sealer(version, key_id, ctx)
         try:
             return SealedRecord(
-                sealer.header, await self._run(sealer.seal_fields, plaintexts, aad, size)
+                sealer.header, await self._run_fields(sealer.seal_fields, plaintexts, aad, size)
             )
         finally:
             sealer.wipe()
@@ -665,14 +666,14 @@ class Crypto(AsyncResource):
         side = self._decrypt_side
         if side is not None:
             sealer = side.take(key, None) or await side.get(key, None)
-            return await self._run(sealer.open_fields, bodies, aad, size)
+            return await self._run_fields(sealer.open_fields, bodies, aad, size)
         sealer = await self._open_sealer(key)
         try:
-            return await self._run(sealer.open_fields, bodies, aad, size)
+            return await self._run_fields(sealer.open_fields, bodies, aad, size)
         finally:
             sealer.wipe()
 
-    async def _run(
+    async def _run_fields(
         self,
         job: Callable[[Mapping[str, Bytes], bytes | None], dict[str, bytes]],
         fields: Mapping[str, Bytes],

@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._exceptions import ConfigurationError, InvalidHashError
+from ._pepper import Pepper
 from ._values import encode_value
 
 __all__ = [
@@ -76,8 +77,6 @@ __all__ = [
 BLIND_INDEX_PURPOSE: Final = b"blind index"
 ARGON2_PURPOSE: Final = b"argon2 secret"
 BLIND_INDEX_PREFIX: Final = "hb1"
-_PEPPER_SIZE: Final = 32
-_MAX_PEPPER_VERSION: Final = 2**31 - 1
 #: OWASP's Argon2id configurations (Password Storage Cheat Sheet), as (memory
 #: KiB, iterations) with one lane: equally strong, trading memory for time.
 #: Parameters at or above one of them meet the recommendation.
@@ -141,20 +140,9 @@ def argon2_limiter() -> CapacityLimiter:
 
 
 def _check_pepper(pepper: object, version: object) -> tuple[bytes, int]:
-    if not isinstance(pepper, bytes | bytearray | memoryview):
-        raise ConfigurationError(f"the pepper must be bytes, not {type(pepper).__name__}")
-    raw = bytes(pepper)
-    if len(raw) != _PEPPER_SIZE:
-        raise ConfigurationError(f"the pepper must be exactly {_PEPPER_SIZE} bytes, got {len(raw)}")
-    if not any(raw):
-        raise ConfigurationError("the pepper must not be all zero bytes")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ConfigurationError(f"the pepper version must be an int, not {type(version).__name__}")
-    if not 1 <= version <= _MAX_PEPPER_VERSION:
-        raise ConfigurationError(
-            f"the pepper version must be 1 to {_MAX_PEPPER_VERSION}, got {version}"
-        )
-    return raw, version
+    # Pepper holds the one set of rules (size, zeros, version range).
+    checked = Pepper(pepper, version=version)  # type: ignore[arg-type]
+    return checked.secret, checked.version
 
 
 def derive_key(pepper: bytes, purpose: bytes) -> bytes:

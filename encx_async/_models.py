@@ -798,7 +798,8 @@ async def decrypt_model(
     row = record.fields
     opened: dict[str, bytes] = {}
     if spec.encrypted:
-        assert record.header is not None
+        if record.header is None:  # a hand-built record; from_dict refuses this already
+            raise DecryptionError("the record has encrypted fields but no header")
         aad = _record_aad(spec.name, record_id, spec.encrypted)
         sealed = SealedRecord(record.header, dict(record.ciphertexts))
         opened = await crypto.open_record(sealed, context=context, aad=aad)

@@ -89,10 +89,20 @@ class EnvelopeCipher:
         afterwards cannot change what the job does. ``prefix`` (a header) comes
         out in front of the result.
         """
+        return partial(_stream, self._live_stream_key(), aad, data, seal, prefix)
+
+    def stream_encryptor(self, aad: bytes) -> Cobblestone256Encryptor:
+        """A Cobblestone-256 encryptor for one stream; it keeps its own copy of the key."""
+        return Cobblestone256Encryptor(self._live_stream_key(), aad)
+
+    def stream_decryptor(self, aad: bytes) -> Cobblestone256Decryptor:
+        """A Cobblestone-256 decryptor for one stream; it keeps its own copy of the key."""
+        return Cobblestone256Decryptor(self._live_stream_key(), aad)
+
+    def _live_stream_key(self) -> bytes:
         if self.gcm is None:
             raise RuntimeError("this data key has been wiped")
-        key = bytes(self._stream_key)
-        return partial(_stream, key, aad, data, seal, prefix)
+        return bytes(self._stream_key)
 
 
 def _stream(key: bytes, aad: bytes, data: Bytes, seal: bool, prefix: bytes) -> bytes:

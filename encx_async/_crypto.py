@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple, Self, TypeVar
 
 import anyio.to_thread
 from anyio.abc import AsyncResource
+from cryptography.cobblestone import Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
 
 from . import _models
@@ -55,6 +56,18 @@ from ._keystore import KEKVersion, open_keystore
 from ._models import EncryptedRecord
 from ._pepper import Pepper
 from ._rewrap import ordered_map
+from ._stream import (
+    GcmBody,
+    Source,
+    StreamTransform,
+    check_paths,
+    check_source,
+    open_body,
+    read_file_header,
+    read_header,
+    seal_body,
+    transform_file,
+)
 from .kms import KeyManagementService, KeyRotationService
 
 __all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats", "SealedRecord"]
@@ -486,6 +499,170 @@ class Crypto(AsyncResource):
             sealer.wipe()
             raise
         return sealer
+
+    # -- streams --------------------------------------------------------------
+
+    def encrypt_stream(
+        self, source: Source, *, context: Context | None = None, aad: Bytes | None = None
+    ) -> AsyncIterator[bytes]:
+        """Encrypt a stream of byte chunks; returns an async iterator of ciphertext chunks.
+
+        ``source`` is an async iterable of bytes (an aiohttp request body's
+        ``iter_chunked``, an anyio byte stream, an async generator) or a plain
+        iterable of bytes. The output is one envelope, the one :meth:`encrypt`
+        would make for the whole payload, whatever the chunking: a header
+        naming a fresh DEK (one KMS call per stream), then a Cobblestone-256
+        body. Memory stays at about one chunk. Wrap the iterator in
+        :func:`contextlib.aclosing` if you may stop before its end.
+        """
+        self._check_open()
+        ctx = encode_context(context)
+        extra = None if aad is None else _aad_bytes(aad)
+        return self._seal_stream(check_source(source), ctx, extra)
+
+    async def _seal_stream(
+        self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
+    ) -> AsyncIterator[bytes]:
+        header, encryptor = await self._stream_encryptor(ctx, aad)
+        async for out in seal_body(header, encryptor, chunks):
+            yield out
+
+    async def _stream_encryptor(
+        self, ctx: bytes, aad: bytes | None
+    ) -> tuple[bytes, Cobblestone256Encryptor]:
+        # A fresh DEK per stream, outside the cache: a stream's size is not known
+        # when it starts, so it cannot be charged against a cached DEK's byte
+        # limit, and one KMS call is nothing next to a large payload.
+        self._check_open()
+        version = self._keyring.current
+        sealer = await self._new_sealer(version, self._key_ids[version], ctx)
+        try:
+            return sealer.stream_header, sealer.stream_encryptor(aad)
+        finally:
+            sealer.wipe()
+
+    def decrypt_stream(
+        self, source: Source, *, context: Context | None = None, aad: Bytes | None = None
+    ) -> AsyncIterator[bytes]:
+        """Decrypt a stream made by :meth:`encrypt_stream` (or a blob of :meth:`encrypt`).
+
+        Yields plaintext as it is authenticated. Every byte yielded is genuine
+        and in its place, but only the end of the iteration proves that nothing
+        is missing: a truncated, reordered, modified or extended stream, or a
+        wrong context or aad, raises :class:`~encx_async.DecryptionError` instead
+        of ending. So treat the output as provisional until the loop finishes
+        (:meth:`decrypt_file` does that for you).
+        """
+        self._check_open()
+        ctx = encode_context(context)
+        extra = None if aad is None else _aad_bytes(aad)
+        return self._open_stream(check_source(source), ctx, extra)
+
+    async def _open_stream(
+        self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
+    ) -> AsyncIterator[bytes]:
+        envelope, first = await read_header(chunks)
+        sealer, owned = await self._sealer_for(envelope, ctx)
+        try:
+            decryptor = self._body_opener(sealer, envelope, aad)
+            async for out in open_body(decryptor, first, chunks):
+                yield out
+        finally:
+            if owned:
+                sealer.wipe()
+
+    async def _sealer_for(self, envelope: Envelope, ctx: bytes) -> tuple[Sealer, bool]:
+        """The sealer of ``envelope``'s DEK, and whether the caller must wipe it."""
+        self._check_open()
+        if envelope.kek_version not in self._key_ids:
+            await self._keyring.key_id_for(envelope.kek_version)
+        key = (envelope.binding, ctx)
+        side = self._decrypt_side
+        if side is not None:
+            return side.take(key, None) or await side.get(key, None), False
+        return await self._open_sealer(key), True
+
+    @staticmethod
+    def _body_opener(sealer: Sealer, envelope: Envelope, aad: bytes | None) -> StreamTransform:
+        if envelope.body_kind == BODY_GCM:
+            return GcmBody(envelope.header, sealer.gcm_opener(aad))
+        return sealer.stream_decryptor(aad)
+
+    async def encrypt_file(
+        self,
+        src: str | os.PathLike[str],
+        dst: str | os.PathLike[str],
+        *,
+        context: Context | None = None,
+        aad: Bytes | None = None,
+    ) -> int:
+        """Encrypt the file ``src`` into ``dst``, as :meth:`encrypt_stream` would.
+
+        The reading, the encryption and the writing run in a worker thread.
+        ``dst`` appears only once complete (written to a temporary file beside
+        it, mode 0600, then renamed). Returns the number of plaintext bytes.
+        """
+        self._check_open()
+        source, target = check_paths(src, dst)
+        ctx = encode_context(context)
+        extra = None if aad is None else _aad_bytes(aad)
+        header, encryptor = await self._stream_encryptor(ctx, extra)
+        job = partial(transform_file, source, target, skip=0, prefix=header, transform=encryptor)
+        return await anyio.to_thread.run_sync(job)
+
+    async def decrypt_file(
+        self,
+        src: str | os.PathLike[str],
+        dst: str | os.PathLike[str],
+        *,
+        context: Context | None = None,
+        aad: Bytes | None = None,
+    ) -> int:
+        """Decrypt the file ``src`` (from :meth:`encrypt_file` or :meth:`encrypt`) into ``dst``.
+
+        ``dst`` appears only if the whole file decrypted and authenticated; on
+        :class:`~encx_async.DecryptionError` nothing is written and an existing
+        ``dst`` is left untouched. Returns the number of ciphertext bytes read.
+        """
+        self._check_open()
+        source, target = check_paths(src, dst)
+        ctx = encode_context(context)
+        extra = None if aad is None else _aad_bytes(aad)
+        envelope = await anyio.to_thread.run_sync(read_file_header, source)
+        sealer, owned = await self._sealer_for(envelope, ctx)
+        try:
+            opener = self._body_opener(sealer, envelope, extra)
+            job = partial(
+                transform_file, source, target, skip=envelope.body_at, prefix=b"", transform=opener
+            )
+            return envelope.body_at + await anyio.to_thread.run_sync(job)
+        finally:
+            if owned:
+                sealer.wipe()
+
+    async def rewrap_file(
+        self,
+        src: str | os.PathLike[str],
+        dst: str | os.PathLike[str],
+        *,
+        context: Context | None = None,
+    ) -> bool:
+        """:meth:`rewrap` the envelope in the file ``src`` into ``dst``, without decrypting it.
+
+        Only the header changes; the body is copied byte for byte in a worker
+        thread, and ``dst`` appears only once complete. Returns whether the KEK
+        version changed (False: the file was on the current version already,
+        and ``dst`` is a copy).
+        """
+        self._check_open()
+        source, target = check_paths(src, dst)
+        envelope = await anyio.to_thread.run_sync(read_file_header, source)
+        header = await self._rewrap(envelope, context, {})
+        job = partial(
+            transform_file, source, target, skip=envelope.body_at, prefix=header, transform=None
+        )
+        await anyio.to_thread.run_sync(job)
+        return header != envelope.header
 
     # -- keyed hashes ---------------------------------------------------------
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import NamedTuple
 
+from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -43,13 +44,16 @@ from ._exceptions import DecryptionError
 __all__ = [
     "BODY_GCM",
     "BODY_STREAM",
+    "FIXED_SIZE",
     "MAX_WRAPPED_DEK",
     "Envelope",
     "Sealer",
     "associated_data",
+    "header_size",
     "pack_header",
     "parse",
     "parse_record_header",
+    "parse_stream_header",
     "replace_wrapped_dek",
     "split_binding",
 ]
@@ -65,6 +69,8 @@ MAX_WRAPPED_DEK = 1024
 _FIXED = struct.Struct(">2sBBIH")
 _U32 = struct.Struct(">I")
 MIN_BODY = {BODY_GCM: NONCE_SIZE + TAG_SIZE, BODY_STREAM: TAG_SIZE}
+#: the bytes of a header before the wrapped DEK: enough to know the header's length
+FIXED_SIZE = _FIXED.size
 
 
 class Envelope(NamedTuple):
@@ -137,6 +143,14 @@ def parse(blob: bytes | bytearray | memoryview) -> Envelope:
     return _make_envelope(Envelope, (kind, kek_version, blob, body_at))
 
 
+def parse_stream_header(header: bytes) -> Envelope:
+    """A header read off the front of a stream, as an Envelope with no body yet."""
+    kind, kek_version, body_at = _parse_header(header)
+    if len(header) != body_at:
+        raise ValueError("parse_stream_header takes exactly one header")
+    return _make_envelope(Envelope, (kind, kek_version, header, body_at))
+
+
 def parse_record_header(header: bytes) -> Envelope:
     """A record's header (see :meth:`Sealer.seal_fields`): an AES-GCM header, no body."""
     kind, kek_version, body_at = _parse_header(header)
@@ -145,7 +159,16 @@ def parse_record_header(header: bytes) -> Envelope:
     return _make_envelope(Envelope, (kind, kek_version, header, body_at))
 
 
-def _parse_header(blob: bytes) -> tuple[int, int, int]:
+def header_size(prefix: bytes) -> int:
+    """The length of the header that ``prefix`` starts, from its first :data:`FIXED_SIZE` bytes.
+
+    For a reader that gets a ciphertext in pieces (a stream): DecryptionError if
+    the fixed part is not that of an envelope this version can open.
+    """
+    return _parse_header(prefix, complete=False)[2]
+
+
+def _parse_header(blob: bytes, *, complete: bool = True) -> tuple[int, int, int]:
     if len(blob) < _FIXED.size:
         raise DecryptionError("not an encx-async ciphertext: too short")
     magic, version, kind, kek_version, wrapped_len = _FIXED.unpack_from(blob)
@@ -158,7 +181,7 @@ def _parse_header(blob: bytes) -> tuple[int, int, int]:
     if not 0 < wrapped_len <= MAX_WRAPPED_DEK:
         raise DecryptionError("malformed ciphertext: bad wrapped-key length")
     body_at = _FIXED.size + wrapped_len + COMMITMENT_SIZE
-    if len(blob) < body_at:
+    if complete and len(blob) < body_at:
         raise DecryptionError("ciphertext is truncated")
     return kind, kek_version, body_at
 
@@ -268,9 +291,32 @@ class Sealer:
 
     def seal_large_job(self, plaintext: Bytes, aad: bytes | None) -> Callable[[], bytes]:
         """A job sealing a large payload with Cobblestone-256, for a worker thread."""
-        header = pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)
-        full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
-        return self.cipher.stream_job(plaintext, full_aad, seal=True, prefix=header)
+        return self.cipher.stream_job(
+            plaintext, self._stream_aad(aad), seal=True, prefix=self.stream_header
+        )
+
+    @property
+    def stream_header(self) -> bytes:
+        """The header of this sealer's Cobblestone-256 envelopes."""
+        return pack_header(BODY_STREAM, self.kek_version, self.wrapped_dek, self._commitment)
+
+    def stream_encryptor(self, aad: bytes | None) -> Cobblestone256Encryptor:
+        """A Cobblestone-256 encryptor for the body after :attr:`stream_header`.
+
+        It holds its own copy of the key: wiping this sealer does not stop it.
+        """
+        return self.cipher.stream_encryptor(self._stream_aad(aad))
+
+    def stream_decryptor(self, aad: bytes | None) -> Cobblestone256Decryptor:
+        """The inverse of :meth:`stream_encryptor`, for a body whose header is ours."""
+        return self.cipher.stream_decryptor(self._stream_aad(aad))
+
+    def _stream_aad(self, aad: bytes | None) -> bytes:
+        return associated_data(BODY_STREAM, self._commitment, self._context, aad)
+
+    def gcm_opener(self, aad: bytes | None) -> Callable[[Envelope], bytes]:
+        """Opens this DEK's AES-GCM envelopes later, even after a wipe: the key is taken now."""
+        return partial(_open_gcm, self._gcm, self._aad_prefix + (aad or b""))
 
     def open_job(self, envelope: Envelope, aad: bytes | None) -> Callable[[], bytes]:
         """A job opening a large envelope of either kind, for a worker thread.
@@ -279,10 +325,9 @@ class Sealer:
         job waits for its thread cannot pull it away.
         """
         if envelope.body_kind == BODY_GCM:
-            return partial(_open_gcm, self._gcm, envelope, self._aad_prefix + (aad or b""))
-        full_aad = associated_data(BODY_STREAM, self._commitment, self._context, aad)
+            return partial(self.gcm_opener(aad), envelope)
         body = memoryview(envelope.blob)[envelope.body_at :]
-        return self.cipher.stream_job(body, full_aad, seal=False)
+        return self.cipher.stream_job(body, self._stream_aad(aad), seal=False)
 
 
 def _field_aad(name: str, aad: bytes | None) -> bytes:
@@ -308,7 +353,7 @@ _WIPED = _Wiped()
 _OPEN_FAILED = "decryption failed: wrong key, context or aad, or modified data"
 
 
-def _open_gcm(gcm: AESGCM | _Wiped, envelope: Envelope, full_aad: bytes) -> bytes:
+def _open_gcm(gcm: AESGCM | _Wiped, full_aad: bytes, envelope: Envelope) -> bytes:
     body = memoryview(envelope.blob)[envelope.body_at :]
     try:
         return gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)

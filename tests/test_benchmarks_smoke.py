@@ -197,3 +197,30 @@ def test_cache_benchmark_compares_with_the_encryption_sdk() -> None:
     assert "AWS Encryption SDK caching CMM" in report
     assert "cached round trip / ESDK caching round trip" in check_names(document)
     assert "target >= 20x" in report
+
+
+def test_stream_benchmark_reports_memory_and_throughput() -> None:
+    document, report = run_benchmark(
+        "stream",
+        "--stream-mib",
+        "8",
+        "--throughput-mib",
+        "4",
+        "--stored-mib",
+        "4",
+        "--repeats",
+        "1",
+        "--no-progress",
+    )
+    for header in ("Memory: 8 MiB", "RSS before MiB", "Throughput in 1 MiB chunks", "Ratios"):
+        assert header in report
+    assert {"encrypt_stream / raw Cobblestone", "decrypt_stream / raw Cobblestone"} <= (
+        check_names(document)
+    )
+    assert document["memory"]["mib"] == 8
+    assert set(document["mib_per_s"]) == {
+        "raw encrypt",
+        "encrypt_stream",
+        "raw decrypt",
+        "decrypt_stream",
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import pytest_asyncio
 from anyio.abc import ByteReceiveStream
 
 from encx_async import ClosedError, Crypto, DecryptionError, DEKCache, InvalidValueError
@@ -23,14 +24,14 @@ SEGMENT = 16 * 1024  # Cobblestone's plaintext segment
 SEGMENT_OUT = SEGMENT + 16  # and its ciphertext, with the tag
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="function")
 async def kms() -> AsyncIterator[LocalKMSService]:
     async with LocalKMSService() as service:
         await service.create_key("stream tests", alias=ALIAS)
         yield service
 
 
-@pytest.fixture(params=["uncached", "cached"])
+@pytest_asyncio.fixture(loop_scope="function", params=["uncached", "cached"])
 async def crypto(request: pytest.FixtureRequest, kms: LocalKMSService) -> AsyncIterator[Crypto]:
     cache = DEKCache() if request.param == "cached" else None
     async with await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache) as c:

@@ -24,6 +24,7 @@ from ._exceptions import (
     KMSRegionMismatchError,
     KMSUnavailableError,
     ModelDefinitionError,
+    RegionsUnavailableError,
 )
 from ._hashing import Argon2Params
 from ._keys import DataKey
@@ -68,6 +69,7 @@ __all__ = [
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
     "Pepper",
+    "RegionsUnavailableError",
     "SealedRecord",
     "__version__",
 ]

@@ -11,6 +11,7 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     ├── ClosedError (also RuntimeError)
     ├── KMSError
     │   ├── KMSUnavailableError
+    │   │   └── RegionsUnavailableError
     │   ├── KMSAccessDeniedError
     │   ├── KMSKeyNotFoundError
     │   └── KMSRegionMismatchError (also ValueError)
@@ -26,6 +27,8 @@ original exception is kept as ``__cause__``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "ClosedError",
@@ -44,6 +47,7 @@ __all__ = [
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
+    "RegionsUnavailableError",
 ]
 
 
@@ -89,6 +93,38 @@ class KMSError(EncxError):
 class KMSUnavailableError(KMSError):
     """The KMS could not be reached in time: network failure, timeout, 5xx or
     throttling, after the configured retries. Retrying later may succeed."""
+
+
+class RegionsUnavailableError(KMSUnavailableError):
+    """A call failed for want of a region: every region it may use was unavailable.
+
+    ``operation`` is the call (``"decrypt_dek"``...), ``failures`` says, for
+    each region tried in order, why it was not used: ``"circuit open"``, a
+    timeout, or the unavailable error it raised. ``__cause__`` is the last of
+    those errors, if any. Retrying later may succeed.
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        failures: Sequence[tuple[str, str]],
+        *,
+        succeeded: Sequence[str] = (),
+        needed: int | None = None,
+    ) -> None:
+        tried = "; ".join(f"{region}: {reason}" for region, reason in failures) or "no region"
+        if needed is None:
+            message = f"KMS {operation} failed in every region it may use ({tried})"
+        else:
+            ok = ", ".join(succeeded) or "none"
+            message = (
+                f"KMS {operation} needs {needed} region(s) and only {len(succeeded)} answered "
+                f"(succeeded: {ok}; failed: {tried})"
+            )
+        super().__init__(message, code="RegionsUnavailable")
+        self.operation = operation
+        self.failures: tuple[tuple[str, str], ...] = tuple(failures)
+        self.regions: tuple[str, ...] = tuple(region for region, _ in failures)
 
 
 class KMSAccessDeniedError(KMSError):

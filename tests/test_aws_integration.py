@@ -19,7 +19,7 @@ import pytest_asyncio
 from aiobotocore.session import AioSession
 
 from encx_async import _exceptions as errors
-from encx_async.providers.aws import Config, KMSService
+from encx_async.providers.aws import Config, KMSService, MultiRegionKMSService
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +89,47 @@ async def test_unknown_alias_against_real_kms(real_kms: tuple[KMSService, str]) 
     missing = f"alias/encx-async-missing-{secrets.token_hex(4)}"
     with pytest.raises(errors.KMSKeyNotFoundError, match=missing):
         await kms.get_key_id(missing)
+
+
+# -- multi-region keys --------------------------------------------------------------
+# TEST_KMS_MRK_ARN names the primary of a multi-region key (its ARN, which says the
+# primary's region) and TEST_KMS_MRK_REPLICA_REGION a region holding a replica of it.
+# The caller needs kms:Encrypt in the primary's region and kms:Decrypt in the replica's.
+
+MRK = os.environ.get("TEST_KMS_MRK_ARN")
+MRK_REPLICA_REGION = os.environ.get("TEST_KMS_MRK_REPLICA_REGION")
+
+
+async def test_multi_region_key_unwraps_through_its_replica(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not MRK or not MRK_REPLICA_REGION:
+        pytest.skip("TEST_KMS_MRK_ARN and TEST_KMS_MRK_REPLICA_REGION are not set")
+    for name, value in _ENV_AT_IMPORT.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    session = AioSession()
+    if await session.get_credentials() is None:
+        pytest.skip("no AWS credentials found")
+    primary_region = MRK.split(":")[3]
+    dek = secrets.token_bytes(32)
+    context = {"purpose": "encx-async multi-region integration test"}
+    # The replica's region is nearest: unwraps go there, wraps to the primary.
+    async with MultiRegionKMSService.from_regions(
+        [MRK_REPLICA_REGION, primary_region],
+        Config(session=session),
+        mode="replicas",
+        primary=primary_region,
+    ) as kms:
+        wrapped = await kms.encrypt_dek(MRK, dek, context=context)
+        assert await kms.decrypt_dek(MRK, wrapped, context=context) == dek
+        stats = kms.stats()
+        assert stats.region(primary_region).calls == 1
+        assert stats.region(MRK_REPLICA_REGION).calls == 1
+        # The replica's own service, given the primary's ARN, unwraps it too.
+        replica = kms.service(MRK_REPLICA_REGION)
+        assert await replica.decrypt_dek(MRK, wrapped, context=context) == dek
+        with pytest.raises(errors.DecryptionError):
+            await replica.decrypt_dek(MRK, wrapped, context={"purpose": "something else"})

@@ -86,6 +86,13 @@ from encx_async.providers._common import (
     is_alias_ref,
     not_found_message,
 )
+from encx_async.providers._multi_region import (
+    MultiRegionKMSService,
+    MultiRegionStats,
+    RegionStats,
+    RegionsUnavailableError,
+    is_multi_region_key,
+)
 
 if TYPE_CHECKING:
     from aiobotocore.client import AioBaseClient
@@ -100,7 +107,17 @@ if TYPE_CHECKING:
     from types_aiobotocore_secretsmanager import SecretsManagerClient
     from types_aiobotocore_secretsmanager.type_defs import GetSecretValueResponseTypeDef
 
-__all__ = ["Config", "KMSService", "RetryMode", "SecretsManagerPepperSource"]
+__all__ = [
+    "Config",
+    "KMSService",
+    "MultiRegionKMSService",
+    "MultiRegionStats",
+    "RegionStats",
+    "RegionsUnavailableError",
+    "RetryMode",
+    "SecretsManagerPepperSource",
+    "is_multi_region_key",
+]
 
 _log = logging.getLogger("encx_async.kms")
 
@@ -758,11 +775,20 @@ class KMSService(ProviderResource):
             for ref in [r for r in self._alias_cache if r == name or r.endswith(f":{name}")]:
                 del self._alias_cache[ref]
 
-    async def create_key(self, description: str, *, alias: str | None = None) -> str:
-        """Create a symmetric ``ENCRYPT_DECRYPT`` key, and ``alias`` for it; return its ARN."""
+    async def create_key(
+        self, description: str, *, alias: str | None = None, multi_region: bool = False
+    ) -> str:
+        """Create a symmetric ``ENCRYPT_DECRYPT`` key, and ``alias`` for it; return its ARN.
+
+        With ``multi_region=True`` the key is the primary of a multi-region key
+        (``mrk-...``) in this service's region; :meth:`replicate_key` copies it
+        to other regions.
+        """
         check_description(description)
         if alias is not None:
             check_alias_name(alias)
+        if not isinstance(multi_region, bool):
+            raise TypeError(f"multi_region must be a bool, not {type(multi_region).__name__}")
         response = await self._call(
             "CreateKey",
             None,
@@ -770,6 +796,7 @@ class KMSService(ProviderResource):
                 Description=description,
                 KeySpec="SYMMETRIC_DEFAULT",
                 KeyUsage="ENCRYPT_DECRYPT",
+                MultiRegion=multi_region,
             ),
         )
         metadata = response["KeyMetadata"]
@@ -790,6 +817,59 @@ class KMSService(ProviderResource):
             if ttl > 0:
                 self._alias_cache[alias] = (arn, self._clock() + ttl)
         return arn
+
+    async def create_alias(self, alias: str, key_id: str) -> None:
+        """Create ``alias`` for ``key_id`` in this region (KMS ``CreateAlias``).
+
+        Aliases are regional: the replica of a multi-region key gets its own.
+        An existing alias raises :class:`~encx_async.KMSError` with code
+        ``AlreadyExistsException``; :meth:`update_alias` moves one.
+        IAM: ``kms:CreateAlias`` on the alias and the key.
+        """
+        check_alias_name(alias)
+        key_ref = check_key_ref(key_id)
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        try:
+            await self._call(
+                "CreateAlias",
+                (alias, key_ref),
+                lambda client: client.create_alias(AliasName=alias, TargetKeyId=target),
+            )
+        finally:
+            self.invalidate_alias(alias)
+
+    async def replicate_key(self, key_id: str, replica_region: str) -> str:
+        """Replicate the multi-region key ``key_id`` into ``replica_region`` (KMS ``ReplicateKey``).
+
+        The request goes to this service's region, which must hold the
+        primary key; the replica has the same ``mrk-`` id and key material, so
+        a data key wrapped in either region unwraps in the other. Returns the
+        replica's ARN. Aliases are not replicated: create one with the
+        :meth:`create_alias` of a service in ``replica_region``.
+        IAM: ``kms:ReplicateKey`` on the primary, ``kms:CreateKey`` in the replica region.
+        """
+        key_ref = check_key_ref(key_id)
+        if not _is_region_name(replica_region):
+            raise ConfigurationError(f"replica_region {replica_region!r} is not an AWS region name")
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        if replica_region == self._aws.region:
+            raise ConfigurationError(
+                f"a multi-region key is replicated to another region, not to its own "
+                f"({replica_region})"
+            )
+        # The bare id: the request goes to the key's region anyway, and moto
+        # only looks keys up by id here.
+        arn = _parse_kms_arn(target)
+        bare = arn.resource_id if arn is not None else target
+        response = await self._call(
+            "ReplicateKey",
+            target,
+            lambda client: client.replicate_key(KeyId=bare, ReplicaRegion=replica_region),
+        )
+        metadata = response["ReplicaKeyMetadata"]
+        return metadata.get("Arn") or metadata["KeyId"]
 
     async def encrypt_dek(
         self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None

@@ -14,6 +14,12 @@ them, the encryption context is authenticated, keys can get new material
 while older wrapped keys still unwrap, and failures raise the same exceptions
 with the same kind of messages.
 
+Multi-region keys follow AWS too. ``create_key(..., multi_region=True)``
+makes a key with an ``mrk-`` id; :meth:`LocalKMSService.replicate_key` copies
+it, id and materials, into the service of another region (the local stand-in
+for ``ReplicateKey``), so a data key wrapped in one region unwraps through
+the replica in the other. Other keys stay in the region that created them.
+
 Each key holds a list of 256-bit materials, oldest first. Wrapping uses the
 newest; :meth:`LocalKMSService.rotate_key_material` appends one.
 
@@ -93,8 +99,9 @@ _DEFAULT_ROTATION_DAYS: Final = 365  # what AWS KMS uses when no period is given
 _SCOPE: Final = "this local KMS and region"
 
 _KEY_ID_RE: Final = re.compile(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+    r"^(?:[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|mrk-[0-9a-f]{32})$"
 )
+_MRK_PREFIX: Final = "mrk-"
 _ARN_RE: Final = re.compile(
     r"^arn:(?P<partition>[a-z0-9-]+):kms:(?P<region>[a-z0-9-]*):(?P<account>[0-9]*):"
     r"(?P<type>key|alias)/(?P<name>.+)$"
@@ -111,6 +118,8 @@ class _Key:
     created_at: float
     rotation_enabled: bool = False
     rotation_period_days: int | None = None
+    #: for a multi-region key, the region of its primary; None for other keys
+    primary_region: str | None = None
 
     @classmethod
     def build(
@@ -121,6 +130,7 @@ class _Key:
         *,
         rotation_enabled: bool = False,
         rotation_period_days: int | None = None,
+        primary_region: str | None = None,
     ) -> _Key:
         return cls(
             materials,
@@ -129,6 +139,12 @@ class _Key:
             created_at,
             rotation_enabled,
             rotation_period_days,
+            primary_region,
+        )
+
+    def with_materials(self, materials: tuple[bytes, ...]) -> _Key:
+        return dataclasses.replace(
+            self, materials=materials, aeads=tuple(AESGCM(material) for material in materials)
         )
 
     def with_new_material(self) -> _Key:
@@ -193,7 +209,15 @@ class LocalKMSService(ProviderResource):
 
     :meth:`get_key_id` and :meth:`create_key` return bare key ids. ARNs of the
     form ``arn:local:kms:<region>:000000000000:key/<id>`` (see :meth:`key_arn`)
-    and ``...:alias/<name>`` are accepted wherever a key is expected.
+    and ``...:alias/<name>`` are accepted wherever a key is expected. An ARN
+    of another region is refused with :class:`~encx_async.KMSRegionMismatchError`,
+    except the ARN of a multi-region key (``key/mrk-...``), which names its
+    replica here.
+
+    Multi-region keys: ``create_key(..., multi_region=True)`` and
+    :meth:`replicate_key`. Giving the primary new material
+    (:meth:`rotate_key_material`) gives it to the replicas made in this
+    process too, as AWS KMS synchronises them; a replica refuses to rotate.
 
     It also implements :class:`~encx_async.kms.KeyRotationService`, except
     that it never rotates on its own: :meth:`enable_key_rotation` only records
@@ -212,6 +236,10 @@ class LocalKMSService(ProviderResource):
         self._lock = threading.Lock()
         self._keys: dict[str, _Key] = {}
         self._aliases: dict[str, str] = {}
+        # The replicas of this service's multi-region primaries, by key id: the
+        # services rotate_key_material() hands new material to. Process memory
+        # only, like AWS's link between a primary and its replicas.
+        self._replicas: dict[str, list[LocalKMSService]] = {}
         self._opened = False
         self._closed = False
 
@@ -253,6 +281,7 @@ class LocalKMSService(ProviderResource):
             self._closed = True
             self._keys.clear()
             self._aliases.clear()
+            self._replicas.clear()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -340,6 +369,11 @@ class LocalKMSService(ProviderResource):
                         "enabled": key.rotation_enabled,
                         "period_days": key.rotation_period_days,
                     },
+                    **(
+                        {"primary_region": key.primary_region}
+                        if key.primary_region is not None
+                        else {}
+                    ),
                 }
                 for key_id, key in keys.items()
             },
@@ -401,7 +435,9 @@ class LocalKMSService(ProviderResource):
             match = _ARN_RE.fullmatch(key_ref)
             if match is None:
                 raise ConfigurationError(f"{key_ref!r} is not a KMS key or alias ARN")
-            if match["region"] != self._region:
+            # A multi-region key's ARN in another region names its replica here.
+            multi_region = match["type"] == "key" and match["name"].startswith(_MRK_PREFIX)
+            if match["region"] != self._region and not multi_region:
                 raise KMSRegionMismatchError(
                     f"{key_ref!r} is in region {match['region'] or '(none)'}, but this "
                     f"LocalKMSService uses region {self._region}"
@@ -430,21 +466,40 @@ class LocalKMSService(ProviderResource):
         await self._ensure_open()
         return self._key_for(alias)[0]
 
-    async def create_key(self, description: str, *, alias: str | None = None) -> str:
-        """Create a key (and ``alias`` for it); return its bare key id."""
+    async def create_key(
+        self, description: str, *, alias: str | None = None, multi_region: bool = False
+    ) -> str:
+        """Create a key (and ``alias`` for it); return its bare key id.
+
+        With ``multi_region=True`` the key is the primary of a multi-region key:
+        its id is ``mrk-`` and 32 hex digits, and :meth:`replicate_key` copies
+        it to other regions.
+        """
         check_description(description)
         if alias is not None:
             check_alias_name(alias)
+        if not isinstance(multi_region, bool):
+            raise TypeError(f"multi_region must be a bool, not {type(multi_region).__name__}")
         await self._ensure_open()
-        key_id = await self._run(self._create_key_sync, description, alias)
+        key_id = _MRK_PREFIX + uuid.uuid4().hex if multi_region else str(uuid.uuid4())
+        key = _Key.build(
+            (secrets.token_bytes(_KEY_BYTES),),
+            description,
+            time.time(),
+            primary_region=self._region if multi_region else None,
+        )
+        await self._run(self._add_key_sync, key_id, key, alias)
         _log.debug("local KMS CreateKey key=%s alias=%s region=%s", key_id, alias, self._region)
         return key_id
 
-    def _create_key_sync(self, description: str, alias: str | None) -> str:
-        key_id = str(uuid.uuid4())
-        key = _Key.build((secrets.token_bytes(_KEY_BYTES),), description, time.time())
+    def _add_key_sync(self, key_id: str, key: _Key, alias: str | None) -> None:
         with self._lock:
             self._raise_if_closed()
+            if key_id in self._keys:
+                raise KMSError(
+                    f"key {key_id} already exists in region {self._region}",
+                    code="AlreadyExistsException",
+                )
             if alias is not None and alias in self._aliases:
                 raise KMSError(
                     f"alias {alias!r} already exists in region {self._region}",
@@ -454,7 +509,79 @@ class LocalKMSService(ProviderResource):
             if alias is not None:
                 aliases[alias] = key_id
             self._commit_locked({**self._keys, key_id: key}, aliases)
-        return key_id
+
+    async def create_alias(self, alias: str, key_id: str) -> None:
+        """Create ``alias`` for ``key_id`` (KMS ``CreateAlias``).
+
+        An alias that exists already raises :class:`~encx_async.KMSError` with
+        code ``AlreadyExistsException``; :meth:`update_alias` moves one.
+        """
+        check_alias_name(alias)
+        check_key_ref(key_id)
+        await self._ensure_open()
+        target = await self._run(self._create_alias_sync, alias, key_id)
+        _log.debug("local KMS CreateAlias alias=%s key=%s region=%s", alias, target, self._region)
+
+    def _create_alias_sync(self, alias: str, key_ref: str) -> str:
+        with self._lock:
+            self._raise_if_closed()
+            if alias in self._aliases:
+                raise KMSError(
+                    f"alias {alias!r} already exists in region {self._region}",
+                    code="AlreadyExistsException",
+                )
+            target = self._resolve_locked(key_ref)
+            self._commit_locked(dict(self._keys), {**self._aliases, alias: target})
+            return target
+
+    async def replicate_key(
+        self, key_id: str, replica: LocalKMSService, *, alias: str | None = None
+    ) -> str:
+        """Copy the multi-region key ``key_id`` into ``replica``, the service of another region.
+
+        The local stand-in for KMS ``ReplicateKey``: the replica has the same
+        ``mrk-`` id and the same materials, so what either wraps the other
+        unwraps. ``alias`` also names the replica in its region (aliases are
+        regional, as in AWS). Returns the replica's key id (the same id).
+
+        Only the primary replicates; a key that is not multi-region raises
+        :class:`~encx_async.KMSError` (``UnsupportedOperationException``), and a
+        region that has the key already ``AlreadyExistsException``.
+        """
+        check_key_ref(key_id)
+        if not isinstance(replica, LocalKMSService):
+            raise TypeError(
+                f"replica must be the LocalKMSService of another region, not "
+                f"{type(replica).__name__}"
+            )
+        if alias is not None:
+            check_alias_name(alias)
+        if replica.region == self._region:
+            raise ConfigurationError(
+                f"a multi-region key is replicated to another region, and the replica "
+                f"service is in this one ({self._region})"
+            )
+        await self._ensure_open()
+        await replica._ensure_open()
+        resolved, key = self._key_for(key_id)
+        if key.primary_region != self._region:
+            what = "a replica" if key.primary_region is not None else "not a multi-region key"
+            raise KMSError(
+                f"key {resolved} in region {self._region} is {what}; only the primary of a "
+                "multi-region key can be replicated",
+                code="UnsupportedOperationException",
+            )
+        copy = _Key.build(key.materials, key.description, time.time(), primary_region=self._region)
+        await replica._run(replica._add_key_sync, resolved, copy, alias)
+        with self._lock:
+            self._replicas.setdefault(resolved, []).append(replica)
+        _log.debug(
+            "local KMS ReplicateKey key=%s region=%s replica_region=%s",
+            resolved,
+            self._region,
+            replica.region,
+        )
+        return resolved
 
     async def encrypt_dek(
         self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
@@ -505,11 +632,44 @@ class LocalKMSService(ProviderResource):
             return target
 
     async def rotate_key_material(self, key_id: str) -> None:
-        """Give the key a new material now; wrapped keys under older ones still unwrap."""
+        """Give the key a new material now; wrapped keys under older ones still unwrap.
+
+        The primary of a multi-region key hands the new material to its
+        replicas (those this process made with :meth:`replicate_key`); a
+        replica refuses, as in AWS (``UnsupportedOperationException``).
+        """
         check_key_ref(key_id)
         await self._ensure_open()
-        resolved = await self._run(self._replace_key_sync, key_id, _Key.with_new_material)
+
+        def rotate(key: _Key) -> _Key:
+            if key.primary_region not in (None, self._region):
+                raise KMSError(
+                    f"a replica of a multi-region key cannot rotate in region {self._region}; "
+                    f"rotate its primary in region {key.primary_region}",
+                    code="UnsupportedOperationException",
+                )
+            return key.with_new_material()
+
+        resolved = await self._run(self._replace_key_sync, key_id, rotate)
+        with self._lock:
+            replicas = list(self._replicas.get(resolved, ()))
+            materials = self._keys[resolved].materials if replicas else ()
+        for replica in replicas:
+            if not replica._closed:
+                await replica._run(replica._adopt_materials_sync, resolved, materials)
         _log.debug("local KMS RotateKeyOnDemand key=%s region=%s", resolved, self._region)
+
+    def _adopt_materials_sync(self, key_id: str, materials: tuple[bytes, ...]) -> None:
+        """Take the primary's materials for the replica ``key_id`` (never fewer than held)."""
+        with self._lock:
+            if self._closed:
+                return
+            key = self._keys.get(key_id)
+            if key is None or len(materials) <= len(key.materials):
+                return
+            self._commit_locked(
+                {**self._keys, key_id: key.with_materials(materials)}, dict(self._aliases)
+            )
 
     async def enable_key_rotation(self, key_id: str, *, period_days: int | None = None) -> None:
         """Record that the key should rotate every ``period_days`` (default 365).
@@ -615,6 +775,9 @@ def _load_key(
         period is None or (isinstance(period, int) and not isinstance(period, bool))
     ):
         raise corrupt(f"bad rotation settings for key {key_id!r}")
+    primary_region = entry.get("primary_region")
+    if key_id.startswith(_MRK_PREFIX) != isinstance(primary_region, str):
+        raise corrupt(f"bad multi-region settings for key {key_id!r}")
     materials: list[bytes] = []
     for item in encoded:
         try:
@@ -630,4 +793,5 @@ def _load_key(
         float(created_at),
         rotation_enabled=enabled,
         rotation_period_days=period,
+        primary_region=primary_region,
     )

@@ -12,13 +12,13 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from anyio.abc import AsyncResource
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encx_async import Crypto, DEKCache, EncxError, KeyManagementService, KMSKeyNotFoundError
+from encx_async._progress import Progress, progress_default
 
 from ._moto import MotoServer, use_fake_credentials
 
@@ -255,56 +255,6 @@ class Output:
             json.dump(document, sys.stdout, indent=2)
             sys.stdout.write("\n")
             sys.stdout.flush()
-
-
-class Progress:
-    """A one-line progress counter on stderr, redrawn in place every 2%."""
-
-    def __init__(self, label: str, total: int, *, enabled: bool) -> None:
-        self._label = label
-        self._total = max(total, 1)
-        self._step = max(1, total // 50)
-        self._next = self._step
-        self._enabled = enabled
-        self._width = 0
-        self.done = 0
-        self._draw()
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        if self.done >= self._next:
-            self._next = self.done + self._step
-            self._draw()
-
-    def _draw(self) -> None:
-        if not self._enabled:
-            return
-        percent = 100 * self.done / self._total
-        text = f"\r{self._label}: {self.done:,}/{self._total:,} ({percent:3.0f}%)"
-        self._width = max(self._width, len(text))
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._enabled and self._width:
-            sys.stderr.write("\r" + " " * self._width + "\r")
-            sys.stderr.flush()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def progress_default() -> bool:
-    """Progress is drawn on a terminal only, so logs and captured output stay clean."""
-    return sys.stderr.isatty()
 
 
 # -- KMS -------------------------------------------------------------------------

@@ -101,3 +101,26 @@ async def test_nothing_secret_leaks(
         assert_clean(text, secrets)
     assert any(isinstance(e, DecryptionError) for e in errors)
     await crypto.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("sqlite:///var/lib/app/keys.db", "sqlite:///var/lib/app/keys.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        (
+            "postgresql://app:hunter2@db.internal:5432/keys",
+            "postgresql://app:***@db.internal:5432/keys",
+        ),
+        (
+            "postgresql://db/keys?password=hunter2&sslmode=require",
+            "postgresql://db/keys?password=***&sslmode=require",
+        ),
+        ("postgresql://db/keys?sslmode=require", "postgresql://db/keys?sslmode=require"),
+    ],
+)
+def test_database_urls_lose_their_secrets_and_nothing_else(url: str, shown: str) -> None:
+    from encx_async._keystore import redact_url
+
+    assert redact_url(url) == shown
+    assert "hunter2" not in redact_url(url)

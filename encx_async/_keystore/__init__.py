@@ -153,6 +153,9 @@ def redact_url(url: str) -> str:
             f"{name}=***" if _SECRET_OPTION.search(name) else f"{name}={value}"
             for name, value in parse_qsl(parts.query, keep_blank_values=True)
         )
+        if netloc == parts.netloc and query == parts.query:
+            # Nothing to hide; and urlunsplit would turn sqlite:///x into sqlite:/x.
+            return url
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
         return "<unparseable database URL>"

@@ -48,6 +48,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks.core")
     session.run("python", "-m", "benchmarks.cache")
     session.run("python", "-m", "benchmarks.hashing")
+    session.run("python", "-m", "benchmarks.load")
     session.run("python", "-m", "benchmarks.stream")
 
 

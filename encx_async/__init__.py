@@ -27,10 +27,12 @@ from ._exceptions import (
     RegionsUnavailableError,
 )
 from ._hashing import Argon2Params
+from ._health import HealthReport
 from ._keys import DataKey
 from ._keystore import KEKVersion
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
+from ._telemetry import CryptoMetrics
 from .kms import KeyManagementService, KeyRotationService
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "ClosedError",
     "ConfigurationError",
     "Crypto",
+    "CryptoMetrics",
     "CryptoStats",
     "DEKCache",
     "DEKCacheStats",
@@ -55,6 +58,7 @@ __all__ = [
     "EncxError",
     "HashBasic",
     "HashSecure",
+    "HealthReport",
     "InvalidHashError",
     "InvalidValueError",
     "KEKVersion",

@@ -7,7 +7,15 @@ import asyncio
 import logging
 import os
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -18,7 +26,7 @@ from anyio.abc import AsyncResource
 from cryptography.cobblestone import Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
 
-from . import _models
+from . import _models, _telemetry
 from ._aead import (
     NONCE_SIZE,
     RAW_OPEN_FAILED,
@@ -50,6 +58,7 @@ from ._exceptions import (
     KMSKeyNotFoundError,
 )
 from ._hashing import Argon2Params, BasicHasher, SecureHasher
+from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
 from ._keystore import KEKVersion, open_keystore
@@ -358,6 +367,26 @@ class Crypto(AsyncResource):
         cache = self._cache.stats() if self._cache is not None else None
         return CryptoStats(kms_calls=MappingProxyType(dict(self._kms_calls)), cache=cache)
 
+    async def check(self, *, timeout: float = DEFAULT_CHECK_TIMEOUT) -> HealthReport:  # noqa: ASYNC109 (a probe bounds itself)
+        """Ask the KMS about the current KEK, for a readiness probe; decrypts nothing.
+
+        Uses the provider's ``describe_key`` (both bundled providers have it),
+        else wraps a throwaway random key. KMS trouble (unreachable, slower than
+        ``timeout`` seconds, access denied, a disabled or deleted key) is
+        reported as ``ok=False`` with the reason, not raised; the call is
+        counted in :meth:`stats` like any other. Raises
+        :class:`~encx_async.ClosedError` after :meth:`aclose`.
+        """
+        self._check_open()
+        return await run_check(
+            self._kms,
+            self._call_kms,
+            kek_alias=self._kek_alias,
+            kek_version=self.kek_version,
+            key_id=self.key_id,
+            timeout=timeout,
+        )
+
     def kek_versions(self) -> list[KEKVersion]:
         """Every KEK version of the alias this Crypto knows, oldest first."""
         return self._keyring.versions()
@@ -504,7 +533,7 @@ class Crypto(AsyncResource):
 
     def encrypt_stream(
         self, source: Source, *, context: Context | None = None, aad: Bytes | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Encrypt a stream of byte chunks; returns an async iterator of ciphertext chunks.
 
         ``source`` is an async iterable of bytes (an aiohttp request body's
@@ -522,7 +551,7 @@ class Crypto(AsyncResource):
 
     async def _seal_stream(
         self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         header, encryptor = await self._stream_encryptor(ctx, aad)
         async for out in seal_body(header, encryptor, chunks):
             yield out
@@ -543,7 +572,7 @@ class Crypto(AsyncResource):
 
     def decrypt_stream(
         self, source: Source, *, context: Context | None = None, aad: Bytes | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Decrypt a stream made by :meth:`encrypt_stream` (or a blob of :meth:`encrypt`).
 
         Yields plaintext as it is authenticated. Every byte yielded is genuine
@@ -560,7 +589,7 @@ class Crypto(AsyncResource):
 
     async def _open_stream(
         self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         envelope, first = await read_header(chunks)
         sealer, owned = await self._sealer_for(envelope, ctx)
         try:
@@ -1089,7 +1118,8 @@ class Crypto(AsyncResource):
 
     async def _call_kms(self, operation: str, call: Awaitable[T]) -> T:
         self._kms_calls[operation] += 1
-        return await call
+        # A span and a latency sample per call when OpenTelemetry is installed.
+        return await _telemetry.kms_call(operation, self._kek_alias, call)
 
 
 def _check_dek(dek: object) -> None:

@@ -224,3 +224,37 @@ def test_stream_benchmark_reports_memory_and_throughput() -> None:
         "raw decrypt",
         "decrypt_stream",
     }
+
+
+@pytest.mark.slow
+def test_load_benchmark_reports_both_runs_latency_and_kms_share() -> None:
+    document, report = run_benchmark(
+        "load",
+        "--requests",
+        "200",
+        "--uncached-requests",
+        "60",
+        "--clients",
+        "20",
+        "--users",
+        "20",
+        "--no-progress",
+    )
+    assert "the uncached run sends 60 requests, not 200" in report
+    for header in ("p50 ms", "p99 ms", "KMS/req", "clean stop", "Ratios"):
+        assert header in report
+    assert "p99 latency, uncached / cached" in report
+    assert "target <= 1%" in report
+    uncached, cached = document["runs"]["uncached"], document["runs"]["cached"]
+    assert uncached["requests"] == 60
+    assert cached["requests"] == 200
+    # Without the cache every request costs one KMS call; with it, almost none.
+    assert uncached["kms_calls_total"] == 60
+    assert cached["kms_calls_total"] < uncached["kms_calls_total"]
+    assert cached["p99_ms"] >= cached["p50_ms"] > 0
+    assert uncached["errors"] == cached["errors"] == 0
+    assert uncached["clean_shutdown"]
+    assert cached["clean_shutdown"]
+    assert {"KMS calls per request, cached", "p99 latency, uncached / cached"} <= (
+        check_names(document)
+    )

@@ -1,0 +1,89 @@
+"""Web framework integrations: one KMS service and one Crypto per process.
+
+:mod:`encx_async.integrations.fastapi` (a lifespan and a dependency) and
+:mod:`encx_async.integrations.aiohttp` (a ``cleanup_ctx`` and an app key) both
+rest on :func:`serve_crypto`, which is framework-neutral: it opens the KMS
+service, builds the Crypto, and at shutdown closes the Crypto and then the
+service, even if the shutdown itself is being cancelled. Nothing is kept in a
+module: the Crypto lives in the framework's own state (lifespan state, the
+application mapping) for as long as the application runs.
+
+You say how to build both with two callables, so the settings stay yours::
+
+    kms = lambda: aws.KMSService(aws.Config(region=os.environ["AWS_REGION"]))
+
+    async def crypto(kms: KeyManagementService) -> Crypto:
+        return await Crypto.create(kms=kms, kek_alias="alias/my-app", dek_cache=DEKCache())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+import anyio
+
+from encx_async._crypto import Crypto
+from encx_async._exceptions import ConfigurationError
+from encx_async._telemetry import CryptoMetrics
+from encx_async.kms import KeyManagementService
+
+__all__ = ["CryptoFactory", "KMSFactory", "serve_crypto"]
+
+logger = logging.getLogger("encx_async.integrations")
+
+KMSFactory = Callable[[], KeyManagementService]
+"""Builds the (not yet opened) KMS service: ``lambda: aws.KMSService(aws.Config(...))``."""
+
+CryptoFactory = Callable[[KeyManagementService], Awaitable[Crypto]]
+"""Builds the Crypto on the opened service: usually a call to ``Crypto.create(kms=kms, ...)``."""
+
+
+@contextlib.asynccontextmanager
+async def serve_crypto(
+    kms: KMSFactory,
+    crypto: CryptoFactory,
+    *,
+    metrics: CryptoMetrics | None = None,
+    metric_attributes: Mapping[str, str] | None = None,
+) -> AsyncIterator[Crypto]:
+    """Open the KMS service and the Crypto; close both (Crypto first) on exit.
+
+    With ``metrics``, the Crypto is added to that
+    :class:`~encx_async.CryptoMetrics` while it is open.
+    """
+    if not callable(kms) or not callable(crypto):
+        raise ConfigurationError(
+            "kms and crypto must be callables: kms() returns a KMS service, "
+            "await crypto(service) returns a Crypto"
+        )
+    async with contextlib.AsyncExitStack() as stack:
+        service = kms()
+        if not isinstance(service, KeyManagementService):
+            raise ConfigurationError("kms() must return an encx_async.KeyManagementService")
+        # The service is entered before anything can fail, so it is closed on every path.
+        await stack.enter_async_context(service)
+        stack.push_async_callback(_shielded_close, service.aclose)
+        made = await crypto(service)
+        if not isinstance(made, Crypto):
+            raise ConfigurationError("crypto(kms) must return an encx_async.Crypto")
+        stack.push_async_callback(_shielded_close, made.aclose)
+        if metrics is not None:
+            metrics.add(made, metric_attributes)
+            stack.callback(metrics.discard, made)
+        logger.info(
+            "encx-async ready for %s: KEK %s version %d (key %s)",
+            type(service).__name__,
+            made.kek_alias,
+            made.kek_version,
+            made.key_id,
+        )
+        yield made
+    logger.info("encx-async closed: Crypto and %s", type(service).__name__)
+
+
+async def _shielded_close(close: Callable[[], Awaitable[None]]) -> None:
+    # A shutdown that is itself cancelled must still release connections and wipe keys.
+    with anyio.CancelScope(shield=True):
+        await close()

@@ -53,6 +53,13 @@ class FlakyLocal(LocalKMSService):
         if self.down:
             raise errors.KMSUnavailableError(f"region {self.region} is down (test)")
 
+    async def _ensure_open(self) -> None:
+        # Every other call (create_key, create_alias, a replica's side of
+        # replicate_key) opens first: a region that is down refuses those too.
+        if self.down:
+            raise errors.KMSUnavailableError(f"region {self.region} is down (test)")
+        await super()._ensure_open()
+
     async def get_key_id(self, alias: str) -> str:
         await self._outage()
         return await super().get_key_id(alias)
@@ -155,9 +162,15 @@ async def test_local_replicate_refusals(east: FlakyLocal, west: FlakyLocal) -> N
     with pytest.raises(errors.KMSError) as caught:
         await west.replicate_key(key_id, east)  # a replica does not replicate
     assert caught.value.code == "UnsupportedOperationException"
-    with pytest.raises(errors.KMSError) as caught:
-        await east.replicate_key(key_id, west)
-    assert caught.value.code == "AlreadyExistsException"
+    # Replicating again only links the primary to the replica it has already.
+    assert await east.replicate_key(key_id, west) == key_id
+    async with LocalKMSService(region=WEST) as other_west:
+        await other_west.create_key("squatter", alias="alias/k")
+        with pytest.raises(errors.KMSError) as caught:
+            await east.replicate_key(key_id, other_west, alias="alias/k")
+        assert caught.value.code == "AlreadyExistsException"
+        with pytest.raises(errors.KMSKeyNotFoundError):
+            await other_west.get_key_id(key_id)  # nothing half-made
     async with LocalKMSService(region=EAST) as same_region:
         with pytest.raises(errors.ConfigurationError, match="another region"):
             await east.replicate_key(key_id, same_region)
@@ -393,6 +406,14 @@ async def test_replicas_create_key_reports_a_failed_replication(
     assert "mrk-" in str(caught.value)
 
 
+async def trip(kms: MultiRegionKMSService, region: FlakyLocal, key_id: str, wrapped: bytes) -> None:
+    """Take ``region`` down and fail enough unwraps there to open its breaker (threshold 2)."""
+    region.down = True
+    for _ in range(2):
+        await kms.decrypt_dek(key_id, wrapped)
+    assert kms.stats().region(region.region).breaker == "open"
+
+
 async def test_cancelled_probe_leaves_the_breaker_half_open(
     east: FlakyLocal, west: FlakyLocal
 ) -> None:
@@ -400,9 +421,7 @@ async def test_cancelled_probe_leaves_the_breaker_half_open(
     key_id = await replicated_key(east, west, "alias/k")
     async with replicas(east, west, clock=clock) as kms:
         wrapped = await kms.encrypt_dek(key_id, DEK)
-        east.down = True
-        for _ in range(2):
-            await kms.decrypt_dek(key_id, wrapped)
+        await trip(kms, east, key_id, wrapped)
         clock.advance(10)
         east.down, east.hang = False, True
         calls = east.calls
@@ -413,4 +432,149 @@ async def test_cancelled_probe_leaves_the_breaker_half_open(
         east.hang = False
         assert await kms.decrypt_dek(key_id, wrapped) == DEK  # a new probe, which succeeds
         assert east.calls == calls + 2
+        assert kms.stats().region(EAST).breaker == "closed"
+
+
+# -- review fixes -------------------------------------------------------------------
+
+
+async def test_every_region_create_key_with_a_region_down(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    west.down = True
+    async with MultiRegionKMSService([east, west], mode="every-region") as kms:
+        with pytest.raises(RegionsUnavailableError, match="keys made: us-east-1: ") as caught:
+            await kms.create_key("k", alias="alias/app")
+    assert caught.value.regions == (WEST,)
+    assert caught.value.operation == "create_key"
+    made = str(caught.value).rsplit(": ", 1)[1].rstrip(")")
+    assert await east.get_key_id("alias/app") == made
+
+
+async def test_replicas_create_key_with_a_replica_region_down(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    west.down = True
+    async with replicas(east, west) as kms:
+        with pytest.raises(RegionsUnavailableError, match=f"not replicated to {WEST}") as caught:
+            await kms.create_key("k", alias="alias/app")
+    assert caught.value.regions == (WEST,)
+    made = await east.get_key_id("alias/app")
+    assert made in str(caught.value)
+
+
+async def test_breaker_forgets_old_trips_without_calls_in_between(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    # A region nobody calls while healthy still gets its past forgiven.
+    clock = FakeClock()
+    key_id = await replicated_key(east, west, "alias/k")
+    async with replicas(east, west, clock=clock) as kms:
+        wrapped = await kms.encrypt_dek(key_id, DEK)
+        await trip(kms, east, key_id, wrapped)
+        assert kms.stats().region(EAST).retry_in == 10.0
+        east.down = False
+        clock.advance(10)
+        await kms.decrypt_dek(key_id, wrapped)  # the probe closes the breaker
+        assert kms.stats().region(EAST).breaker == "closed"
+        clock.advance(1000)  # healthy, and idle, for far longer than it was down
+        await trip(kms, east, key_id, wrapped)
+        assert kms.stats().region(EAST).retry_in == 10.0
+
+
+async def test_bad_input_does_not_use_the_probe(east: FlakyLocal, west: FlakyLocal) -> None:
+    clock = FakeClock()
+    key_id = await replicated_key(east, west, "alias/k")
+    async with replicas(east, west, clock=clock) as kms:
+        wrapped = await kms.encrypt_dek(key_id, DEK)
+        await trip(kms, east, key_id, wrapped)
+        clock.advance(10)
+        calls = (east.calls, west.calls)
+        with pytest.raises(errors.ConfigurationError):
+            await kms.encrypt_dek(key_id, b"")
+        with pytest.raises(errors.ConfigurationError):
+            await kms.decrypt_dek(key_id, wrapped, context={"tenant": 1})  # type: ignore[dict-item]
+        assert (east.calls, west.calls) == calls  # refused before any region
+        east_stats = kms.stats().region(EAST)
+        assert (east_stats.breaker, east_stats.failures) == ("half-open", 2)
+
+
+async def test_a_closed_borrowed_service_does_not_close_the_breaker(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    clock = FakeClock()
+    key_id = await replicated_key(east, west, "alias/k")
+    async with replicas(east, west, clock=clock) as kms:
+        wrapped = await kms.encrypt_dek(key_id, DEK)
+        await trip(kms, east, key_id, wrapped)
+        clock.advance(10)
+        east.down = False
+        await east.aclose()  # its owner closed it: the region said nothing
+        with pytest.raises(errors.ClosedError):
+            await kms.decrypt_dek(key_id, wrapped)
+        assert kms.stats().region(EAST).breaker == "half-open"
+
+
+async def test_local_replica_relinks_after_reloading(tmp_path: Path) -> None:
+    east_file, west_file = tmp_path / "east.json", tmp_path / "west.json"
+    async with (
+        LocalKMSService(east_file, region=EAST) as east,
+        LocalKMSService(west_file, region=WEST) as west,
+    ):
+        key_id = await replicated_key(east, west, "alias/k")
+    async with (
+        LocalKMSService(east_file, region=EAST) as east,
+        LocalKMSService(west_file, region=WEST) as west,
+    ):
+        await east.rotate_key_material(key_id)  # before the link is made again
+        # Replicating again links the primary to its existing replica, which catches up.
+        assert await east.replicate_key(key_id, west, alias="alias/k") == key_id
+        wrapped = await east.encrypt_dek(key_id, DEK)
+        assert await west.decrypt_dek(key_id, wrapped) == DEK
+        await east.rotate_key_material(key_id)  # and later rotations reach it
+        wrapped = await east.encrypt_dek(key_id, DEK)
+        assert await west.decrypt_dek(key_id, wrapped) == DEK
+    async with LocalKMSService(west_file, region=WEST) as west:
+        assert await west.decrypt_dek(key_id, wrapped) == DEK  # persisted in the replica's file
+
+
+async def test_local_relink_refuses_an_alias_of_another_key(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    key_id = await replicated_key(east, west, "alias/k")
+    await west.create_key("squatter", alias="alias/taken")
+    with pytest.raises(errors.KMSError) as caught:
+        await east.replicate_key(key_id, west, alias="alias/taken")
+    assert caught.value.code == "AlreadyExistsException"
+    assert await east.replicate_key(key_id, west, alias="alias/second") == key_id
+    assert await west.get_key_id("alias/second") == key_id
+
+
+async def test_half_open_lets_one_probe_through_and_a_timed_out_probe_reopens(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    clock = FakeClock()
+    key_id = await replicated_key(east, west, "alias/k")
+    async with replicas(east, west, clock=clock, attempt_timeout=0.05) as kms:
+        wrapped = await kms.encrypt_dek(key_id, DEK)
+        await trip(kms, east, key_id, wrapped)
+        clock.advance(10)
+        east.down, east.hang = False, True
+        calls = east.calls
+        results: list[bytes] = []
+
+        async def unwrap() -> None:
+            results.append(await kms.decrypt_dek(key_id, wrapped))
+
+        with anyio.fail_after(2):
+            async with anyio.create_task_group() as group:
+                for _ in range(5):
+                    group.start_soon(unwrap)
+        assert results == [DEK] * 5  # the probe timed out and moved on; the others skipped
+        assert east.calls == calls + 1
+        stats = kms.stats().region(EAST)
+        assert (stats.breaker, stats.retry_in, stats.skipped) == ("open", 20.0, 4)
+        east.hang = False
+        clock.advance(20)
+        assert await kms.decrypt_dek(key_id, wrapped) == DEK  # the slot was freed: a new probe
         assert kms.stats().region(EAST).breaker == "closed"

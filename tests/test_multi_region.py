@@ -23,6 +23,7 @@ from moto.server import ThreadedMotoServer
 
 from encx_async import Crypto
 from encx_async import _exceptions as errors
+from encx_async.providers._common import DECRYPT_FAILED
 from encx_async.providers.aws import (
     Config,
     KMSService,
@@ -556,3 +557,52 @@ async def test_every_region_create_key_names_what_it_made() -> None:
         assert caught.value.code == "AlreadyExistsException"
         made = str(caught.value).rsplit(": ", 1)[1].rstrip(")")
         assert await east.get_key_id("alias/taken") == made
+
+
+async def test_forged_every_region_blobs_are_decryption_errors() -> None:
+    async with (
+        LocalKMSService(region=EAST) as east,
+        LocalKMSService(region=WEST) as west,
+        MultiRegionKMSService([east, west], mode="every-region") as kms,
+    ):
+        key = await kms.create_key("app")
+        wrapped = await kms.encrypt_dek(key, DEK, context=CONTEXT)
+        assert wrapped[:6] == b"EXMR\x01\x02"
+        at, copies = 6, []
+        for _ in range(2):
+            name_end = at + 1 + wrapped[at]
+            end = name_end + 2 + int.from_bytes(wrapped[name_end : name_end + 2], "big")
+            copies.append((wrapped[at + 1 : name_end], wrapped[name_end + 2 : end]))
+            at = end
+        assert [name for name, _ in copies] == [EAST.encode(), WEST.encode()]
+
+        def pack(entries: list[tuple[bytes, bytes]], count: int | None = None) -> bytes:
+            body = b"".join(bytes([len(n)]) + n + len(c).to_bytes(2, "big") + c for n, c in entries)
+            return b"EXMR\x01" + bytes([len(entries) if count is None else count]) + body
+
+        assert pack(copies) == wrapped
+        (east_name, east_copy), (west_name, west_copy) = copies
+        forged = {
+            # Each region's copy under the other's name: each region's KMS refuses it.
+            "swapped": pack([(east_name, west_copy), (west_name, east_copy)]),
+            "no copies": pack([]),
+            "count too high": pack(copies, count=3),
+            "count too low": pack(copies, count=1),
+            "same region twice": pack([(east_name, east_copy), (east_name, east_copy)]),
+            "empty copy": pack([(east_name, b""), (west_name, west_copy)]),
+            "bad region name": pack([(b"US-EAST-1", east_copy)]),
+            "no region known": pack([(b"ap-south-1", east_copy)]),
+            "non-ascii name": pack([(b"\xff", east_copy)]),
+        }
+        for what, blob in forged.items():
+            with pytest.raises(errors.DecryptionError) as caught:
+                await kms.decrypt_dek(key, blob, context=CONTEXT)
+            assert str(caught.value) == str(errors.DecryptionError(DECRYPT_FAILED)), what
+        # The copy of one region alone, correctly labelled, still opens.
+        assert await kms.decrypt_dek(key, pack([copies[1]]), context=CONTEXT) == DEK
+
+
+def test_region_names_are_bounded() -> None:
+    with pytest.raises(errors.ConfigurationError, match="region"):
+        MultiRegionKMSService([LocalKMSService(region="r" * 65)])
+    assert MultiRegionKMSService([LocalKMSService(region="r" * 64)]).regions == ("r" * 64,)

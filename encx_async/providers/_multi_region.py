@@ -30,7 +30,8 @@ Each region has a circuit breaker: after ``failure_threshold`` consecutive
 failures it opens and the region is skipped for ``reset_timeout`` seconds;
 then one call probes it (half-open), which closes the breaker on success or
 opens it again, for twice as long each time the region fails again soon after
-recovering, up to ``max_reset_timeout``.
+recovering, up to ``max_reset_timeout``. Arguments refused before a request
+and a closed regional service leave the breaker as it was.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from typing import (
 
 import anyio
 
+from encx_async._context import normalize_context
 from encx_async._envelope import MAX_WRAPPED_DEK
 from encx_async._exceptions import (
     ConfigurationError,
@@ -72,6 +74,7 @@ from encx_async.providers._common import (
     check_alias_name,
     check_description,
     check_key_ref,
+    check_plaintext,
 )
 from encx_async.providers.local import LocalKMSService
 
@@ -103,6 +106,7 @@ BreakerState = Literal["closed", "open", "half-open"]
 _MODES: Final = ("replicas", "every-region")
 _COMPOSITE_PREFIX: Final = "multi-region:"
 _REGION_RE: Final = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_MAX_REGION: Final = 64  # AWS's are about 15 characters; the blob gives a name one length byte
 _ARN_RE: Final = re.compile(
     r"^arn:(?P<partition>[a-z0-9-]+):kms:(?P<region>[a-z0-9-]*):(?P<account>[0-9]*):"
     r"(?P<type>key|alias)/(?P<name>.+)$"
@@ -229,10 +233,8 @@ class _Breaker:
         if probe:
             self.open_until = None
             self.probing = False
-            # Forget the trips only once the region has stayed up as long as it was down.
+            # Its trips count until it has stayed up as long as it was last left alone.
             self.calm_after = now + self._open_time()
-        elif self.open_until is None and self.trips and now >= self.calm_after:
-            self.trips = 0
 
     def failed(self, probe: bool, now: float) -> bool:
         """The region was unavailable; True if that opened the breaker."""
@@ -254,6 +256,8 @@ class _Breaker:
             self.probing = False
 
     def _open(self, now: float) -> None:
+        if self.open_until is None and now >= self.calm_after:
+            self.trips = 0  # up (or idle) long enough since it recovered: a fresh outage
         self.trips += 1
         self.failures = 0
         self.open_until = now + self._open_time()
@@ -333,8 +337,8 @@ class MultiRegionKMSService(ProviderResource):
     :param primary: the region wraps go to first in ``"replicas"`` mode; the
         first of ``services`` by default.
     :param attempt_timeout: seconds one region has to answer one call before
-        the call moves on, on top of the region's own timeouts and retries
-        (keep those short: ``Config(max_attempts=1, connect_timeout=...)``).
+        the call moves on, whatever the region's own timeouts and retries
+        (keep those short too: ``Config(max_attempts=1, connect_timeout=...)``).
     :param failure_threshold: availability failures in a row that open a
         region's breaker.
     :param reset_timeout: seconds an opened breaker skips its region before
@@ -388,7 +392,7 @@ class MultiRegionKMSService(ProviderResource):
                     f"{type(service).__name__}"
                 )
             name = getattr(service, "region", None)
-            if not isinstance(name, str) or not _REGION_RE.fullmatch(name):
+            if not isinstance(name, str) or not _is_region(name):
                 raise ConfigurationError(
                     f"{service!r} does not say its region; give each KMSService Config(region=...)"
                 )
@@ -603,12 +607,13 @@ class MultiRegionKMSService(ProviderResource):
                     reason,
                 )
             raise _RegionFailed(reason, exc) from None
-        except Exception:
-            settled = True
-            region.breaker.answered(probe, self._clock())
+        except Exception as exc:
+            if _is_answer(exc):
+                settled = True
+                region.breaker.answered(probe, self._clock())
             raise
         finally:
-            if not settled:  # cancelled: the call says nothing about the region
+            if not settled:  # cancelled, or refused before asking: says nothing of the region
                 region.breaker.release(probe)
         region.breaker.answered(probe, self._clock())
         if probe:
@@ -803,7 +808,7 @@ class MultiRegionKMSService(ProviderResource):
                 if not gathered.results:
                     raise
                 made = ", ".join(f"{n}: {k}" for n, k in gathered.results.items())
-                raise type(exc)(f"{exc} (keys made: {made})", code=exc.code) from exc
+                raise _restated(exc, f"{exc} (keys made: {made})") from exc
         return await self._create_multi_region_key(description, alias)
 
     async def _create_multi_region_key(self, description: str, alias: str | None) -> str:
@@ -822,10 +827,10 @@ class MultiRegionKMSService(ProviderResource):
             try:
                 await self._failover("create_key", (region,), _replicator(primary, key_id, alias))
             except KMSError as exc:
-                raise type(exc)(
+                raise _restated(
+                    exc,
                     f"multi-region key {key_id} was made in {', '.join(done)} but not replicated "
                     f"to {region.name}: {exc}; replicate it there, or schedule its deletion",
-                    code=exc.code,
                 ) from exc
             done.append(region.name)
         return self._canonical(key_id)
@@ -836,7 +841,8 @@ class MultiRegionKMSService(ProviderResource):
         """Wrap ``plaintext_dek``: in the primary region first (``"replicas"``), or
         in every region at once (``"every-region"``, at least ``min_regions``)."""
         key_ref = check_key_ref(key_id)
-        plaintext = as_bytes(plaintext_dek, "data key")
+        plaintext = check_plaintext(plaintext_dek)
+        context = normalize_context(context)
         await self._ensure_open()
         if self._mode == "replicas":
             return await self._failover(
@@ -870,6 +876,7 @@ class MultiRegionKMSService(ProviderResource):
         mode, holds a copy)."""
         key_ref = check_key_ref(key_id)
         blob = as_bytes(ciphertext_dek, "wrapped data key")
+        context = normalize_context(context)
         await self._ensure_open()
         if self._mode == "replicas":
             return await self._failover(
@@ -959,6 +966,7 @@ class MultiRegionKMSService(ProviderResource):
         blob = as_bytes(ciphertext_dek, "wrapped data key")
         source = check_key_ref(source_key_id)
         destination = check_key_ref(destination_key_id)
+        context = normalize_context(context)
         await self._ensure_open()
         if self._mode == "replicas":
             usable = self._plan(destination, self._regions)
@@ -996,6 +1004,25 @@ class MultiRegionKMSService(ProviderResource):
             ),
         )
         return _pack([(name, moved[name]) for name, _ in copies if name in moved])
+
+
+def _is_answer(exc: Exception) -> bool:
+    """Whether a region's error is its KMS answering (a wrong key, a denied call...).
+
+    A ValueError (a bad argument, an ARN of another region) or a ClosedError
+    was raised before the region was asked, so it says nothing about it.
+    """
+    return isinstance(exc, KMSError | DecryptionError) and not isinstance(exc, ValueError)
+
+
+def _restated(exc: KMSError, message: str) -> KMSError:
+    """``exc`` with ``message`` for its text: the same class, code and region failures."""
+    if isinstance(exc, RegionsUnavailableError):
+        # Its constructor writes the message from the failures: keep those, set the text.
+        again = RegionsUnavailableError(exc.operation, exc.failures)
+        again.args = (message,)
+        return again
+    return type(exc)(message, code=exc.code)
 
 
 def _rotation(region: _Region) -> KeyRotationService:
@@ -1037,7 +1064,7 @@ def _parse_composite(key_ref: str) -> dict[str, str]:
     body = key_ref[len(_COMPOSITE_PREFIX) :]
     for item in body.split(","):
         region, sep, ref = item.partition("=")
-        if not sep or not _REGION_RE.fullmatch(region) or not ref or region in parts:
+        if not sep or not _is_region(region) or not ref or region in parts:
             raise ConfigurationError(
                 f"{key_ref!r} is not a multi-region key id "
                 f"('{_COMPOSITE_PREFIX}<region>=<key>,<region>=<key>...')"
@@ -1048,16 +1075,18 @@ def _parse_composite(key_ref: str) -> dict[str, str]:
 
 def _pack(copies: Sequence[tuple[str, bytes]]) -> bytes:
     """The every-region wrapped key: each region's copy, named by region."""
+    # Sized first: within the envelope's limit every count and length fits its field.
+    size = len(_BLOB_MAGIC) + 2 + sum(3 + len(region) + len(copy) for region, copy in copies)
+    if size > MAX_WRAPPED_DEK:
+        raise EncryptionError(
+            f"the data key wrapped in {len(copies)} regions takes {size} bytes, more than "
+            f"the {MAX_WRAPPED_DEK} an envelope holds; use fewer regions"
+        )
     out = bytearray(_BLOB_MAGIC)
     out += bytes([_BLOB_VERSION, len(copies)])
     for region, copy in copies:
         name = region.encode("ascii")
         out += bytes([len(name)]) + name + len(copy).to_bytes(2, "big") + copy
-    if len(out) > MAX_WRAPPED_DEK:
-        raise EncryptionError(
-            f"the data key wrapped in {len(copies)} regions takes {len(out)} bytes, more than "
-            f"the {MAX_WRAPPED_DEK} an envelope holds; use fewer regions"
-        )
     return bytes(out)
 
 
@@ -1083,7 +1112,7 @@ def _unpack(blob: bytes) -> list[tuple[str, bytes]]:
         except UnicodeDecodeError:
             raise DecryptionError(DECRYPT_FAILED) from None
         copy_end = copy_start + int.from_bytes(blob[name_end:copy_start], "big")
-        if not _REGION_RE.fullmatch(region) or copy_end > len(blob) or copy_end == copy_start:
+        if not _is_region(region) or copy_end > len(blob) or copy_end == copy_start:
             raise DecryptionError(DECRYPT_FAILED)
         if any(region == seen for seen, _ in copies):
             raise DecryptionError(DECRYPT_FAILED)
@@ -1092,6 +1121,10 @@ def _unpack(blob: bytes) -> list[tuple[str, bytes]]:
     if at != len(blob) or not copies:
         raise DecryptionError(DECRYPT_FAILED)
     return copies
+
+
+def _is_region(name: str) -> bool:
+    return len(name) <= _MAX_REGION and _REGION_RE.fullmatch(name) is not None
 
 
 def _check_number(name: str, value: object) -> None:

@@ -18,7 +18,9 @@ Multi-region keys follow AWS too. ``create_key(..., multi_region=True)``
 makes a key with an ``mrk-`` id; :meth:`LocalKMSService.replicate_key` copies
 it, id and materials, into the service of another region (the local stand-in
 for ``ReplicateKey``), so a data key wrapped in one region unwraps through
-the replica in the other. Other keys stay in the region that created them.
+the replica in the other; the primary's new materials reach the replicas it
+is linked to (call ``replicate_key`` again after reopening services from
+their key files). Other keys stay in the region that created them.
 
 Each key holds a list of 256-bit materials, oldest first. Wrapping uses the
 newest; :meth:`LocalKMSService.rotate_key_material` appends one.
@@ -216,8 +218,10 @@ class LocalKMSService(ProviderResource):
 
     Multi-region keys: ``create_key(..., multi_region=True)`` and
     :meth:`replicate_key`. Giving the primary new material
-    (:meth:`rotate_key_material`) gives it to the replicas made in this
-    process too, as AWS KMS synchronises them; a replica refuses to rotate.
+    (:meth:`rotate_key_material`) gives it to the replicas it is linked to
+    too, as AWS KMS synchronises them; a replica refuses to rotate. The link
+    lives in process memory: after reopening the services from their key
+    files, call :meth:`replicate_key` again to link an existing replica.
 
     It also implements :class:`~encx_async.kms.KeyRotationService`, except
     that it never rotates on its own: :meth:`enable_key_rotation` only records
@@ -422,6 +426,17 @@ class LocalKMSService(ProviderResource):
 
     # -- key lookup --------------------------------------------------------
 
+    def _key_exists(self, key_id: str) -> KMSError:
+        return KMSError(
+            f"key {key_id} already exists in region {self._region}", code="AlreadyExistsException"
+        )
+
+    def _alias_exists(self, alias: str) -> KMSError:
+        return KMSError(
+            f"alias {alias!r} already exists in region {self._region}",
+            code="AlreadyExistsException",
+        )
+
     def _not_found(self, key_refs: str | tuple[str, ...]) -> KMSKeyNotFoundError:
         return KMSKeyNotFoundError(
             not_found_message(key_refs, self._region, scope=_SCOPE), code="NotFoundException"
@@ -496,15 +511,9 @@ class LocalKMSService(ProviderResource):
         with self._lock:
             self._raise_if_closed()
             if key_id in self._keys:
-                raise KMSError(
-                    f"key {key_id} already exists in region {self._region}",
-                    code="AlreadyExistsException",
-                )
+                raise self._key_exists(key_id)
             if alias is not None and alias in self._aliases:
-                raise KMSError(
-                    f"alias {alias!r} already exists in region {self._region}",
-                    code="AlreadyExistsException",
-                )
+                raise self._alias_exists(alias)
             aliases = dict(self._aliases)
             if alias is not None:
                 aliases[alias] = key_id
@@ -526,10 +535,7 @@ class LocalKMSService(ProviderResource):
         with self._lock:
             self._raise_if_closed()
             if alias in self._aliases:
-                raise KMSError(
-                    f"alias {alias!r} already exists in region {self._region}",
-                    code="AlreadyExistsException",
-                )
+                raise self._alias_exists(alias)
             target = self._resolve_locked(key_ref)
             self._commit_locked(dict(self._keys), {**self._aliases, alias: target})
             return target
@@ -544,9 +550,16 @@ class LocalKMSService(ProviderResource):
         unwraps. ``alias`` also names the replica in its region (aliases are
         regional, as in AWS). Returns the replica's key id (the same id).
 
+        The link that hands the primary's new materials to its replicas
+        (:meth:`rotate_key_material`) lives in process memory. Services
+        reopened from their key files get it back by calling this again: a
+        replica that is there already is linked, not copied, and takes any
+        material the primary got meanwhile.
+
         Only the primary replicates; a key that is not multi-region raises
         :class:`~encx_async.KMSError` (``UnsupportedOperationException``), and a
-        region that has the key already ``AlreadyExistsException``.
+        region that has another key of that id, or ``alias`` for another key,
+        ``AlreadyExistsException``.
         """
         check_key_ref(key_id)
         if not isinstance(replica, LocalKMSService):
@@ -572,9 +585,14 @@ class LocalKMSService(ProviderResource):
                 code="UnsupportedOperationException",
             )
         copy = _Key.build(key.materials, key.description, time.time(), primary_region=self._region)
-        await replica._run(replica._add_key_sync, resolved, copy, alias)
+        await replica._run(replica._add_replica_sync, resolved, copy, alias)
         with self._lock:
-            self._replicas.setdefault(resolved, []).append(replica)
+            linked = self._replicas.setdefault(resolved, [])
+            if not any(known is replica for known in linked):
+                linked.append(replica)
+            materials = self._keys[resolved].materials
+        # A rotation while the copy was being written, or before a relink: catch up.
+        await replica._run(replica._adopt_materials_sync, resolved, materials)
         _log.debug(
             "local KMS ReplicateKey key=%s region=%s replica_region=%s",
             resolved,
@@ -582,6 +600,25 @@ class LocalKMSService(ProviderResource):
             replica.region,
         )
         return resolved
+
+    def _add_replica_sync(self, key_id: str, copy: _Key, alias: str | None) -> None:
+        """Add the replica ``copy``, or accept the one held already (then only add ``alias``)."""
+        with self._lock:
+            self._raise_if_closed()
+            held = self._keys.get(key_id)
+            if held is not None:
+                same_key = held.primary_region == copy.primary_region and _is_prefix(
+                    held.materials, copy.materials
+                )
+                if not same_key:
+                    raise self._key_exists(key_id)
+                if alias is not None and self._aliases.get(alias) != key_id:
+                    if alias in self._aliases:
+                        raise self._alias_exists(alias)
+                    self._commit_locked(dict(self._keys), {**self._aliases, alias: key_id})
+                return
+        # Not held: added as a new key (which checks again, under the lock).
+        self._add_key_sync(key_id, copy, alias)
 
     async def encrypt_dek(
         self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
@@ -749,6 +786,13 @@ class LocalKMSService(ProviderResource):
             "enabled": True,
             "key_state": "Enabled",
         }
+
+
+def _is_prefix(older: tuple[bytes, ...], newer: tuple[bytes, ...]) -> bool:
+    """Whether the materials ``older`` are the first ones of ``newer`` (the same key, behind)."""
+    return len(older) <= len(newer) and all(
+        secrets.compare_digest(a, b) for a, b in zip(older, newer, strict=False)
+    )
 
 
 def _load_key(

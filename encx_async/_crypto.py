@@ -544,10 +544,15 @@ class Crypto(AsyncResource):
         body. Memory stays at about one chunk. Wrap the iterator in
         :func:`contextlib.aclosing` if you may stop before its end.
         """
-        self._check_open()
-        ctx = encode_context(context)
-        extra = None if aad is None else _aad_bytes(aad)
+        ctx, extra = self._stream_inputs(context, aad)
         return self._seal_stream(check_source(source), ctx, extra)
+
+    def _stream_inputs(
+        self, context: Context | None, aad: Bytes | None
+    ) -> tuple[bytes, bytes | None]:
+        """The encoded context and aad of a streaming call, checked before anything runs."""
+        self._check_open()
+        return encode_context(context), None if aad is None else _aad_bytes(aad)
 
     async def _seal_stream(
         self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
@@ -582,9 +587,7 @@ class Crypto(AsyncResource):
         of ending. So treat the output as provisional until the loop finishes
         (:meth:`decrypt_file` does that for you).
         """
-        self._check_open()
-        ctx = encode_context(context)
-        extra = None if aad is None else _aad_bytes(aad)
+        ctx, extra = self._stream_inputs(context, aad)
         return self._open_stream(check_source(source), ctx, extra)
 
     async def _open_stream(
@@ -631,10 +634,8 @@ class Crypto(AsyncResource):
         ``dst`` appears only once complete (written to a temporary file beside
         it, mode 0600, then renamed). Returns the number of plaintext bytes.
         """
-        self._check_open()
+        ctx, extra = self._stream_inputs(context, aad)
         source, target = check_paths(src, dst)
-        ctx = encode_context(context)
-        extra = None if aad is None else _aad_bytes(aad)
         header, encryptor = await self._stream_encryptor(ctx, extra)
         job = partial(transform_file, source, target, skip=0, prefix=header, transform=encryptor)
         return await anyio.to_thread.run_sync(job)
@@ -653,10 +654,8 @@ class Crypto(AsyncResource):
         :class:`~encx_async.DecryptionError` nothing is written and an existing
         ``dst`` is left untouched. Returns the number of ciphertext bytes read.
         """
-        self._check_open()
+        ctx, extra = self._stream_inputs(context, aad)
         source, target = check_paths(src, dst)
-        ctx = encode_context(context)
-        extra = None if aad is None else _aad_bytes(aad)
         envelope = await anyio.to_thread.run_sync(read_file_header, source)
         sealer, owned = await self._sealer_for(envelope, ctx)
         try:

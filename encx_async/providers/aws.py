@@ -826,18 +826,7 @@ class KMSService(ProviderResource):
         ``AlreadyExistsException``; :meth:`update_alias` moves one.
         IAM: ``kms:CreateAlias`` on the alias and the key.
         """
-        check_alias_name(alias)
-        key_ref = check_key_ref(key_id)
-        await self._ensure_client()
-        target = await self._key_arn(self._route(key_ref))
-        try:
-            await self._call(
-                "CreateAlias",
-                (alias, key_ref),
-                lambda client: client.create_alias(AliasName=alias, TargetKeyId=target),
-            )
-        finally:
-            self.invalidate_alias(alias)
+        await self._point_alias("CreateAlias", alias, key_id)
 
     async def replicate_key(self, key_id: str, replica_region: str) -> str:
         """Replicate the multi-region key ``key_id`` into ``replica_region`` (KMS ``ReplicateKey``).
@@ -916,15 +905,24 @@ class KMSService(ProviderResource):
         or key raises :class:`~encx_async.KMSKeyNotFoundError`: UpdateAlias
         never creates an alias (see :meth:`create_key`).
         """
+        await self._point_alias("UpdateAlias", alias, key_id)
+
+    async def _point_alias(
+        self, operation: Literal["CreateAlias", "UpdateAlias"], alias: str, key_id: str
+    ) -> None:
         check_alias_name(alias)
         key_ref = check_key_ref(key_id)
         await self._ensure_client()
         target = await self._key_arn(self._route(key_ref))
         try:
             await self._call(
-                "UpdateAlias",
+                operation,
                 (alias, key_ref),
-                lambda client: client.update_alias(AliasName=alias, TargetKeyId=target),
+                lambda client: (
+                    client.create_alias(AliasName=alias, TargetKeyId=target)
+                    if operation == "CreateAlias"
+                    else client.update_alias(AliasName=alias, TargetKeyId=target)
+                ),
             )
         finally:
             # Even after a failure: the request may have reached KMS.

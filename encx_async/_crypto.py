@@ -16,6 +16,7 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -66,6 +67,7 @@ from ._models import EncryptedRecord
 from ._pepper import Pepper
 from ._rewrap import ordered_map
 from ._stream import (
+    MAX_BUFFERED_GCM_BODY,
     GcmBody,
     Source,
     StreamTransform,
@@ -74,6 +76,7 @@ from ._stream import (
     open_body,
     read_file_header,
     read_header,
+    run_file_job,
     seal_body,
     transform_file,
 )
@@ -236,7 +239,7 @@ class Crypto(AsyncResource):
             versions: the bound on how long an instance keeps encrypting under a
             version another instance has rotated away from.
         :param thread_threshold: payloads of at least this many bytes go to a
-            worker thread.
+            worker thread (and get a Cobblestone-256 body); at most 16 MiB.
         """
         if not isinstance(kms, KeyManagementService):
             raise ConfigurationError("kms must implement encx_async.KeyManagementService")
@@ -252,8 +255,12 @@ class Crypto(AsyncResource):
             raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
         if not version_check_interval > 0:
             raise ConfigurationError("version_check_interval must be positive")
-        if thread_threshold < 1:
-            raise ConfigurationError("thread_threshold must be at least 1")
+        if not 1 <= thread_threshold <= MAX_BUFFERED_GCM_BODY:
+            # Below the threshold, encrypt makes AES-GCM bodies, which can only be
+            # checked whole: the bound keeps every envelope openable as a stream.
+            raise ConfigurationError(
+                f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
+            )
         store = open_keystore(database)
         await store.open()
         keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
@@ -547,6 +554,11 @@ class Crypto(AsyncResource):
         ctx, extra = self._stream_inputs(context, aad)
         return self._seal_stream(check_source(source), ctx, extra)
 
+    def _look_for_rotations(self) -> None:
+        keyring = self._keyring
+        if keyring.clock() >= keyring.next_check:
+            keyring.check_soon()  # another instance may have rotated or retired a version
+
     def _stream_inputs(
         self, context: Context | None, aad: Bytes | None
     ) -> tuple[bytes, bytes | None]:
@@ -555,11 +567,13 @@ class Crypto(AsyncResource):
         return encode_context(context), None if aad is None else _aad_bytes(aad)
 
     async def _seal_stream(
-        self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
+        self, chunks: AsyncGenerator[Bytes, None], ctx: bytes, aad: bytes | None
     ) -> AsyncGenerator[bytes, None]:
-        header, encryptor = await self._stream_encryptor(ctx, aad)
-        async for out in seal_body(header, encryptor, chunks):
-            yield out
+        async with aclosing(chunks):
+            header, encryptor = await self._stream_encryptor(ctx, aad)
+            async for out in seal_body(header, encryptor, chunks):
+                self._check_open()  # aclose() ends streams in flight too
+                yield out
 
     async def _stream_encryptor(
         self, ctx: bytes, aad: bytes | None
@@ -568,6 +582,7 @@ class Crypto(AsyncResource):
         # when it starts, so it cannot be charged against a cached DEK's byte
         # limit, and one KMS call is nothing next to a large payload.
         self._check_open()
+        self._look_for_rotations()
         version = self._keyring.current
         sealer = await self._new_sealer(version, self._key_ids[version], ctx)
         try:
@@ -591,21 +606,24 @@ class Crypto(AsyncResource):
         return self._open_stream(check_source(source), ctx, extra)
 
     async def _open_stream(
-        self, chunks: AsyncIterator[Bytes], ctx: bytes, aad: bytes | None
+        self, chunks: AsyncGenerator[Bytes, None], ctx: bytes, aad: bytes | None
     ) -> AsyncGenerator[bytes, None]:
-        envelope, first = await read_header(chunks)
-        sealer, owned = await self._sealer_for(envelope, ctx)
-        try:
-            decryptor = self._body_opener(sealer, envelope, aad)
-            async for out in open_body(decryptor, first, chunks):
-                yield out
-        finally:
-            if owned:
-                sealer.wipe()
+        async with aclosing(chunks):
+            envelope, first = await read_header(chunks)
+            sealer, owned = await self._sealer_for(envelope, ctx)
+            try:
+                decryptor = self._body_opener(sealer, envelope, aad)
+                async for out in open_body(decryptor, first, chunks):
+                    self._check_open()  # aclose() ends streams in flight too
+                    yield out
+            finally:
+                if owned:
+                    sealer.wipe()
 
     async def _sealer_for(self, envelope: Envelope, ctx: bytes) -> tuple[Sealer, bool]:
         """The sealer of ``envelope``'s DEK, and whether the caller must wipe it."""
         self._check_open()
+        self._look_for_rotations()
         if envelope.kek_version not in self._key_ids:
             await self._keyring.key_id_for(envelope.kek_version)
         key = (envelope.binding, ctx)
@@ -635,10 +653,10 @@ class Crypto(AsyncResource):
         it, mode 0600, then renamed). Returns the number of plaintext bytes.
         """
         ctx, extra = self._stream_inputs(context, aad)
-        source, target = check_paths(src, dst)
+        source, target = await anyio.to_thread.run_sync(check_paths, src, dst)
         header, encryptor = await self._stream_encryptor(ctx, extra)
         job = partial(transform_file, source, target, skip=0, prefix=header, transform=encryptor)
-        return await anyio.to_thread.run_sync(job)
+        return await run_file_job(job)
 
     async def decrypt_file(
         self,
@@ -655,7 +673,7 @@ class Crypto(AsyncResource):
         ``dst`` is left untouched. Returns the number of ciphertext bytes read.
         """
         ctx, extra = self._stream_inputs(context, aad)
-        source, target = check_paths(src, dst)
+        source, target = await anyio.to_thread.run_sync(check_paths, src, dst)
         envelope = await anyio.to_thread.run_sync(read_file_header, source)
         sealer, owned = await self._sealer_for(envelope, ctx)
         try:
@@ -663,7 +681,7 @@ class Crypto(AsyncResource):
             job = partial(
                 transform_file, source, target, skip=envelope.body_at, prefix=b"", transform=opener
             )
-            return envelope.body_at + await anyio.to_thread.run_sync(job)
+            return envelope.body_at + await run_file_job(job)
         finally:
             if owned:
                 sealer.wipe()
@@ -683,13 +701,13 @@ class Crypto(AsyncResource):
         and ``dst`` is a copy).
         """
         self._check_open()
-        source, target = check_paths(src, dst)
+        source, target = await anyio.to_thread.run_sync(check_paths, src, dst)
         envelope = await anyio.to_thread.run_sync(read_file_header, source)
         header = await self._rewrap(envelope, context, {})
         job = partial(
             transform_file, source, target, skip=envelope.body_at, prefix=header, transform=None
         )
-        await anyio.to_thread.run_sync(job)
+        await run_file_job(job)
         return header != envelope.header
 
     # -- keyed hashes ---------------------------------------------------------

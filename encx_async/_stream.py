@@ -20,13 +20,17 @@ Nothing here talks to the KMS: the caller (Crypto) supplies the sealer.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import anyio.to_thread
+from anyio import CancelScope
 from anyio.lowlevel import checkpoint
 from cryptography.exceptions import InvalidTag
 
@@ -53,6 +57,7 @@ __all__ = [
     "open_body",
     "read_file_header",
     "read_header",
+    "run_file_job",
     "seal_body",
     "transform_file",
 ]
@@ -70,8 +75,9 @@ _TURN = 0.002
 #: what the file helpers read at a time
 READ_SIZE = 1024 * 1024
 #: An AES-GCM envelope can only be checked whole, so a stream that turns out to
-#: be one is buffered; past this size it is refused instead (``encrypt`` never
-#: makes a GCM body near it: large payloads get a Cobblestone body).
+#: be one is buffered; a plaintext past this size is refused instead (``encrypt``
+#: never makes one: ``thread_threshold`` is at most this, and payloads at or over
+#: the threshold get a Cobblestone body).
 MAX_BUFFERED_GCM_BODY = 16 * 1024 * 1024
 STREAM_FAILED = (
     "decryption failed: wrong key, context or aad, or a modified, reordered, "
@@ -86,7 +92,7 @@ class StreamTransform(Protocol):
     def finalize(self) -> bytes: ...
 
 
-def check_source(source: object) -> AsyncIterator[Bytes]:
+def check_source(source: object) -> AsyncGenerator[Bytes, None]:
     """``source`` as an async iterator of chunks; TypeError for what cannot be one.
 
     Bytes themselves are refused: iterating them yields ints, and a caller
@@ -113,12 +119,19 @@ def _check_chunk(chunk: object) -> Bytes:
     return chunk
 
 
-async def _checked_async(source: AsyncIterable[Bytes]) -> AsyncIterator[Bytes]:
-    async for chunk in source:
-        yield _check_chunk(chunk)
+async def _checked_async(source: AsyncIterable[Bytes]) -> AsyncGenerator[Bytes, None]:
+    try:
+        async for chunk in source:
+            yield _check_chunk(chunk)
+    finally:
+        # An async generator handed to a stream ends with it, at once, rather
+        # than whenever the garbage collector finds it. Other sources (a
+        # socket, an anyio stream) belong to the caller and stay open.
+        if isinstance(source, AsyncGenerator):
+            await source.aclose()
 
 
-async def _checked_sync(source: Iterable[Bytes]) -> AsyncIterator[Bytes]:
+async def _checked_sync(source: Iterable[Bytes]) -> AsyncGenerator[Bytes, None]:
     for chunk in source:
         yield _check_chunk(chunk)
 
@@ -172,28 +185,35 @@ async def seal_body(
     yield pending + encryptor.finalize()
 
 
-async def read_header(chunks: AsyncIterator[Bytes]) -> tuple[Envelope, bytes]:
+async def read_header(chunks: AsyncIterator[Bytes]) -> tuple[Envelope, Bytes]:
     """Read one envelope header off the front of ``chunks``.
 
     Returns it (as an :class:`Envelope` with no body) and whatever of the body
-    came in with it. DecryptionError if the stream is not an envelope or ends
-    inside the header.
+    came in the same chunk, as a view of it: only the header's few hundred
+    bytes are copied, however large the chunk. DecryptionError if the stream
+    is not an envelope or ends inside the header.
     """
-    buffer = bytearray()
+    header = bytearray()
     need = FIXED_SIZE
     async for chunk in chunks:
-        buffer += chunk
-        if need == FIXED_SIZE and len(buffer) >= FIXED_SIZE:
-            need = header_size(bytes(buffer[:FIXED_SIZE]))
-        if len(buffer) >= need > FIXED_SIZE:
-            return parse_stream_header(bytes(buffer[:need])), bytes(buffer[need:])
-    if len(buffer) < FIXED_SIZE:
+        view = memoryview(chunk)
+        while view:
+            take = need - len(header)
+            header += view[:take]
+            view = view[take:]
+            if len(header) < need:
+                break
+            if need == FIXED_SIZE:
+                need = header_size(bytes(header))
+                continue
+            return parse_stream_header(bytes(header)), view
+    if len(header) < FIXED_SIZE:
         raise DecryptionError("not an encx-async stream: it ends before its header")
     raise DecryptionError("the stream is truncated: it ends inside its header")
 
 
 async def open_body(
-    decryptor: StreamTransform, first: bytes, chunks: AsyncIterator[Bytes]
+    decryptor: StreamTransform, first: Bytes, chunks: AsyncIterator[Bytes]
 ) -> AsyncIterator[bytes]:
     """The plaintext of a body: ``first`` (read with the header), then ``chunks``.
 
@@ -232,10 +252,10 @@ class GcmBody:
 
     def update(self, data: Bytes, /) -> bytes:
         self._body += data
-        if len(self._body) > MAX_BUFFERED_GCM_BODY:
+        if len(self._body) > MAX_BUFFERED_GCM_BODY + MIN_BODY[BODY_GCM]:
             raise DecryptionError(
-                "an AES-GCM envelope over 16 MiB cannot be streamed: encx-async never "
-                "makes one, so this stream is not one of its ciphertexts"
+                "an AES-GCM body over 16 MiB: encx-async never makes one (larger "
+                "payloads get a Cobblestone body), so this is not one of its ciphertexts"
             )
         return b""
 
@@ -277,6 +297,7 @@ def _read_exactly(file: BinaryIO, size: int) -> bytes | None:
 def transform_file(
     src: Path,
     dst: Path,
+    stop: threading.Event,
     *,
     skip: int,
     prefix: bytes,
@@ -286,8 +307,9 @@ def transform_file(
 
     ``transform=None`` copies. ``dst`` appears only complete: the output goes to
     a private temporary file next to it (mode 0600), is flushed to disk, and is
-    renamed over ``dst`` at the end; on any error it is deleted and ``dst`` is
-    left as it was. Returns the number of bytes read from ``src``.
+    renamed over ``dst`` at the end; on any error, or once ``stop`` is set (the
+    caller was cancelled), it is deleted and ``dst`` is left as it was. Returns
+    the number of bytes read from ``src``.
     """
     fd, temp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
     temp = Path(temp_name)
@@ -297,27 +319,92 @@ def transform_file(
             out.write(prefix)
             total = 0
             while chunk := source.read(READ_SIZE):
+                if stop.is_set():
+                    raise _Stopped
                 total += len(chunk)
                 out.write(transform.update(chunk) if transform is not None else chunk)
             if transform is not None:
                 out.write(transform.finalize())
             out.flush()
             os.fsync(out.fileno())
+        if stop.is_set():
+            raise _Stopped
         temp.replace(dst)
     except BaseException as exc:
         temp.unlink(missing_ok=True)
         if isinstance(exc, InvalidTag):
             raise DecryptionError(STREAM_FAILED) from None
         raise
+    _fsync_directory(dst.parent)
     return total
 
 
+class _Stopped(Exception):
+    """The caller of a file job was cancelled: the job deletes its output and ends."""
+
+
+def _fsync_directory(path: Path) -> None:
+    # The rename is only durable once the directory entry is on disk too.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+async def run_file_job(job: Callable[[threading.Event], int]) -> int:
+    """Run ``job(stop)`` in a worker thread; on cancellation, stop it and wait for its cleanup.
+
+    A worker thread cannot be interrupted, and anyio would otherwise either
+    hold the cancellation until a large file is done or return at once while
+    the thread goes on and renames its output into place after all. Here the
+    job is told to stop (it looks between chunks), and the cancellation goes on
+    only once the job has deleted its temporary file.
+    """
+    stop = threading.Event()
+    finished = threading.Event()
+
+    def work() -> int:
+        try:
+            return job(stop)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except BaseException:
+        stop.set()
+        with CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait)
+        raise
+
+
 def check_paths(src: object, dst: object) -> tuple[Path, Path]:
-    """``src`` and ``dst`` as paths; InvalidValueError when they name one file."""
+    """``src`` and ``dst`` as paths, checked before any work is done (blocking: stats).
+
+    The target of a symbolic link at ``dst`` is what gets replaced, not the
+    link. Errors name the caller's paths: ``src`` must be a file, ``dst`` must
+    not be a directory and its directory must exist, and the two must not be
+    the same file (InvalidValueError).
+    """
     if not isinstance(src, str | os.PathLike) or not isinstance(dst, str | os.PathLike):
         raise TypeError("src and dst must be paths (str or os.PathLike)")
     source, target = Path(src), Path(dst)
-    if target.exists() and source.exists() and source.samefile(target):
+    if not source.is_file():
+        kind = "a directory" if source.is_dir() else "no such file"
+        raise FileNotFoundError(errno.ENOENT, f"cannot read from it: {kind}", str(source))
+    if target.is_symlink():
+        target = target.resolve()
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "cannot write to a directory", str(target))
+    if not target.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "its directory does not exist", str(target))
+    if target.exists() and source.samefile(target):
         raise InvalidValueError(
             f"src and dst are the same file ({str(target)!r}): write to another path"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import stat
@@ -14,7 +15,14 @@ import pytest
 import pytest_asyncio
 from anyio.abc import ByteReceiveStream
 
-from encx_async import ClosedError, Crypto, DecryptionError, DEKCache, InvalidValueError
+from encx_async import (
+    ClosedError,
+    ConfigurationError,
+    Crypto,
+    DecryptionError,
+    DEKCache,
+    InvalidValueError,
+)
 from encx_async._envelope import BODY_GCM, BODY_STREAM, FIXED_SIZE, parse
 from encx_async.providers.local import LocalKMSService
 
@@ -354,3 +362,127 @@ async def test_rewrap_file_moves_only_the_header(kms: LocalKMSService, tmp_path:
         assert old[parse(old).body_at :] == new[parse(new).body_at :]
         await crypto.decrypt_file(tmp_path / "v2", tmp_path / "out", context=CTX)
         assert (tmp_path / "out").read_bytes() == data
+
+
+# -- review fixes: cancellation, rotations seen by streams, paths ----------------------
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    with path.open("wb") as file:
+        file.truncate(size)
+    return path
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+async def wait_for_part_file(folder: Path) -> None:
+    with anyio.fail_after(10):
+        # A file made by a worker thread: there is no event to wait on.
+        while not any(name.endswith(".part") for name in names(folder)):  # noqa: ASYNC110
+            await anyio.sleep(0.002)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("operation", ["encrypt_file", "decrypt_file"])
+async def test_a_cancelled_file_job_stops_and_leaves_nothing(
+    crypto: Crypto, files: Path, operation: str
+) -> None:
+    big = sparse_file(files / "big", 4 * 1024**3)
+    if operation == "decrypt_file":
+        # A real ciphertext, so that decryption runs until it is cancelled.
+        plain = sparse_file(files.parent / "plain", 1024**3)
+        await crypto.encrypt_file(plain, files.parent / "sealed")
+        (files.parent / "sealed").replace(big)
+    run = getattr(crypto, operation)
+    # asyncio's own cancellation.
+    job = asyncio.ensure_future(run(big, files / "out"))
+    await wait_for_part_file(files)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    # The worker thread deleted its temporary file before the cancellation
+    # reached us, and nothing is renamed into place afterwards.
+    assert names(files) == ["big"]
+    # anyio's cancel scopes (a timeout).
+    with anyio.move_on_after(0.2) as scope:
+        await run(big, files / "out")
+    assert scope.cancelled_caught
+    assert names(files) == ["big"]
+
+
+async def test_thread_threshold_keeps_every_envelope_streamable(kms: LocalKMSService) -> None:
+    with pytest.raises(ConfigurationError, match="16 MiB"):
+        await Crypto.create(kms=kms, kek_alias=ALIAS, thread_threshold=17 * 1024 * 1024)
+    async with await Crypto.create(
+        kms=kms, kek_alias=ALIAS, thread_threshold=16 * 1024 * 1024
+    ) as crypto:
+        data = os.urandom(16 * 1024 * 1024 - 1)
+        blob = await crypto.encrypt(data)
+        assert parse(blob).body_kind == BODY_GCM
+        assert await collect(crypto.decrypt_stream(random_split(blob, 3, 4_000_000))) == data
+
+
+async def test_streams_notice_a_rotation_made_elsewhere(kms: LocalKMSService) -> None:
+    async with (
+        await Crypto.create(kms=kms, kek_alias=ALIAS, version_check_interval=0.01) as reader,
+        await Crypto.create(kms=kms, kek_alias=ALIAS) as rotator,
+    ):
+        await rotator.rotate_kek()
+        await anyio.sleep(0.02)
+        await collect(reader.encrypt_stream([b"x"]))  # only streams: no encrypt() call
+        with anyio.fail_after(5):
+            while reader.kek_version != 2:  # noqa: ASYNC110 (a background re-read)
+                await anyio.sleep(0.005)
+
+
+async def test_aclose_ends_streams_in_flight(kms: LocalKMSService) -> None:
+    crypto = await Crypto.create(kms=kms, kek_alias=ALIAS)
+    chunks = crypto.encrypt_stream(os.urandom(64 * 1024) for _ in range(100))
+    await anext(chunks)
+    await crypto.aclose()
+    with pytest.raises(ClosedError):
+        async for _ in chunks:
+            pass
+
+
+async def test_stopping_early_closes_an_async_generator_source(crypto: Crypto) -> None:
+    events: list[str] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        try:
+            for _ in range(100):
+                yield os.urandom(64 * 1024)
+        finally:
+            events.append("source closed")
+
+    async with aclosing(crypto.encrypt_stream(source())) as chunks:
+        async for _ in chunks:
+            break
+    events.append("stream closed")
+    assert events == ["source closed", "stream closed"]
+
+
+async def test_paths_are_checked_before_any_kms_call(crypto: Crypto, files: Path) -> None:
+    (files / "plain").write_bytes(b"data")
+    with pytest.raises(FileNotFoundError) as missing:
+        await crypto.encrypt_file(files / "missing", files / "out")
+    assert missing.value.filename == str(files / "missing")
+    with pytest.raises(FileNotFoundError) as no_folder:
+        await crypto.encrypt_file(files / "plain", files / "nowhere" / "out")
+    assert no_folder.value.filename == str(files / "nowhere" / "out")
+    with pytest.raises(IsADirectoryError):
+        await crypto.encrypt_file(files / "plain", files)
+    assert crypto.stats().kms_calls.get("encrypt_dek", 0) == 0
+    assert names(files) == ["plain"]
+
+
+async def test_a_symlink_at_dst_is_followed(crypto: Crypto, files: Path) -> None:
+    (files / "plain").write_bytes(b"data" * 1000)
+    (files / "real.encx").write_bytes(b"old")
+    (files / "link.encx").symlink_to(files / "real.encx")
+    await crypto.encrypt_file(files / "plain", files / "link.encx")
+    assert (files / "link.encx").is_symlink()
+    await crypto.decrypt_file(files / "real.encx", files / "back")
+    assert (files / "back").read_bytes() == b"data" * 1000

@@ -10,11 +10,13 @@ end cover what needs no process: parsing, exit codes, progress drawing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from encx_async import (
@@ -38,6 +41,7 @@ from encx_async import (
 from encx_async._cli import main
 from encx_async._cli._args import parse_context
 from encx_async._cli._errors import CLIError, ExitCode, describe_failure
+from encx_async._cli._io import atomic_output, naming, replace_file
 from encx_async._envelope import parse
 from encx_async._progress import Progress, format_bytes
 
@@ -402,6 +406,143 @@ def test_rewrap_after_rotate_moves_files_and_base64_lines(cli: CLI, tmp_path: Pa
     assert "line 2 of stdin is not base64" in garbage.error_lines()[0]
 
 
+@pytest.mark.slow
+def test_rewrap_through_a_symlink_rewrites_the_target_and_keeps_the_link(
+    local_cli: CLI, tmp_path: Path
+) -> None:
+    cli = local_cli
+    cli.ok("keys", "create")
+    data = plaintext(200_000)
+    (tmp_path / "plain").write_bytes(data)
+    store = tmp_path / "store"
+    store.mkdir()
+    cli.ok("encrypt", "-i", "plain", "-o", "store/real.enc")
+    link = tmp_path / "link.enc"
+    link.symlink_to(store / "real.enc")
+    cli.ok("keys", "rotate")
+
+    moved = cli.ok("rewrap", "link.enc", "--json").json()
+    assert moved["files"] == [{"path": "link.enc", "rewrapped": True}]
+    assert link.is_symlink()
+    assert link.readlink() == store / "real.enc"
+    assert parse((store / "real.enc").read_bytes()).kek_version == 2
+    assert sorted(p.name for p in store.iterdir()) == ["real.enc"]  # no temp file left
+    cli.ok("decrypt", "-i", "link.enc", "-o", "out")
+    assert (tmp_path / "out").read_bytes() == data
+    # Through the link or not, it is on the current version now.
+    again = cli.ok("rewrap", "store/real.enc", "link.enc", "--json").json()
+    assert (again["rewrapped"], again["unchanged"]) == (0, 2)
+
+
+@pytest.mark.slow
+def test_rewrap_of_a_current_file_writes_nothing(local_cli: CLI, tmp_path: Path) -> None:
+    cli = local_cli
+    cli.ok("keys", "create")
+    (tmp_path / "plain").write_bytes(plaintext(2 * 1024 * 1024))
+    store = tmp_path / "store"
+    store.mkdir()
+    cli.ok("encrypt", "-i", "plain", "-o", "store/a.enc")
+    file_before = (store / "a.enc").stat()
+    # A temporary copy made and deleted beside the file would change the
+    # directory's modification time, even though the file itself is untouched.
+    dir_before = store.stat().st_mtime_ns
+    time.sleep(0.01)  # past the file system's timestamp granularity
+
+    result = cli.ok("rewrap", "store/a.enc", "--json").json()
+    assert result["files"] == [{"path": "store/a.enc", "rewrapped": False}]
+    assert result["unchanged"] == 1
+    file_after = (store / "a.enc").stat()
+    assert (file_after.st_ino, file_after.st_mtime_ns) == (
+        file_before.st_ino,
+        file_before.st_mtime_ns,
+    )
+    assert store.stat().st_mtime_ns == dir_before
+    assert sorted(p.name for p in store.iterdir()) == ["a.enc"]
+
+
+@pytest.mark.slow
+def test_moto_ignores_encx_database_url_but_not_the_flag(tmp_path: Path) -> None:
+    real = tmp_path / "real.db"
+    env = {**base_env(tmp_path), "ENCX_DATABASE_URL": f"sqlite:///{real}"}
+    cli = CLI("moto", ["--kms", "moto", "--kek-alias", ALIAS], env, tmp_path)
+
+    created = cli.ok("keys", "create", "--json").json()
+    assert created["kek_version"] == 1
+    assert str(real) not in created["database"]
+    assert not real.exists()  # the user's database never saw moto's key
+    assert not (tmp_path / "xdg-data").exists()  # nor did the default one
+
+    flagged = tmp_path / "flagged.db"
+    chosen = cli.ok("keys", "create", "--database", f"sqlite:///{flagged}", "--json").json()
+    assert str(flagged) in chosen["database"]
+    with contextlib.closing(sqlite3.connect(flagged)) as db:
+        rows = db.execute("SELECT version FROM encx_kek_versions").fetchall()
+    assert rows == [(1,)]
+    assert not real.exists()
+
+
+@pytest.mark.slow
+def test_output_in_a_missing_directory_names_the_given_path(local_cli: CLI, tmp_path: Path) -> None:
+    local_cli.ok("keys", "create")
+    (tmp_path / "plain").write_bytes(b"x" * 1000)
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["encrypt", "-i", "plain", "-o", "missing/dir/x.enc"], "missing/dir/x.enc"),
+        (["encrypt", "-o", "missing/x.enc"], "missing/x.enc"),  # from stdin
+        (["encrypt", "-i", "plain", "-o", "plain/x.enc"], "plain/x.enc"),  # parent is a file
+        (["encrypt", "-i", "plain", "-o", "folder", "--force"], "folder"),
+        (["decrypt", "-i", "plain", "-o", "missing/x"], "missing/x"),
+    ]
+    for args, named in cases:
+        result = local_cli(*args, input=b"y" * 1000)
+        assert result.code == ExitCode.IO, (args, result.stderr)
+        error, _ = result.error_lines()
+        assert error.startswith(f"encx-async: error: {named}"), error
+        assert ".part" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_interrupting_a_file_to_file_encrypt_exits_130_and_leaves_no_output(
+    local_cli: CLI, tmp_path: Path
+) -> None:
+    local_cli.ok("keys", "create")
+    with (tmp_path / "big").open("wb") as big:
+        # Sparse: 4 GiB to encrypt (seconds of work even on a fast machine), none on disk.
+        big.truncate(4 * 1024**3)
+    process = subprocess.Popen(  # noqa: S603
+        local_cli.command("encrypt", "-i", "big", "-o", "out"),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=local_cli.env,
+    )
+    assert process.stderr is not None
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        # Wait until the library is writing its temporary file: mid-work.
+        while not any(p.name.startswith(".out.") for p in tmp_path.iterdir()):
+            assert time.monotonic() < deadline
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert process.poll() is None, "finished before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        code = process.wait(timeout=10)
+        waited = time.monotonic() - started
+        stderr = process.stderr.read().decode()
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert code == ExitCode.INTERRUPTED, stderr
+    assert waited < 5, f"took {waited:.1f} s to stop"
+    assert stderr.startswith("encx-async: error: interrupted\nhint: ")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
 # -- demo, bench -----------------------------------------------------------------------
 
 
@@ -642,6 +783,60 @@ def test_unexpected_errors_do_not_echo_their_message() -> None:
     failure = describe_failure(ValueError("secret-looking detail"), command="decrypt")
     assert "secret-looking" not in failure.message
     assert "--debug" in failure.hint
+
+
+def test_rewrap_help_says_concurrency_covers_files(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["rewrap", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    concurrency = text[text.rindex("--concurrency N ") :].split("(default 16)")[0]
+    assert "files or base64 lines" in concurrency
+
+
+def test_errors_about_temporary_files_name_the_output(tmp_path: Path) -> None:
+    out = str(tmp_path / "out.enc")
+    for temp in (".out.enc.k2j3.part", ".out.enc.9f8e.rewrap", "..out.enc.9f8e.rewrap.x1.part"):
+        with pytest.raises(PermissionError) as caught, naming(out):
+            raise PermissionError(13, "Permission denied", str(tmp_path / temp))
+        assert caught.value.filename == out
+        assert caught.value.strerror == "Permission denied"
+    # Other files keep their own names.
+    for other in (str(tmp_path / "input"), str(tmp_path / ".other.part"), "/elsewhere/.out.enc.x"):
+        with pytest.raises(FileNotFoundError) as missing, naming(out):
+            raise FileNotFoundError(2, "No such file or directory", other)
+        assert missing.value.filename == other
+
+
+def test_atomic_output_and_replace_file_sync_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+
+    async def write() -> None:
+        async with atomic_output(str(tmp_path / "out")) as out:
+            out.write(b"data")
+
+    anyio.run(write)
+    assert (tmp_path / "out").read_bytes() == b"data"
+    assert synced == ["file", "dir"]  # the data, then the rename
+
+    synced.clear()
+    (tmp_path / "new").write_bytes(b"new")
+    (tmp_path / "new").chmod(0o600)
+    (tmp_path / "old").write_bytes(b"old")
+    (tmp_path / "old").chmod(0o640)
+    replace_file(tmp_path / "new", tmp_path / "old", mode_of=tmp_path / "old")
+    assert (tmp_path / "old").read_bytes() == b"new"
+    assert stat.S_IMODE((tmp_path / "old").stat().st_mode) == 0o640
+    assert not (tmp_path / "new").exists()
+    assert synced == ["dir"]
 
 
 def test_progress_draws_counts_bytes_and_clears() -> None:

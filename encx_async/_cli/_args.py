@@ -119,7 +119,7 @@ def _add_kms_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="where KEK versions are recorded (sqlite:///path/keys.db, postgresql://...); "
         "env ENCX_DATABASE_URL, default a SQLite file in the user's data directory "
-        "(a temporary one with --kms moto)",
+        "(with --kms moto: a temporary one, whatever ENCX_DATABASE_URL says)",
     )
     group.add_argument(
         "--local-keys",
@@ -313,7 +313,9 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         default=16,
-        help="KMS calls in flight at once for base64 lines (default 16)",
+        metavar="N",
+        help="how many files or base64 lines are rewrapped at once, which bounds the "
+        "KMS calls in flight (default 16)",
     )
     bench = commands.add_parser(
         "bench",
@@ -365,7 +367,9 @@ def parse(
         endpoint_url=pick("endpoint_url"),
         profile=pick("profile"),
         kek_alias=pick("kek_alias"),
-        database=pick("database"),
+        # moto's keys vanish with the command: KEK versions recorded for them in
+        # the user's ENCX_DATABASE_URL would be litter. Only a flag says otherwise.
+        database=values.get("database") if kms == "moto" else pick("database"),
         local_keys=pick("local_keys"),
         json=bool(values.get("json", False)),
         progress=progress_default() if progress is None else bool(progress),

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import shutil
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
@@ -28,6 +27,7 @@ from encx_async._crypto import Crypto
 from encx_async._keystore import KEKVersion
 from encx_async._progress import Progress, format_bytes
 from encx_async._rewrap import ordered_map
+from encx_async._stream import read_file_header
 
 from ._args import Settings, parse_context
 from ._errors import CLIError, ExitCode, describe_failure
@@ -36,8 +36,10 @@ from ._io import (
     atomic_output,
     check_output,
     file_size,
+    naming,
     read_file_chunks,
     read_stdin,
+    replace_file,
     stdin_lines,
     stdin_size,
     stdout_is_terminal,
@@ -247,7 +249,8 @@ async def _transform(args: argparse.Namespace, settings: Settings, operation: st
             with Progress(what, None, enabled=settings.progress, unit="seconds") as progress:
                 method = crypto.encrypt_file if operation == "encrypt" else crypto.decrypt_file
                 # encrypt_file counts the plaintext read, decrypt_file the ciphertext.
-                read = await _run_ticking(progress, method(src, dst, context=context, aad=aad))
+                with naming(dst):
+                    read = await _run_ticking(progress, method(src, dst, context=context, aad=aad))
             written = await file_size(dst)
         else:
             with Progress(label, size, enabled=settings.progress, unit="bytes") as progress:
@@ -322,23 +325,34 @@ async def rewrap(args: argparse.Namespace, settings: Settings) -> Report:
 
 
 async def _rewrap_one(crypto: Crypto, path: str, context: Mapping[str, str] | None) -> bool:
-    """Rewrap the file ``path`` in place: replaced atomically, its mode kept."""
-    target = Path(path)
+    """Rewrap the file ``path`` in place: replaced atomically, its mode kept.
+
+    A symlink's target is what gets rewritten (the link stays a link), and a
+    file already on the current KEK version is not written at all.
+    """
+    target = await anyio.to_thread.run_sync(Path(path).resolve)
     temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.rewrap")
     try:
-        changed = await crypto.rewrap_file(target, temp, context=context)
-        if changed:
-            await anyio.to_thread.run_sync(shutil.copymode, target, temp)
-            await anyio.to_thread.run_sync(temp.replace, target)
+        with naming(str(target)):
+            envelope = await anyio.to_thread.run_sync(read_file_header, target)
+            if envelope.kek_version == crypto.kek_version:
+                return False
+            changed = await crypto.rewrap_file(target, temp, context=context)
+            if changed:
+                await anyio.to_thread.run_sync(partial(replace_file, temp, target, mode_of=target))
         return changed
     except Exception as exc:
         if isinstance(exc, CLIError):
             raise
         # Say which file failed; the code and hint stay those of the cause.
         failure = describe_failure(exc, command="rewrap")
-        raise CLIError(f"{path}: {failure.message}", hint=failure.hint, code=failure.code) from exc
+        message = failure.message
+        if isinstance(exc, OSError) and exc.filename == str(target) and exc.strerror:
+            message = exc.strerror  # the path is said once, as the user gave it
+        raise CLIError(f"{path}: {message}", hint=failure.hint, code=failure.code) from exc
     finally:
-        # An unchanged file's copy, or what a failure left.
+        # What a failure left (or a copy, had the file moved to the current
+        # version between the header check and the rewrap).
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import stat
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -24,7 +25,7 @@ from typing import BinaryIO, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._errors import CLIError
+from ._errors import CLIError, ExitCode
 
 __all__ = [
     "CHUNK_SIZE",
@@ -32,8 +33,11 @@ __all__ = [
     "atomic_output",
     "check_output",
     "file_size",
+    "is_temporary_of",
+    "naming",
     "read_file_chunks",
     "read_stdin",
+    "replace_file",
     "stdin_lines",
     "stdin_size",
     "stdout_is_terminal",
@@ -157,8 +161,26 @@ async def file_size(path: str) -> int:
 
 
 def check_output(path: str, *, force: bool, source: str) -> None:
-    """Refuse to replace an existing file without --force, or to overwrite the input."""
+    """Refuse an output that cannot be written, an existing file without --force, or the input.
+
+    A missing directory is caught here, before any work: later, the error
+    would name the hidden temporary file the output is written to first.
+    """
     target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        reason = "is not a directory" if parent.exists() else "does not exist"
+        raise CLIError(
+            f"{path}: the directory {str(parent)!r} {reason}",
+            hint="create the directory first, or write somewhere else",
+            code=ExitCode.IO,
+        )
+    if target.is_dir():
+        raise CLIError(
+            f"{path} is a directory",
+            hint="give -o the path of a file, not a directory",
+            code=ExitCode.IO,
+        )
     if not target.exists():
         return
     if source != STDIO and Path(source).exists() and target.samefile(source):
@@ -170,6 +192,65 @@ def check_output(path: str, *, force: bool, source: str) -> None:
         raise CLIError(f"{path} exists", hint="pass --force to replace it")
 
 
+def is_temporary_of(name: object, path: str | Path) -> bool:
+    """Whether ``name`` is one of the hidden temporary files that become ``path``.
+
+    Those are ``.NAME.*`` beside it: this module's and the library's
+    (``.NAME.*.part``), and rewrap's (``.NAME.*.rewrap``, itself written
+    through the library's ``..NAME.*.rewrap.*.part``).
+    """
+    if not isinstance(name, str | os.PathLike):
+        return False
+    temp, target = Path(name), Path(path)
+    stem = target.name.lstrip(".")
+    return (
+        temp.parent == target.parent
+        and temp.name.startswith(".")
+        and temp.name.lstrip(".").startswith(f"{stem}.")
+    )
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Make an OSError about one of ``path``'s temporary files name ``path`` itself.
+
+    The user never sees those hidden files, so "``.out.x1y2.part``: Permission
+    denied" would only puzzle them.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if not is_temporary_of(exc.filename, path):
+            raise
+        # OSError picks the subclass from the errno, as it did for the original.
+        raise OSError(exc.errno, exc.strerror, path) from exc
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync ``directory``, so that a rename inside it survives a crash; best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every file system can sync a directory: the rename still happened
+    finally:
+        os.close(fd)
+
+
+def replace_file(temp: Path, target: Path, *, mode_of: Path | None = None) -> None:
+    """Rename ``temp`` over ``target`` durably (the directory synced too).
+
+    With ``mode_of``, ``temp`` first gets that file's permission bits.
+    """
+    if mode_of is not None:
+        shutil.copymode(mode_of, temp)
+    os.replace(temp, target)
+    _sync_directory(target.parent)
+
+
 @contextlib.asynccontextmanager
 async def atomic_output(path: str) -> AsyncIterator[BinaryIO]:
     """A file that appears at ``path`` only once the block ends without an error.
@@ -179,15 +260,17 @@ async def atomic_output(path: str) -> AsyncIterator[BinaryIO]:
     error or cancellation; ``path`` is left as it was then.
     """
     target = Path(path)
-    fd, temp_name = await anyio.to_thread.run_sync(
-        partial(tempfile.mkstemp, dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    )
+    with naming(path):
+        fd, temp_name = await anyio.to_thread.run_sync(
+            partial(tempfile.mkstemp, dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        )
     try:
-        with os.fdopen(fd, "wb") as out:
+        with naming(path), os.fdopen(fd, "wb") as out:
             yield out
             await anyio.to_thread.run_sync(out.flush)
             await anyio.to_thread.run_sync(os.fsync, out.fileno())
-        await anyio.to_thread.run_sync(os.replace, temp_name, target)
+        with naming(path):
+            await anyio.to_thread.run_sync(replace_file, Path(temp_name), target)
     except BaseException:
         with contextlib.suppress(OSError):
             # Not awaited: this also runs while the task is being cancelled.

@@ -1000,8 +1000,13 @@ class Crypto(AsyncResource):
             blob, item_context = item if isinstance(item, tuple) else (item, context)
             return await self._rewrap(parse(blob), item_context, shared)
 
-        async for result in ordered_map(items, one, concurrency=concurrency, progress=progress):
-            yield result
+        try:
+            async for result in ordered_map(items, one, concurrency=concurrency, progress=progress):
+                yield result
+        finally:
+            # After a failure (or an early close) no ReEncrypt is left running.
+            for moved in shared.values():
+                moved.cancel()
 
     async def _rewrap(
         self,
@@ -1026,6 +1031,9 @@ class Crypto(AsyncResource):
                 context=kms_context,
             )
             moved = shared[key] = asyncio.ensure_future(self._call_kms("re_encrypt_dek", call))
+            # Its waiters may all be cancelled (another item failed first):
+            # its error is then theirs to ignore, not the event loop's to log.
+            moved.add_done_callback(_retrieve_exception)
         wrapped = await asyncio.shield(moved)
         return replace_wrapped_dek(envelope, target, wrapped)
 
@@ -1137,6 +1145,11 @@ class Crypto(AsyncResource):
         self._kms_calls[operation] += 1
         # A span and a latency sample per call when OpenTelemetry is installed.
         return await _telemetry.kms_call(operation, self._kek_alias, call)
+
+
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _check_dek(dek: object) -> None:

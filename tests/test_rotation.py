@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from encx_async import (
 )
 from encx_async._envelope import parse
 from encx_async.providers.local import LocalKMSService
+from tests.conftest import KeyFactory
 
 ALIAS = "alias/rotation-test"
 CTX = {"tenant": "acme"}
@@ -310,3 +312,32 @@ async def test_a_passed_connection_stays_open(local: LocalKMSService, tmp_path: 
             await crypto.rotate_kek()
         rows = await conn.execute_fetchall("SELECT version FROM encx_kek_versions")
         assert sorted(r[0] for r in rows) == [1, 2]
+
+
+async def test_a_failed_rewrap_many_leaves_no_error_unread(
+    aws_kms: KeyManagementService, make_key: KeyFactory
+) -> None:
+    """ReEncrypt calls still in flight when another item fails end in errors nobody awaits.
+
+    They must not reach the event loop's "Task exception was never retrieved"
+    log (the CLI's tests treat that as a leak).
+    """
+    await make_key(aws_kms, ALIAS)
+    unread: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, details: unread.append(details))
+    try:
+        async with await Crypto.create(kms=aws_kms, kek_alias=ALIAS) as crypto:
+            blobs = []
+            for i in range(12):  # distinct DEKs: one ReEncrypt each
+                async with await Crypto.create(kms=aws_kms, kek_alias=ALIAS) as writer:
+                    blobs.append(await writer.encrypt(b"%d" % i, context=CTX))
+            await crypto.rotate_kek()
+            wrong = crypto.rewrap_many(blobs, context={"tenant": "other"}, concurrency=6)
+            with pytest.raises(DecryptionError):
+                await anext(wrong)
+            await asyncio.sleep(0.2)  # let every call that was in flight end
+        gc.collect()
+        assert unread == []
+    finally:
+        loop.set_exception_handler(None)

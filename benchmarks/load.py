@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import math
 import os
 import random
 import signal
@@ -77,8 +78,10 @@ class Run:
     def percentile(self, p: float) -> float:
         if not self.latencies_ms:
             return 0.0
+        # Nearest rank: the smallest sample with at least p% of them at or below it.
+        # (round() would undershoot half the time: banker's rounding of 2.5 is 2.)
         ordered = sorted(self.latencies_ms)
-        index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))
+        index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
         return ordered[index]
 
     def as_json(self) -> dict[str, Any]:

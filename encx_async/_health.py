@@ -121,6 +121,10 @@ async def run_check(
         error = _describe(exc)
     except EncxError as exc:  # a closed provider, a bad reference...
         error = _describe(exc)
+    except Exception as exc:  # a probe reports; its caller answers 503
+        # A provider of someone else's that lets an OSError or a library error
+        # through: its message is not ours to vouch for, so only its class is kept.
+        error = f"{type(exc).__name__} from {type(kms).__name__}.{method}"
     latency_ms = (time.perf_counter() - started) * 1000
     ok = error is None and (state is None or state == "Enabled")
     if error is None and not ok:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from encx_async.integrations import KMSFactory
@@ -135,6 +137,13 @@ def create_app(settings: Settings | None = None, *, kms: KMSFactory | None = Non
         ),
     )
     app.add_middleware(CancelOnDisconnect, counters=counters)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer repeats the rejected input: an e-mail address or a
+        # phone number, into the response and whatever logs responses.
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.post("/users", status_code=201)
     async def add_user(new: NewUser, crypto: CryptoDep, tenant: Tenant, store: Store) -> User:

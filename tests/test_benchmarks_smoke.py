@@ -258,3 +258,16 @@ def test_load_benchmark_reports_both_runs_latency_and_kms_share() -> None:
     assert {"KMS calls per request, cached", "p99 latency, uncached / cached"} <= (
         check_names(document)
     )
+
+
+def test_load_benchmark_percentiles_are_nearest_rank() -> None:
+    from benchmarks.load import Run
+
+    def run(latencies: list[float]) -> Run:
+        return Run("r", len(latencies), 0, 1.0, latencies, {}, 0, None, True, None)
+
+    assert run([5.0, 1.0, 4.0, 2.0, 3.0]).percentile(50) == 3.0
+    hundred_fifty = run([float(i) for i in range(1, 151)])
+    assert hundred_fifty.percentile(99) == 149.0  # rank ceil(148.5)
+    assert hundred_fifty.percentile(100) == 150.0
+    assert run([]).percentile(99) == 0.0

@@ -228,3 +228,39 @@ async def test_a_cancelled_check_leaves_the_crypto_usable() -> None:
             blob = await crypto.encrypt(b"x")
             assert await crypto.decrypt(blob) == b"x"
             assert (await crypto.check()).ok
+
+
+class _BrokenDescribe(GatedKMS):
+    """A provider of someone else's whose describe_key lets a foreign error through."""
+
+    async def describe_key(self, key_ref: str) -> Mapping[str, object]:
+        raise OSError(f"socket trouble while asking about {key_ref} with token s3cr3t")
+
+
+async def test_a_foreign_error_from_the_provider_is_reported_without_its_message() -> None:
+    async with LocalKMSService() as local:
+        await local.create_key("health", alias=TEST_ALIAS)
+        async with await open_crypto(_BrokenDescribe(local)) as crypto:
+            report = await crypto.check()
+    assert not report.ok
+    assert not report.reachable
+    assert report.error == "OSError from _BrokenDescribe.describe_key"
+    assert "s3cr3t" not in repr(report)
+
+
+async def test_a_key_pending_deletion_is_not_ok(
+    aws_kms: KMSService, make_key: KeyFactory, moto_endpoint: str
+) -> None:
+    # moto reports the state through DescribeKey though it still lets the key encrypt.
+    key = await make_key(aws_kms, TEST_ALIAS)
+    async with await open_crypto(aws_kms) as crypto:
+        session = AioSession()
+        async with session.create_client(
+            "kms", region_name=TEST_REGION, endpoint_url=moto_endpoint
+        ) as client:
+            await client.schedule_key_deletion(KeyId=key["key_id"], PendingWindowInDays=7)
+        report = await crypto.check()
+    assert not report.ok
+    assert report.reachable
+    assert report.key_state == "PendingDeletion"
+    assert report.error == f"KMS key {key['canonical']} is PendingDeletion, not Enabled"

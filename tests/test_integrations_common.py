@@ -269,3 +269,63 @@ async def test_a_cancelled_shutdown_still_closes_everything() -> None:
         await crypto_seen[0].encrypt(b"x")
     with pytest.raises(ClosedError):
         await made[0].get_key_id("alias/serve")
+
+
+class _SlowToClose(Crypto):
+    """A Crypto whose aclose waits at a gate first, to be caught closing."""
+
+    closing: asyncio.Event
+    gate: asyncio.Event
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await self.gate.wait()
+        await super().aclose()
+
+
+async def test_a_shutdown_cancelled_while_closing_still_finishes_closing() -> None:
+    # asyncio.wait_for(runner.cleanup(), ...) and the like cancel natively
+    # (task.cancel()), which anyio's shield alone does not stop.
+    made: list[LocalKMSService] = []
+    slow: list[_SlowToClose] = []
+    closing, gate = asyncio.Event(), asyncio.Event()
+
+    def kms() -> LocalKMSService:
+        made.append(LocalKMSService())
+        return made[-1]
+
+    async def crypto(kms: KeyManagementService) -> Crypto:
+        made_crypto = await _SlowToClose.create(
+            kms=kms,
+            kek_alias="alias/serve",
+            database="sqlite:///:memory:",
+            create_key_if_missing=True,
+        )
+        assert isinstance(made_crypto, _SlowToClose)
+        made_crypto.closing, made_crypto.gate = closing, gate
+        slow.append(made_crypto)
+        return made_crypto
+
+    threads_before = len(sqlite_threads())
+
+    async def run() -> None:
+        async with serve_crypto(kms, crypto):
+            pass
+
+    task = asyncio.create_task(run())
+    await closing.wait()
+    try:
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done()  # the close goes on, cancelled or not
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(ClosedError):
+            await slow[0].encrypt(b"x")
+        with pytest.raises(ClosedError):
+            await made[0].get_key_id("alias/serve")
+        assert len(sqlite_threads()) == threads_before  # the key store's connection is closed
+    finally:
+        gate.set()
+        await slow[0].aclose()  # a failed run must not leave its database thread behind

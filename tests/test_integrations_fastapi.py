@@ -150,6 +150,17 @@ async def test_the_example_service_stores_encrypted_users_and_finds_them(
         assert elsewhere.json() == []
         assert (await c.get("/users", params={"email": "x@y.z"}, headers=acme)).json() == []
         assert (await c.post("/users", json={"name": "x"}, headers=acme)).status_code == 422
+        # A rejected body is not repeated back: it may hold an address or a phone number.
+        invalid = await c.post(
+            "/users", json={"name": "x", "email": "@@", "phone": "+44 " * 12}, headers=acme
+        )
+        assert invalid.status_code == 422
+        assert [e["loc"] for e in invalid.json()["detail"]] == [
+            ["body", "email"],
+            ["body", "phone"],
+        ]
+        assert "@@" not in invalid.text
+        assert "+44" not in invalid.text
         assert (await c.get("/users/1", headers={"X-Tenant": "no spaces"})).status_code == 400
 
         health = await c.get("/healthz")

@@ -18,6 +18,7 @@ You say how to build both with two callables, so the settings stay yours::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -85,5 +86,20 @@ async def serve_crypto(
 
 async def _shielded_close(close: Callable[[], Awaitable[None]]) -> None:
     # A shutdown that is itself cancelled must still release connections and wipe keys.
+    # anyio's shield stops anyio cancel scopes only; a native task.cancel() (what
+    # asyncio.wait_for, asyncio.timeout and the servers use) goes through it, so the
+    # close runs in a task of its own that the cancellation cannot reach.
     with anyio.CancelScope(shield=True):
-        await close()
+        closing = asyncio.ensure_future(close())
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            while not closing.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([closing])
+            if not closing.cancelled() and closing.exception() is not None:
+                logger.warning(
+                    "encx-async: closing failed during a cancelled shutdown: %r",
+                    closing.exception(),
+                )
+            raise

@@ -263,6 +263,10 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
         )
     out.say(table(["path", "MiB/s", "vs raw"], rows))
 
+    out.say(
+        "(the lag includes the two KMS calls of the stream: moto answers them in a thread of\n"
+        " this process, holding the interpreter lock while it does)"
+    )
     checks = []
     if growth is None:
         out.say("\n(peak RSS cannot be measured on this system: the memory target is not checked)")

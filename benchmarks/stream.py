@@ -54,7 +54,8 @@ THROUGHPUT_TARGET = 0.8
 _STATUS = Path("/proc/self/status")
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` figure in KiB (VmRSS, VmHWM), or None off Linux."""
     try:
         text = _STATUS.read_text()
     except OSError:
@@ -63,7 +64,7 @@ def _status_kib(field: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux 4.0+); False where that is not possible."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -81,8 +82,8 @@ async def _plaintext(total: int, chunk: bytes, progress: Progress) -> AsyncItera
 async def memory_run(crypto: Crypto, mib: int, *, show_progress: bool) -> dict[str, Any]:
     """Pipe ``mib`` MiB through encrypt_stream into decrypt_stream; peak RSS growth."""
     chunk = os.urandom(MIB)
-    before = _status_kib("VmRSS")
-    measurable = before is not None and _reset_peak()
+    before = status_kib("VmRSS")
+    measurable = before is not None and reset_peak_rss()
 
     async def pipe() -> int:
         # The plaintext repeats one chunk, so each piece that comes back can be
@@ -103,7 +104,7 @@ async def memory_run(crypto: Crypto, mib: int, *, show_progress: bool) -> dict[s
     lag_ms, elapsed_ms, seen = await max_lag(pipe)
     if seen != mib * MIB:
         raise AssertionError(f"the stream came back short: {seen} of {mib * MIB} bytes")
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     growth = (peak - before) / 1024 if measurable and peak is not None and before else None
     return {
         "mib": mib,

@@ -54,6 +54,7 @@ __all__ = [
     "StreamTransform",
     "check_paths",
     "check_source",
+    "fsync_directory",
     "open_body",
     "read_file_header",
     "read_header",
@@ -337,7 +338,7 @@ def transform_file(
         if isinstance(exc, InvalidTag):
             raise DecryptionError(STREAM_FAILED) from None
         raise
-    _fsync_directory(dst.parent)
+    fsync_directory(dst.parent)
     return total
 
 
@@ -345,8 +346,12 @@ class _Stopped(Exception):
     """The caller of a file job was cancelled: the job deletes its output and ends."""
 
 
-def _fsync_directory(path: Path) -> None:
-    # The rename is only durable once the directory entry is on disk too.
+def fsync_directory(path: Path) -> None:
+    """fsync the directory ``path``, so that a rename inside it survives a crash.
+
+    Best effort: not every file system can sync a directory, and the rename
+    has happened either way.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from anyio.abc import ByteReceiveStream
 
+from benchmarks.stream import reset_peak_rss, status_kib
 from encx_async import (
     ClosedError,
     ConfigurationError,
@@ -488,29 +489,17 @@ async def test_a_symlink_at_dst_is_followed(crypto: Crypto, files: Path) -> None
     assert (files / "back").read_bytes() == b"data" * 1000
 
 
-def _status_kib(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    line = next(line for line in text.splitlines() if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 async def test_one_huge_chunk_costs_no_more_than_a_slice(crypto: Crypto) -> None:
     """Memory beyond the caller's own chunk stays at about one 1 MiB slice."""
     big = os.urandom(128 * 1024 * 1024)
-    before = _status_kib("VmRSS")
-    if not _reset_peak_rss():
+    before = status_kib("VmRSS")
+    if before is None or not reset_peak_rss():
         pytest.skip("peak RSS cannot be reset on this system")
     seen = 0
     async for out in crypto.decrypt_stream(crypto.encrypt_stream([big])):
         seen += len(out)
-    growth_mib = (_status_kib("VmHWM") - before) / 1024
+    peak = status_kib("VmHWM")
+    assert peak is not None
+    growth_mib = (peak - before) / 1024
     assert seen == len(big)
     assert growth_mib < 32, f"peak RSS grew by {growth_mib:.0f} MiB for a 128 MiB chunk"

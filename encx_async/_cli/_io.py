@@ -25,6 +25,8 @@ from typing import BinaryIO, TypeVar
 import anyio
 import anyio.to_thread
 
+from encx_async._stream import fsync_directory
+
 from ._errors import CLIError, ExitCode
 
 __all__ = [
@@ -226,20 +228,6 @@ def naming(path: str) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror, path) from exc
 
 
-def _sync_directory(directory: Path) -> None:
-    """fsync ``directory``, so that a rename inside it survives a crash; best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every file system can sync a directory: the rename still happened
-    finally:
-        os.close(fd)
-
-
 def replace_file(temp: Path, target: Path, *, mode_of: Path | None = None) -> None:
     """Rename ``temp`` over ``target`` durably (the directory synced too).
 
@@ -248,7 +236,7 @@ def replace_file(temp: Path, target: Path, *, mode_of: Path | None = None) -> No
     if mode_of is not None:
         shutil.copymode(mode_of, temp)
     os.replace(temp, target)
-    _sync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -40,6 +41,7 @@ logger = logging.getLogger("encx_async.cache")
 #: nonces under one key. No setting can exceed it.
 NIST_GCM_RANDOM_NONCE_LIMIT = 2**32
 _REASONS = ("ttl", "messages", "bytes")
+_UNBOUNDED = 1 << 64  # above any count a process can reach
 
 
 class _Wipeable(Protocol):
@@ -147,15 +149,21 @@ class _Side(Generic[V]):
     recent_key: Hashable | None = None
     recent_entry: _Entry[V] | None = None
     #: uses below these need no bookkeeping beyond a count (limits and refresh-ahead)
-    quiet_messages: float = field(init=False)
-    quiet_bytes: float = field(init=False)
+    #: (ints: an int compared with a float costs more, on every message)
+    quiet_messages: int = field(init=False)
+    quiet_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         limits = self.limits
         quiet = 1.0 - limits.refresh_ahead_uses if limits.refresh_ahead_uses else 1.0
-        inf = float("inf")
-        self.quiet_messages = inf if limits.max_messages is None else limits.max_messages * quiet
-        self.quiet_bytes = inf if limits.max_bytes is None else limits.max_bytes * quiet
+
+        def bound(limit: int | None) -> int:
+            # For a count n and a real q, n < q exactly when n < ceil(q); min()
+            # keeps a float rounded up from letting the last use through.
+            return _UNBOUNDED if limit is None else min(limit, math.ceil(limit * quiet))
+
+        self.quiet_messages = bound(limits.max_messages)
+        self.quiet_bytes = bound(limits.max_bytes)
 
     def stats(self) -> CacheSideStats:
         return CacheSideStats(

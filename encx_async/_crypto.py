@@ -95,6 +95,7 @@ DEFAULT_THREAD_THRESHOLD = 128 * 1024
 _MIN_RAW = NONCE_SIZE + TAG_SIZE
 #: what the decrypt hint holds before any decrypt: no envelope starts with it
 _NO_HEADER = b"no envelope yet"
+_NO_CONTEXT = object()  # equal to no context a caller can pass
 Rotation = Literal["new-key", "kms-managed"]
 ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
@@ -183,12 +184,21 @@ class Crypto(AsyncResource):
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
-        # The cache key of the last encrypt, reused while its context and version
-        # are asked for again, so the cache can find its entry by identity.
-        self._seal_key: EncryptKey = ("", 0, b"")
-        # The header, context bytes and cache key of the last small AES-GCM
-        # envelope decrypted: a blob with that same header needs no parsing.
-        self._open_hint: tuple[bytes, bytes, DecryptKey, int] = (_NO_HEADER, b"", (b"", b""), 0)
+        # A copy of the context of the last encrypt, and its cache key: while the
+        # same context and version are asked for again, the context needs no
+        # encoding and the cache finds its entry by identity.
+        self._seal_memo: tuple[object, EncryptKey] = (_NO_CONTEXT, ("", 0, b""))
+        # The last small AES-GCM envelope decrypted: a blob with that same header
+        # needs no parsing. Its header, context (a copy), cache key, KEK version,
+        # and the lengths a blob with that header must have to take the fast path.
+        self._open_hint: tuple[bytes, object, DecryptKey, int, int, int] = (
+            _NO_HEADER,
+            _NO_CONTEXT,
+            (b"", b""),
+            0,
+            0,
+            0,
+        )
         if dek_cache is not None:
             self._encrypt_side, self._decrypt_side = dek_cache._bind(
                 self,
@@ -419,22 +429,27 @@ class Crypto(AsyncResource):
             plaintext = bytes(_check_bytes("plaintext", plaintext))
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        ctx = encode_context(context)
         keyring = self._keyring
-        if keyring.clock() >= keyring.next_check:
+        if keyring.due:
             keyring.check_soon()  # another instance may have rotated: look, in the background
         version = keyring.current
+        last_context, key = self._seal_memo
+        if (
+            key[1] != version
+            or (type(context) is not dict and context is not None)
+            or context != last_context
+        ):
+            # (A dict subclass could answer == as it likes: only plain dicts match.)
+            key = (self._key_ids[version], version, encode_context(context))
+            self._seal_memo = (None if context is None else dict(context), key)
         size = len(plaintext)
         side = self._encrypt_side
         if side is not None and size <= self._max_cached_bytes:
-            key = self._seal_key
-            if key[2] is not ctx or key[1] != version:
-                key = self._seal_key = (self._key_ids[version], version, ctx)
             sealer = side.take(key, size) or await side.get(key, size)
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
             return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        sealer = await self._new_sealer(version, self._key_ids[version], ctx)
+        sealer = await self._new_sealer(version, key[0], key[2])
         try:
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
@@ -454,25 +469,26 @@ class Crypto(AsyncResource):
             raise ClosedError("this Crypto is closed")
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        ctx = encode_context(context)
         keyring = self._keyring
-        if keyring.clock() >= keyring.next_check:
+        if keyring.due:
             keyring.check_soon()  # retirements reach instances that only decrypt, too
         side = self._decrypt_side
-        header, hint_ctx, key, version = self._open_hint
+        header, last_context, key, version, shortest, too_long = self._open_hint
         if (
-            side is not None
-            and type(blob) is bytes
+            type(blob) is bytes
+            and shortest <= len(blob) < too_long
             and blob.startswith(header)
-            and hint_ctx is ctx
-            and len(header) + _MIN_RAW <= len(blob) < self._thread_threshold
+            and (type(context) is dict or context is None)
+            and context == last_context
             and version in self._key_ids
+            and side is not None
         ):
             # The same DEK as the last message, the usual case with a cache: the
             # header is byte for byte one we parsed and checked already.
             sealer = side.take(key, None)
             if sealer is not None:
                 return sealer.open_at(blob, len(header), aad)
+        ctx = encode_context(context)
         envelope = parse(blob)
         if envelope.kek_version not in self._key_ids:
             # Unknown here (a newer version, or a forged number) or retired: ask the store.
@@ -484,7 +500,11 @@ class Crypto(AsyncResource):
             sealer = side.take(key, None) or await side.get(key, None)
             if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
                 plaintext = sealer.open_small(envelope, aad)
-                self._open_hint = (sealer.header, ctx, key, envelope.kek_version)
+                memo = None if context is None else dict(context)
+                header = sealer.header
+                shortest = len(header) + _MIN_RAW
+                hint = (header, memo, key, envelope.kek_version, shortest, self._thread_threshold)
+                self._open_hint = hint
                 return plaintext
             return await self._open(sealer, envelope, aad)
         sealer = await self._open_sealer(key)
@@ -556,7 +576,7 @@ class Crypto(AsyncResource):
 
     def _look_for_rotations(self) -> None:
         keyring = self._keyring
-        if keyring.clock() >= keyring.next_check:
+        if keyring.due:
             keyring.check_soon()  # another instance may have rotated or retired a version
 
     def _stream_inputs(
@@ -1110,7 +1130,7 @@ class Crypto(AsyncResource):
         self._check_open()
         _check_dek(dek)
         encode_context(context)
-        if self._keyring.clock() >= self._keyring.next_check:
+        if self._keyring.due:
             self._keyring.check_soon()
         return await self._wrap(self.key_id, dek, context)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 from encx_async._exceptions import ConfigurationError, KeyVersionError, KeyVersionNotFoundError
 from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
@@ -33,17 +31,18 @@ class KeyRing:
         alias: str,
         *,
         check_interval: float,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.alias = alias
         self._check_interval = check_interval
-        self.clock = clock
         self._versions: dict[int, KEKVersion] = {}
         #: usable (not retired) versions → key id: what the hot path reads
         self.key_ids: dict[int, str] = {}
         self.current = 0
-        self.next_check = 0.0
+        #: time to look for another instance's changes: what every message asks,
+        #: so it is a flag a timer raises, not a clock read per message
+        self.due = True
+        self._timer: asyncio.TimerHandle | None = None
         self._reload: asyncio.Task[None] | None = None  # background re-read
         self._lookup: asyncio.Task[None] | None = None  # re-read for an unknown version
         self._started = 0  # re-reads begun, and the latest applied
@@ -81,13 +80,22 @@ class KeyRing:
         if newest != self.current and self.current:
             logger.info("KEK %s: now encrypting under version %d", self.alias, newest)
         self.current = newest
-        self.next_check = self.clock() + self._check_interval
+        self._wait_for_next_check()
 
     def check_soon(self) -> None:
         """Start a background re-read unless one is running (cheap to call often)."""
-        self.next_check = self.clock() + self._check_interval
+        self._wait_for_next_check()
         if self._reload is None or self._reload.done():
             self._reload = asyncio.ensure_future(self._background_reload())
+
+    def _wait_for_next_check(self) -> None:
+        self.due = False
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self._check_interval, self._set_due)
+
+    def _set_due(self) -> None:
+        self.due = True
 
     async def _background_reload(self) -> None:
         try:
@@ -154,4 +162,6 @@ class KeyRing:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._timer is not None:  # after the re-reads: their install() sets it again
+            self._timer.cancel()
         await self.store.aclose()

@@ -44,11 +44,19 @@ _REASONS = ("ttl", "messages", "bytes")
 _UNBOUNDED = 1 << 64  # above any count a process can reach
 
 
-class _Wipeable(Protocol):
+class _Value(Protocol):
+    """What the cache needs of a cached key (a Sealer): wiping, and an allowance."""
+
     def wipe(self) -> None: ...
 
+    def allow(self, uses: int, nbytes: int, until: float, clock: Callable[[], float]) -> None: ...
 
-V = TypeVar("V", bound=_Wipeable)
+    def allowance_left(self) -> tuple[int, int]: ...
+
+    def revoke(self) -> tuple[int, int]: ...
+
+
+V = TypeVar("V", bound=_Value)
 #: Makes the value for a cache key (a KMS call); given by the Crypto that owns the cache.
 Loader = Callable[[Hashable], Awaitable[V]]
 
@@ -143,11 +151,13 @@ class _Side(Generic[V]):
     evictions: int = 0
     expirations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_REASONS, 0))
 
-    #: the entry handed out last, and its key: while it is the one asked for and
-    #: far from every limit, a use costs a few comparisons (see :meth:`take`).
-    #: Invariant: it is the last entry of ``entries`` in LRU order, or None.
-    recent_key: Hashable | None = None
-    recent_entry: _Entry[V] | None = None
+    #: the entry whose key holds an allowance (see ``Sealer.allow``): the one
+    #: handed out last, if it is far from every limit. Its uses and bytes are
+    #: counted in ``entry.messages``/``entry.bytes`` only once :meth:`_settle`
+    #: takes the allowance back, which everything that reads or retires entries
+    #: does first. Invariant: it is the last entry of ``entries`` in LRU order.
+    armed: _Entry[V] | None = None
+    granted: tuple[int, int] = (0, 0)
     #: uses below these need no bookkeeping beyond a count (limits and refresh-ahead)
     #: (ints: an int compared with a float costs more, on every message)
     quiet_messages: int = field(init=False)
@@ -166,8 +176,11 @@ class _Side(Generic[V]):
         self.quiet_bytes = bound(limits.max_bytes)
 
     def stats(self) -> CacheSideStats:
+        pending = 0
+        if self.armed is not None:  # uses of the allowance so far, without ending it
+            pending = self.granted[0] - self.armed.value.allowance_left()[0]
         return CacheSideStats(
-            hits=self.hits,
+            hits=self.hits + pending,
             misses=self.misses,
             coalesced=self.coalesced,
             refreshes=self.refreshes,
@@ -184,24 +197,12 @@ class _Side(Generic[V]):
         is the size of the messages about to use the key, ``uses`` their number
         (the fields of one record share a key).
         """
-        if key is self.recent_key:
-            # The hottest case, spelled out: the key of the last message again,
-            # with nothing due (no limit near, no refresh, not retired or closed).
-            # It is last in LRU order already, so it needs no move either.
-            entry = self.recent_entry
-            if entry is not None and not entry.dead and self.clock() < entry.refresh_at:
-                if cost is None:
-                    entry.messages += 1
-                    self.hits += 1
-                    return entry.value
-                messages, size = entry.messages + uses, entry.bytes + cost
-                if messages < self.quiet_messages and size < self.quiet_bytes:
-                    entry.messages, entry.bytes = messages, size
-                    self.hits += 1
-                    return entry.value
+        if self.armed is not None:
+            self._settle()
         if self.closed:
             raise ClosedError("the DEK cache is closed")
-        # The common hit, spelled out: this runs for every message.
+        # The common hit, spelled out: this runs for every message the allowance
+        # of the most recent key does not cover.
         entry = self.entries.get(key)
         if entry is not None and not entry.dead:
             now = self.clock()
@@ -218,7 +219,7 @@ class _Side(Generic[V]):
                         entry.messages, entry.bytes = messages, size
                 if ok:
                     self.entries.move_to_end(key)
-                    self.recent_key, self.recent_entry = key, entry
+                    self._arm(entry, now)
                     self.hits += 1
                     if (
                         not entry.refreshing
@@ -237,7 +238,7 @@ class _Side(Generic[V]):
                     self.entries.move_to_end(key)
                 if not entry.dead and self._reserve(key, entry, cost, uses):
                     if not entry.dead:  # last in LRU order: it was just moved
-                        self.recent_key, self.recent_entry = key, entry
+                        self._arm(entry, now)
                     self.hits += 1
                     if not entry.refreshing and self.limits.near_end(entry, now):
                         self._refresh(key, entry)
@@ -246,6 +247,26 @@ class _Side(Generic[V]):
             if successor is None:
                 return None
             self._install(key, successor)  # fetched ahead: takes over without a KMS call
+
+    def _arm(self, entry: _Entry[V], now: float) -> None:
+        """Give ``entry``'s key the uses that need no bookkeeping (see ``armed``)."""
+        # A use is quiet while the counts after it stay below the quiet limits,
+        # so from counts m and b that leaves quiet - m - 1 uses and quiet - b - 1 bytes.
+        uses = self.quiet_messages - entry.messages - 1
+        nbytes = self.quiet_bytes - entry.bytes - 1
+        if uses > 0 and nbytes > 0 and now < entry.refresh_at:
+            entry.value.allow(uses, nbytes, entry.refresh_at, self.clock)
+            self.armed, self.granted = entry, (uses, nbytes)
+
+    def _settle(self) -> None:
+        """Take the allowance back and count what was used of it."""
+        entry, (uses, nbytes) = self.armed, self.granted
+        assert entry is not None
+        self.armed = None
+        uses_left, bytes_left = entry.value.revoke()
+        entry.messages += uses - uses_left
+        entry.bytes += nbytes - bytes_left
+        self.hits += uses - uses_left
 
     async def get(self, key: Hashable, cost: int | None, uses: int = 1) -> V:
         """Like :meth:`take`, but a miss loads the value: once, however many callers ask."""
@@ -306,7 +327,8 @@ class _Side(Generic[V]):
         return entry
 
     def _install(self, key: Hashable, entry: _Entry[V]) -> None:
-        self.recent_key = self.recent_entry = None  # no longer last in LRU order
+        if self.armed is not None:  # no longer last in LRU order
+            self._settle()
         old = self.entries.pop(key, None)
         if old is not None:
             _retire(old)
@@ -344,6 +366,8 @@ class _Side(Generic[V]):
         self.inflight[key] = self._spawn(self._load(key, ahead=True))
 
     def _reserve(self, key: Hashable, entry: _Entry[V], cost: int | None, uses: int = 1) -> bool:
+        if self.armed is not None:  # the counts must be whole before they are checked
+            self._settle()
         if entry.dead:
             return False
         limits = self.limits
@@ -366,6 +390,8 @@ class _Side(Generic[V]):
         return True
 
     def _drop(self, key: Hashable, entry: _Entry[V], reason: str) -> None:
+        if self.armed is entry:
+            self._settle()
         if self.entries.get(key) is entry:
             del self.entries[key]
             self.expirations[reason] += 1
@@ -373,6 +399,8 @@ class _Side(Generic[V]):
 
     async def aclose(self) -> None:
         self.closed = True
+        if self.armed is not None:
+            self._settle()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -453,8 +481,8 @@ class DEKCache:
             max_bytes_per_dek,
             refresh_ahead_uses,
         )
-        self._encrypt: _Side[_Wipeable] = _Side(limits, clock)
-        self._decrypt: _Side[_Wipeable] = _Side(_Limits(ttl, max_entries, refresh_ahead), clock)
+        self._encrypt: _Side[_Value] = _Side(limits, clock)
+        self._decrypt: _Side[_Value] = _Side(_Limits(ttl, max_entries, refresh_ahead), clock)
         self._owner: object | None = None
 
     def _bind(
@@ -472,7 +500,7 @@ class DEKCache:
         """Whether a message of ``size`` bytes may use a cached key at all."""
         return size <= self.max_bytes_per_dek
 
-    def remember_for_decrypt(self, key: Hashable, value: _Wipeable) -> None:
+    def remember_for_decrypt(self, key: Hashable, value: _Value) -> None:
         """Seed the decrypt side with a key just made for encryption.
 
         ``value`` must be an object of its own, not the encrypt side's: each side

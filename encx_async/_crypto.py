@@ -184,20 +184,27 @@ class Crypto(AsyncResource):
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
-        # A copy of the context of the last encrypt, and its cache key: while the
-        # same context and version are asked for again, the context needs no
-        # encoding and the cache finds its entry by identity.
-        self._seal_memo: tuple[object, EncryptKey] = (_NO_CONTEXT, ("", 0, b""))
+        # A copy of the context of the last encrypt, its cache key and the cached
+        # sealer it got: while the same context and version are asked for again,
+        # the context needs no encoding, and the sealer's allowance from the cache
+        # (see Sealer.allow) serves the message in one call.
+        self._seal_memo: tuple[object, EncryptKey, Sealer | None] = (
+            _NO_CONTEXT,
+            ("", 0, b""),
+            None,
+        )
         # The last small AES-GCM envelope decrypted: a blob with that same header
         # needs no parsing. Its header, context (a copy), cache key, KEK version,
-        # and the lengths a blob with that header must have to take the fast path.
-        self._open_hint: tuple[bytes, object, DecryptKey, int, int, int] = (
+        # the lengths a blob with that header must have to take the fast path,
+        # and the cached sealer that opened it.
+        self._open_hint: tuple[bytes, object, DecryptKey, int, int, int, Sealer | None] = (
             _NO_HEADER,
             _NO_CONTEXT,
             (b"", b""),
             0,
             0,
             0,
+            None,
         )
         if dek_cache is not None:
             self._encrypt_side, self._decrypt_side = dek_cache._bind(
@@ -433,7 +440,7 @@ class Crypto(AsyncResource):
         if keyring.due:
             keyring.check_soon()  # another instance may have rotated: look, in the background
         version = keyring.current
-        last_context, key = self._seal_memo
+        last_context, key, hot = self._seal_memo
         if (
             key[1] != version
             or (type(context) is not dict and context is not None)
@@ -441,12 +448,18 @@ class Crypto(AsyncResource):
         ):
             # (A dict subclass could answer == as it likes: only plain dicts match.)
             key = (self._key_ids[version], version, encode_context(context))
-            self._seal_memo = (None if context is None else dict(context), key)
+            last_context = None if context is None else dict(context)
+            self._seal_memo = (last_context, key, None)
+        elif hot is not None and len(plaintext) < self._thread_threshold:
+            blob = hot.seal_allowed(plaintext, aad)
+            if blob is not None:
+                return blob
         size = len(plaintext)
         side = self._encrypt_side
         if side is not None and size <= self._max_cached_bytes:
             sealer = side.take(key, size) or await side.get(key, size)
             if size < self._thread_threshold:
+                self._seal_memo = (last_context, key, sealer)
                 return sealer.seal_small(plaintext, aad)
             return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
         sealer = await self._new_sealer(version, key[0], key[2])
@@ -473,7 +486,7 @@ class Crypto(AsyncResource):
         if keyring.due:
             keyring.check_soon()  # retirements reach instances that only decrypt, too
         side = self._decrypt_side
-        header, last_context, key, version, shortest, too_long = self._open_hint
+        header, last_context, key, version, shortest, too_long, hot = self._open_hint
         if (
             type(blob) is bytes
             and shortest <= len(blob) < too_long
@@ -481,12 +494,18 @@ class Crypto(AsyncResource):
             and (type(context) is dict or context is None)
             and context == last_context
             and version in self._key_ids
+            and hot is not None
             and side is not None
         ):
             # The same DEK as the last message, the usual case with a cache: the
             # header is byte for byte one we parsed and checked already.
+            plaintext = hot.open_allowed(blob, len(header), aad)
+            if plaintext is not None:
+                return plaintext
             sealer = side.take(key, None)
             if sealer is not None:
+                if sealer is not hot:
+                    self._open_hint = (*self._open_hint[:6], sealer)
                 return sealer.open_at(blob, len(header), aad)
         ctx = encode_context(context)
         envelope = parse(blob)
@@ -503,8 +522,16 @@ class Crypto(AsyncResource):
                 memo = None if context is None else dict(context)
                 header = sealer.header
                 shortest = len(header) + _MIN_RAW
-                hint = (header, memo, key, envelope.kek_version, shortest, self._thread_threshold)
-                self._open_hint = hint
+                too_long = self._thread_threshold
+                self._open_hint = (
+                    header,
+                    memo,
+                    key,
+                    envelope.kek_version,
+                    shortest,
+                    too_long,
+                    sealer,
+                )
                 return plaintext
             return await self._open(sealer, envelope, aad)
         sealer = await self._open_sealer(key)

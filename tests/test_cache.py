@@ -16,7 +16,9 @@ from encx_async import (
     KeyManagementService,
     KMSUnavailableError,
 )
-from encx_async._envelope import parse
+from encx_async._aead import EnvelopeCipher
+from encx_async._envelope import Sealer, parse
+from encx_async._keys import DataKey
 from encx_async.providers.local import LocalKMSService
 
 from .support import FakeClock, GatedKMS
@@ -466,3 +468,78 @@ async def test_repeated_header_of_a_retired_version_is_refused(local: LocalKMSSe
     await crypto.retire_kek_version(1)
     with pytest.raises(DecryptionError, match="retired"):
         await crypto.decrypt(old, context=CTX)
+
+
+# -- the allowance: the cache's most recent key counts its own uses -------------
+
+
+def test_a_sealer_serves_only_what_its_allowance_covers() -> None:
+    clock = FakeClock()
+    sealer = Sealer(EnvelopeCipher(DataKey.generate()), 1, b"wrapped", b"")
+    assert sealer.seal_allowed(b"x", None) is None  # no allowance yet
+    sealer.allow(3, 10, clock.now + 5, clock)
+    blob = sealer.seal_allowed(b"12345678", None)
+    assert blob is not None
+    assert sealer.open_allowed(blob, len(sealer.header), None) == b"12345678"
+    assert sealer.allowance_left() == (1, 2)
+    assert sealer.seal_allowed(b"123", None) is None  # over the bytes left: nothing counted
+    assert sealer.allowance_left() == (1, 2)
+    clock.advance(5)
+    assert sealer.seal_allowed(b"1", None) is None  # past the deadline
+    assert sealer.open_allowed(blob, len(sealer.header), None) is None
+    clock.advance(-1)
+    assert sealer.seal_allowed(b"1", None) is not None
+    assert sealer.seal_allowed(b"1", None) is None  # no uses left
+    sealer.allow(5, 5, clock.now + 5, clock)
+    assert sealer.revoke() == (5, 5)
+    assert sealer.seal_allowed(b"1", None) is None
+    sealer.allow(5, 5, clock.now + 5, clock)
+    sealer.wipe()
+    assert sealer.allowance_left() == (0, 0)  # a wiped key has no allowance either
+
+
+async def test_the_allowance_never_passes_a_byte_limit(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_bytes_per_dek=1000, max_messages_per_dek=10**6))
+    sizes = [(i * 37) % 300 for i in range(400)]
+    blobs = [await crypto.encrypt(bytes(size), context=CTX) for size in sizes]
+    per_dek: dict[bytes, int] = {}
+    for size, blob in zip(sizes, blobs, strict=True):
+        per_dek[wrapped_of(blob)] = per_dek.get(wrapped_of(blob), 0) + size
+    assert max(per_dek.values()) <= 1000
+    # Each DEK but the last was used until the next message would not fit.
+    assert min(list(per_dek.values())[:-1]) > 1000 - 300
+    stats = crypto.stats().cache
+    assert stats is not None
+    assert stats.encrypt.hits + stats.encrypt.misses == len(sizes)
+    assert stats.encrypt.misses == len(per_dek) == calls(crypto, "encrypt_dek")
+    for size, blob in zip(sizes, blobs, strict=True):
+        assert await crypto.decrypt(blob, context=CTX) == bytes(size)
+
+
+async def test_stats_count_the_uses_an_allowance_served(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache())
+    blobs = []
+    for n in range(1, 51):
+        blobs.append(await crypto.encrypt(b"m", context=CTX))
+        stats = crypto.stats().cache  # read while the allowance is out: it must not end it
+        assert stats is not None
+        assert (stats.encrypt.hits, stats.encrypt.misses) == (n - 1, 1)
+    reader = await make(local, DEKCache())
+    for n, blob in enumerate(blobs, start=1):
+        await reader.decrypt(blob, context=CTX)
+        stats = reader.stats().cache
+        assert stats is not None
+        assert (stats.decrypt.hits, stats.decrypt.misses) == (n - 1, 1)
+    assert calls(reader, "decrypt_dek") == 1
+
+
+async def test_alternating_contexts_keep_exact_limits(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache(max_messages_per_dek=5))
+    seen: dict[str, list[bytes]] = {"a": [], "b": []}
+    for _ in range(10):
+        for tenant in seen:  # the allowance moves from one key to the other each time
+            seen[tenant].append(wrapped_of(await crypto.encrypt(b"m", context={"tenant": tenant})))
+    for wrapped in seen.values():
+        assert [wrapped.count(w) for w in dict.fromkeys(wrapped)] == [5, 5]
+    assert set(seen["a"]).isdisjoint(seen["b"])
+    assert calls(crypto, "encrypt_dek") == 4

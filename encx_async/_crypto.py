@@ -101,6 +101,10 @@ ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
 EncryptKey = tuple[str, int, bytes]  # KEK id, KEK version, encoded context
 DecryptKey = tuple[bytes, bytes]  # envelope binding, encoded context
+SealMemo = tuple[object, EncryptKey, Sealer | None]
+OpenHint = tuple[bytes, object, DecryptKey, int, int, Sealer | None]
+_NO_MEMO: SealMemo = (_NO_CONTEXT, ("", 0, b""), None)
+_NO_HINT: OpenHint = (_NO_HEADER, _NO_CONTEXT, (b"", b""), 0, 0, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,24 +192,14 @@ class Crypto(AsyncResource):
         # sealer it got: while the same context and version are asked for again,
         # the context needs no encoding, and the sealer's allowance from the cache
         # (see Sealer.allow) serves the message in one call.
-        self._seal_memo: tuple[object, EncryptKey, Sealer | None] = (
-            _NO_CONTEXT,
-            ("", 0, b""),
-            None,
-        )
+        self._seal_memo: SealMemo = _NO_MEMO
         # The last small AES-GCM envelope decrypted: a blob with that same header
-        # needs no parsing. Its header, context (a copy), cache key, KEK version,
-        # the lengths a blob with that header must have to take the fast path,
-        # and the cached sealer that opened it.
-        self._open_hint: tuple[bytes, object, DecryptKey, int, int, int, Sealer | None] = (
-            _NO_HEADER,
-            _NO_CONTEXT,
-            (b"", b""),
-            0,
-            0,
-            0,
-            None,
-        )
+        # needs no parsing. Its header, context (a copy), cache key, the lengths a
+        # blob with that header must have to take the fast path, and the cached
+        # sealer that opened it.
+        self._open_hint: OpenHint = _NO_HINT
+        # Both memos name KEK versions: a rotation or retirement makes them stale.
+        keyring.on_change = self._forget_memos
         if dek_cache is not None:
             self._encrypt_side, self._decrypt_side = dek_cache._bind(
                 self,
@@ -359,6 +353,9 @@ class Crypto(AsyncResource):
         self._check_open()
         return self
 
+    def _forget_memos(self) -> None:
+        self._seal_memo, self._open_hint = _NO_MEMO, _NO_HINT
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("this Crypto is closed")
@@ -439,14 +436,10 @@ class Crypto(AsyncResource):
         keyring = self._keyring
         if keyring.due:
             keyring.check_soon()  # another instance may have rotated: look, in the background
-        version = keyring.current
-        last_context, key, hot = self._seal_memo
-        if (
-            key[1] != version
-            or (type(context) is not dict and context is not None)
-            or context != last_context
-        ):
+        last_context, key, hot = self._seal_memo  # forgotten when the versions change
+        if (type(context) is not dict and context is not None) or context != last_context:
             # (A dict subclass could answer == as it likes: only plain dicts match.)
+            version = keyring.current
             key = (self._key_ids[version], version, encode_context(context))
             last_context = None if context is None else dict(context)
             self._seal_memo = (last_context, key, None)
@@ -459,10 +452,11 @@ class Crypto(AsyncResource):
         if side is not None and size <= self._max_cached_bytes:
             sealer = side.take(key, size) or await side.get(key, size)
             if size < self._thread_threshold:
-                self._seal_memo = (last_context, key, sealer)
+                if key[1] == keyring.current:  # no rotation while the KMS was asked
+                    self._seal_memo = (last_context, key, sealer)
                 return sealer.seal_small(plaintext, aad)
             return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        sealer = await self._new_sealer(version, key[0], key[2])
+        sealer = await self._new_sealer(key[1], key[0], key[2])
         try:
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
@@ -486,14 +480,14 @@ class Crypto(AsyncResource):
         if keyring.due:
             keyring.check_soon()  # retirements reach instances that only decrypt, too
         side = self._decrypt_side
-        header, last_context, key, version, shortest, too_long, hot = self._open_hint
+        # (Forgotten when the versions change, so its version is never a retired one.)
+        header, last_context, key, shortest, too_long, hot = self._open_hint
         if (
             type(blob) is bytes
             and shortest <= len(blob) < too_long
             and blob.startswith(header)
             and (type(context) is dict or context is None)
             and context == last_context
-            and version in self._key_ids
             and hot is not None
             and side is not None
         ):
@@ -505,7 +499,7 @@ class Crypto(AsyncResource):
             sealer = side.take(key, None)
             if sealer is not None:
                 if sealer is not hot:
-                    self._open_hint = (*self._open_hint[:6], sealer)
+                    self._open_hint = (*self._open_hint[:5], sealer)
                 return sealer.open_at(blob, len(header), aad)
         ctx = encode_context(context)
         envelope = parse(blob)
@@ -523,15 +517,8 @@ class Crypto(AsyncResource):
                 header = sealer.header
                 shortest = len(header) + _MIN_RAW
                 too_long = self._thread_threshold
-                self._open_hint = (
-                    header,
-                    memo,
-                    key,
-                    envelope.kek_version,
-                    shortest,
-                    too_long,
-                    sealer,
-                )
+                if envelope.kek_version in self._key_ids:  # not retired while we waited
+                    self._open_hint = (header, memo, key, shortest, too_long, sealer)
                 return plaintext
             return await self._open(sealer, envelope, aad)
         sealer = await self._open_sealer(key)

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from encx_async._exceptions import ConfigurationError, KeyVersionError, KeyVersionNotFoundError
 from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
 
 __all__ = ["KeyRing"]
+
+
+def _nothing() -> None:
+    pass
+
 
 logger = logging.getLogger("encx_async.keys")
 #: How far above the newest known version a ciphertext's version may be and
@@ -43,6 +49,8 @@ class KeyRing:
         #: so it is a flag a timer raises, not a clock read per message
         self.due = True
         self._timer: asyncio.TimerHandle | None = None
+        #: called when the usable versions or the current one change
+        self.on_change: Callable[[], None] = _nothing
         self._reload: asyncio.Task[None] | None = None  # background re-read
         self._lookup: asyncio.Task[None] | None = None  # re-read for an unknown version
         self._started = 0  # re-reads begun, and the latest applied
@@ -73,13 +81,17 @@ class KeyRing:
                 f"alias {self.alias!r} has no active KEK version in {self.store.url}"
             )
         self._versions = {v.version: v for v in versions}
+        key_ids = {v.version: v.key_id for v in versions if v.state != "retired"}
+        newest = max(v.version for v in active)
+        changed = key_ids != self.key_ids or newest != self.current
         # Updated in place: the Crypto's hot path holds this very dict.
         self.key_ids.clear()
-        self.key_ids.update({v.version: v.key_id for v in versions if v.state != "retired"})
-        newest = max(v.version for v in active)
+        self.key_ids.update(key_ids)
         if newest != self.current and self.current:
             logger.info("KEK %s: now encrypting under version %d", self.alias, newest)
         self.current = newest
+        if changed:
+            self.on_change()
         self._wait_for_next_check()
 
     def check_soon(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -543,3 +544,23 @@ async def test_alternating_contexts_keep_exact_limits(local: LocalKMSService) ->
         assert [wrapped.count(w) for w in dict.fromkeys(wrapped)] == [5, 5]
     assert set(seen["a"]).isdisjoint(seen["b"])
     assert calls(crypto, "encrypt_dek") == 4
+
+
+async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
+    local: LocalKMSService, gated: GatedKMS, tmp_path: Path
+) -> None:
+    database = f"sqlite:///{tmp_path / 'keys.db'}"
+    writer = await Crypto.create(
+        kms=gated, kek_alias=ALIAS, database=database, dek_cache=DEKCache()
+    )
+    admin = await Crypto.create(kms=local, kek_alias=ALIAS, database=database)
+    _open.extend((writer, admin))
+    gated.gate.clear()
+    pending = asyncio.ensure_future(writer.encrypt(b"a", context=CTX))
+    await gated.entered.wait()
+    await admin.rotate_kek(strategy="kms-managed")
+    await writer._keyring.reload()  # what the background check does, here while the KMS waits
+    gated.gate.set()
+    assert parse(await pending).kek_version == 1  # begun before the rotation
+    # The DEK wrapped under version 1 must not become the fast path's key.
+    assert parse(await writer.encrypt(b"b", context=CTX)).kek_version == 2

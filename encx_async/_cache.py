@@ -158,6 +158,7 @@ class _Side(Generic[V]):
     #: does first. Invariant: it is the last entry of ``entries`` in LRU order.
     armed: _Entry[V] | None = None
     granted: tuple[int, int] = (0, 0)
+    last_hit: _Entry[V] | None = None
     #: uses below these need no bookkeeping beyond a count (limits and refresh-ahead)
     #: (ints: an int compared with a float costs more, on every message)
     quiet_messages: int = field(init=False)
@@ -250,6 +251,11 @@ class _Side(Generic[V]):
 
     def _arm(self, entry: _Entry[V], now: float) -> None:
         """Give ``entry``'s key the uses that need no bookkeeping (see ``armed``)."""
+        if entry is not self.last_hit:
+            # Only a key asked for twice in a row: when contexts take turns, an
+            # allowance would be given and taken back on every message.
+            self.last_hit = entry
+            return
         # A use is quiet while the counts after it stay below the quiet limits,
         # so from counts m and b that leaves quiet - m - 1 uses and quiet - b - 1 bytes.
         uses = self.quiet_messages - entry.messages - 1

@@ -91,6 +91,13 @@ def encode_context(context: Context | None) -> bytes:
     return _lookup(context)[0]
 
 
+def encode_and_keep(context: Context | None) -> tuple[bytes, object]:
+    """The canonical bytes of ``context``, and an object equal to it that no
+    caller can change (None for None): a memo of the context, for free."""
+    encoded, validated = _lookup(context)
+    return encoded, None if context is None else validated
+
+
 def normalize_context(context: Context | None) -> dict[str, str]:
     """A plain dict copy of a validated ``context``, as the KMS wants it."""
     return dict(_lookup(context)[1])

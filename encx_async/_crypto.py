@@ -38,7 +38,13 @@ from ._aead import (
     seal_raw,
 )
 from ._cache import DEKCache, DEKCacheStats, _Side
-from ._context import Context, decode_context, encode_context, normalize_context
+from ._context import (
+    Context,
+    decode_context,
+    encode_and_keep,
+    encode_context,
+    normalize_context,
+)
 from ._envelope import (
     BODY_GCM,
     MAX_WRAPPED_DEK,
@@ -440,8 +446,8 @@ class Crypto(AsyncResource):
         if (type(context) is not dict and context is not None) or context != last_context:
             # (A dict subclass could answer == as it likes: only plain dicts match.)
             version = keyring.current
-            key = (self._key_ids[version], version, encode_context(context))
-            last_context = None if context is None else dict(context)
+            ctx, last_context = encode_and_keep(context)
+            key = (self._key_ids[version], version, ctx)
             self._seal_memo = (last_context, key, None)
         elif hot is not None and len(plaintext) < self._thread_threshold:
             blob = hot.seal_allowed(plaintext, aad)
@@ -501,7 +507,7 @@ class Crypto(AsyncResource):
                 if sealer is not hot:
                     self._open_hint = (*self._open_hint[:5], sealer)
                 return sealer.open_at(blob, len(header), aad)
-        ctx = encode_context(context)
+        ctx, memo = encode_and_keep(context)
         envelope = parse(blob)
         if envelope.kek_version not in self._key_ids:
             # Unknown here (a newer version, or a forged number) or retired: ask the store.
@@ -513,7 +519,6 @@ class Crypto(AsyncResource):
             sealer = side.take(key, None) or await side.get(key, None)
             if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
                 plaintext = sealer.open_small(envelope, aad)
-                memo = None if context is None else dict(context)
                 header = sealer.header
                 shortest = len(header) + _MIN_RAW
                 too_long = self._thread_threshold

@@ -159,6 +159,10 @@ class _Side(Generic[V]):
     armed: _Entry[V] | None = None
     granted: tuple[int, int] = (0, 0)
     last_hit: _Entry[V] | None = None
+    #: odd while ``armed``, ``granted`` and ``hits`` change together: stats()
+    #: called from another thread (an OpenTelemetry reader) waits for an even
+    #: value that did not change while it read, so it never sees half an update
+    changing: int = 0
     #: uses below these need no bookkeeping beyond a count (limits and refresh-ahead)
     #: (ints: an int compared with a float costs more, on every message)
     quiet_messages: int = field(init=False)
@@ -177,11 +181,8 @@ class _Side(Generic[V]):
         self.quiet_bytes = bound(limits.max_bytes)
 
     def stats(self) -> CacheSideStats:
-        pending = 0
-        if self.armed is not None:  # uses of the allowance so far, without ending it
-            pending = self.granted[0] - self.armed.value.allowance_left()[0]
         return CacheSideStats(
-            hits=self.hits + pending,
+            hits=self._hits_so_far(),
             misses=self.misses,
             coalesced=self.coalesced,
             refreshes=self.refreshes,
@@ -190,6 +191,18 @@ class _Side(Generic[V]):
             expirations=MappingProxyType(dict(self.expirations)),
             entries=len(self.entries),
         )
+
+    def _hits_so_far(self) -> int:
+        """Hits, with the uses of the allowance out now, which stays out."""
+        while True:
+            changing = self.changing
+            if not changing & 1:
+                hits, armed, (uses, _) = self.hits, self.armed, self.granted
+                if armed is not None:
+                    hits += uses - armed.value.allowance_left()[0]
+                if self.changing == changing:
+                    return hits
+            time.sleep(0)  # another thread is mid-update (never this one): let it finish
 
     def take(self, key: Hashable, cost: int | None, uses: int = 1) -> V | None:
         """The cached value for ``key`` with ``uses`` uses counted, or None on a miss.
@@ -261,18 +274,22 @@ class _Side(Generic[V]):
         uses = self.quiet_messages - entry.messages - 1
         nbytes = self.quiet_bytes - entry.bytes - 1
         if uses > 0 and nbytes > 0 and now < entry.refresh_at:
+            self.changing += 1
             entry.value.allow(uses, nbytes, entry.refresh_at, self.clock)
             self.armed, self.granted = entry, (uses, nbytes)
+            self.changing += 1
 
     def _settle(self) -> None:
         """Take the allowance back and count what was used of it."""
         entry, (uses, nbytes) = self.armed, self.granted
         assert entry is not None
-        self.armed = None
+        self.changing += 1
         uses_left, bytes_left = entry.value.revoke()
         entry.messages += uses - uses_left
         entry.bytes += nbytes - bytes_left
         self.hits += uses - uses_left
+        self.armed = None
+        self.changing += 1
 
     async def get(self, key: Hashable, cost: int | None, uses: int = 1) -> V:
         """Like :meth:`take`, but a miss loads the value: once, however many callers ask."""

@@ -48,7 +48,8 @@ class KeyRing:
         #: time to look for another instance's changes: what every message asks,
         #: so it is a flag a timer raises, not a clock read per message
         self.due = True
-        self._timer: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._ticket = 0  # which ticker may raise ``due``: the latest one
         #: called when the usable versions or the current one change
         self.on_change: Callable[[], None] = _nothing
         self._reload: asyncio.Task[None] | None = None  # background re-read
@@ -102,12 +103,24 @@ class KeyRing:
 
     def _wait_for_next_check(self) -> None:
         self.due = False
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._check_interval, self._set_due)
+        self._stop_ticker()
+        self._ticker = asyncio.ensure_future(self._tick(self._ticket))
 
-    def _set_due(self) -> None:
-        self.due = True
+    def _stop_ticker(self) -> None:
+        self._ticket += 1
+        if self._ticker is not None:
+            self._ticker.cancel()
+
+    async def _tick(self, ticket: int) -> None:
+        # A task rather than a loop timer: when its event loop shuts down
+        # (asyncio.run returning) the task is cancelled, and raising ``due`` then
+        # makes the next message, on whatever loop runs it, start a re-read and
+        # a ticker of its own. A timer would just vanish with its loop.
+        try:
+            await asyncio.sleep(self._check_interval)
+        finally:
+            if ticket == self._ticket:  # not replaced or stopped on purpose
+                self.due = True
 
     async def _background_reload(self) -> None:
         try:
@@ -174,6 +187,5 @@ class KeyRing:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._timer is not None:  # after the re-reads: their install() sets it again
-            self._timer.cancel()
+        self._stop_ticker()  # after the re-reads: their install() starts one again
         await self.store.aclose()

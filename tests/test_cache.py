@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -564,3 +567,37 @@ async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
     assert parse(await pending).kek_version == 1  # begun before the rotation
     # The DEK wrapped under version 1 must not become the fast path's key.
     assert parse(await writer.encrypt(b"b", context=CTX)).kek_version == 2
+
+
+async def test_stats_read_from_another_thread_never_go_back(local: LocalKMSService) -> None:
+    # An OpenTelemetry reader calls stats() from its own thread while the loop
+    # hands allowances out and takes them back.
+    crypto = await make(local, DEKCache(max_messages_per_dek=100_000))
+    contexts = [{"tenant": "a"}, {"tenant": "b"}]
+    done = threading.Event()
+    encrypted = 0
+    seen: list[tuple[int, int]] = []  # (hits read, encrypts finished once it was read)
+
+    def read() -> None:
+        while not done.is_set():
+            stats = crypto.stats().cache
+            assert stats is not None
+            seen.append((stats.encrypt.hits, encrypted))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so a half-done update would be seen
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(20_000):
+            await crypto.encrypt(b"m", context=contexts[(i // 3) % 2])
+            encrypted += 1
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(switch)
+    hits = [h for h, _ in seen]
+    assert len(hits) > 100
+    assert all(a <= b for a, b in itertools.pairwise(hits))
+    # Never more than the encrypts finished, and the one under way.
+    assert all(hits <= finished + 1 for hits, finished in seen)

@@ -207,6 +207,41 @@ async def test_an_instance_sees_another_instances_rotation_within_the_interval(
     await b.aclose()
 
 
+def test_the_version_check_survives_its_event_loop(tmp_path: Path) -> None:
+    # asyncio.run per call, as a synchronous program does: the check scheduled
+    # under one loop must not be lost when that loop ends. (The local KMS and
+    # SQLite are not tied to a loop; aiobotocore and asyncpg are.)
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    async def start() -> tuple[LocalKMSService, Crypto, Crypto]:
+        kms = LocalKMSService()
+        await kms.create_key("rotation tests", alias=ALIAS)
+        worker = await Crypto.create(
+            kms=kms, kek_alias=ALIAS, database=db, dek_cache=DEKCache(), version_check_interval=0.05
+        )
+        admin = await Crypto.create(kms=kms, kek_alias=ALIAS, database=db)
+        assert version_of(await worker.encrypt(b"m", context=CTX)) == 1
+        assert version_of(await worker.encrypt(b"m", context=CTX)) == 1  # the fast path now
+        return kms, worker, admin
+
+    kms, worker, admin = asyncio.run(start())
+    asyncio.run(admin.rotate_kek(strategy="kms-managed"))
+
+    async def later() -> list[int]:
+        versions = []
+        for _ in range(20):
+            versions.append(version_of(await worker.encrypt(b"m", context=CTX)))
+            if versions[-1] == 2:
+                break
+            await asyncio.sleep(0.05)
+        await worker.aclose()
+        await admin.aclose()
+        await kms.aclose()
+        return versions
+
+    assert asyncio.run(later())[-1] == 2
+
+
 async def test_missing_alias_is_an_error_unless_asked_to_create_it(tmp_path: Path) -> None:
     async with LocalKMSService() as kms:
         with pytest.raises(KMSKeyNotFoundError):

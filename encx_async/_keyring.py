@@ -1,10 +1,11 @@
 """The KEK versions one Crypto knows, kept in step with the key store.
 
 Encryption uses the newest active version; decryption looks a version up. The
-known versions are re-read from the store every ``check_interval`` seconds in
-the background (and at once when PostgreSQL announces a change), so every
-instance of a fleet moves to a new version within that bound, and a database
-outage never stops work on the versions already known.
+first message after each ``check_interval`` starts a background re-read of the
+versions (and a PostgreSQL change announcement starts one at once), so every
+busy instance of a fleet moves to a new version within that bound, and a
+database outage never stops work on the versions already known. An idle
+instance reads nothing.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
 
 __all__ = ["KeyRing"]
 
-
-def _nothing() -> None:
-    pass
-
-
 logger = logging.getLogger("encx_async.keys")
 #: How far above the newest known version a ciphertext's version may be and
 #: still send us to the database: a forged number must not turn every decrypt
 #: into a query, and a fleet is never this many rotations behind.
 _LOOKAHEAD = 1000
+
+
+def _nothing() -> None:
+    pass
 
 
 class KeyRing:

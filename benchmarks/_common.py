@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encx_async import Crypto, DEKCache, EncxError, KeyManagementService, KMSKeyNotFoundError
 from encx_async._progress import Progress, progress_default
+from encx_async._table import table as text_table
 
 from ._moto import MotoServer, use_fake_credentials
 
@@ -174,19 +175,8 @@ def fmt_rate(value: float) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table: first column left-aligned, the others right-aligned."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join((first, *rest)).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join((line(headers), rule, *(line(row) for row in rows)))
+    """A plain-text table: first column left-aligned, the figures right-aligned."""
+    return text_table(headers, rows, numbers_right=True, rule=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from encx_async._keystore import KEKVersion
 from encx_async._progress import Progress, format_bytes
 from encx_async._rewrap import ordered_map
 from encx_async._stream import read_file_header
+from encx_async._table import table
 
 from ._args import Settings, parse_context
 from ._errors import CLIError, ExitCode, describe_failure
@@ -47,7 +48,7 @@ from ._io import (
     write_stdout,
 )
 from ._kms import Target, describe_key, open_crypto, open_kms
-from ._output import Report, table
+from ._output import Report
 
 __all__ = [
     "decrypt",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ._errors import Failure
 
-__all__ = ["Report", "emit", "emit_failure", "table"]
+__all__ = ["Report", "emit", "emit_failure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,16 +35,3 @@ def emit_failure(failure: Failure, *, stream: TextIO | None = None) -> None:
     err = stream if stream is not None else sys.stderr
     err.write(f"encx-async: error: {failure.message}\nhint: {failure.hint}\n")
     err.flush()
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table, columns left-aligned."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
-
-    return "\n".join(line(row).rstrip() for row in (headers, *rows))

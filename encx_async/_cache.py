@@ -193,7 +193,7 @@ class _Side(Generic[V]):
         )
 
     def _hits_so_far(self) -> int:
-        """Hits, with the uses of the allowance out now, which stays out."""
+        """The hits so far, the uses of the allowance still out included (it stays out)."""
         while True:
             changing = self.changing
             if not changing & 1:

@@ -85,11 +85,13 @@ class EnvelopeCipher:
     ) -> Callable[[], bytes]:
         """A Cobblestone-256 job over ``data``, to run in a worker thread.
 
-        The key is captured now, in the caller's thread, so wiping this cipher
-        afterwards cannot change what the job does. ``prefix`` (a header) comes
-        out in front of the result.
+        The cipher object is built now, in the caller's thread, so wiping this
+        cipher afterwards cannot change what the job does, and the job holds
+        no key bytes: its frames, in a traceback, show an opaque object.
+        ``prefix`` (a header) comes out in front of the result.
         """
-        return partial(_stream, self._live_stream_key(), aad, data, seal, prefix)
+        cipher = self.stream_encryptor(aad) if seal else self.stream_decryptor(aad)
+        return partial(_stream, cipher, data, prefix)
 
     def stream_encryptor(self, aad: bytes) -> Cobblestone256Encryptor:
         """A Cobblestone-256 encryptor for one stream; it keeps its own copy of the key."""
@@ -105,8 +107,9 @@ class EnvelopeCipher:
         return bytes(self._stream_key)
 
 
-def _stream(key: bytes, aad: bytes, data: Bytes, seal: bool, prefix: bytes) -> bytes:
-    cipher = Cobblestone256Encryptor(key, aad) if seal else Cobblestone256Decryptor(key, aad)
+def _stream(
+    cipher: Cobblestone256Encryptor | Cobblestone256Decryptor, data: Bytes, prefix: bytes
+) -> bytes:
     view = memoryview(data)
     try:
         parts = [prefix]

@@ -888,12 +888,14 @@ class Crypto(AsyncResource):
             key = (key_id, version, ctx)
             sealer = side.take(key, size, uses) or await side.get(key, size, uses)
             return SealedRecord(
-                sealer.header, await self._run_fields(sealer.seal_fields, plaintexts, aad, size)
+                sealer.header,
+                await self._run_fields(sealer.fields_job(plaintexts, aad, seal=True), size),
             )
         sealer = await self._new_sealer(version, key_id, ctx)
         try:
             return SealedRecord(
-                sealer.header, await self._run_fields(sealer.seal_fields, plaintexts, aad, size)
+                sealer.header,
+                await self._run_fields(sealer.fields_job(plaintexts, aad, seal=True), size),
             )
         finally:
             sealer.wipe()
@@ -928,24 +930,18 @@ class Crypto(AsyncResource):
         side = self._decrypt_side
         if side is not None:
             sealer = side.take(key, None) or await side.get(key, None)
-            return await self._run_fields(sealer.open_fields, bodies, aad, size)
+            return await self._run_fields(sealer.fields_job(bodies, aad, seal=False), size)
         sealer = await self._open_sealer(key)
         try:
-            return await self._run_fields(sealer.open_fields, bodies, aad, size)
+            return await self._run_fields(sealer.fields_job(bodies, aad, seal=False), size)
         finally:
             sealer.wipe()
 
-    async def _run_fields(
-        self,
-        job: Callable[[Mapping[str, Bytes], bytes | None], dict[str, bytes]],
-        fields: Mapping[str, Bytes],
-        aad: bytes | None,
-        size: int,
-    ) -> dict[str, bytes]:
+    async def _run_fields(self, job: Callable[[], dict[str, bytes]], size: int) -> dict[str, bytes]:
         """Run a fields job inline when small, in a worker thread when large."""
         if size < self._thread_threshold:
-            return job(fields, aad)
-        return await anyio.to_thread.run_sync(job, fields, aad)
+            return job()
+        return await anyio.to_thread.run_sync(job)
 
     # -- rotation --------------------------------------------------------------
 

@@ -153,7 +153,7 @@ def parse_stream_header(header: bytes) -> Envelope:
 
 
 def parse_record_header(header: bytes) -> Envelope:
-    """A record's header (see :meth:`Sealer.seal_fields`): an AES-GCM header, no body."""
+    """A record's header (see :meth:`Sealer.fields_job`): an AES-GCM header, no body."""
     kind, kek_version, body_at = _parse_header(header)
     if kind != BODY_GCM or len(header) != body_at:
         raise DecryptionError("malformed record header")
@@ -325,30 +325,19 @@ class Sealer:
         except InvalidTag:
             raise DecryptionError(_OPEN_FAILED) from None
 
-    def seal_fields(self, fields: Mapping[str, Bytes], aad: bytes | None) -> dict[str, bytes]:
-        """Seal each field under this one DEK: ``nonce || ciphertext || tag`` per field.
+    def fields_job(
+        self, fields: Mapping[str, Bytes], aad: bytes | None, *, seal: bool
+    ) -> Callable[[], dict[str, bytes]]:
+        """A job sealing (or opening) the fields of one record under this DEK.
 
-        Each field's associated data names the field, so two fields' ciphertexts
-        cannot be swapped, and the record keeps :attr:`header` once for all.
+        Each field is ``nonce || ciphertext || tag`` and its associated data
+        names the field, so two fields' ciphertexts cannot be swapped; the
+        record keeps :attr:`header` once for all. The key is taken now, so the
+        job may run in a worker thread while the cache retires this sealer.
         """
-        gcm, prefix, out = self._gcm, self._field_prefix, {}
-        for name, plaintext in fields.items():
-            nonce = os.urandom(NONCE_SIZE)
-            out[name] = nonce + gcm.encrypt(nonce, plaintext, prefix + _field_aad(name, aad))
-        return out
-
-    def open_fields(self, fields: Mapping[str, Bytes], aad: bytes | None) -> dict[str, bytes]:
-        """The inverse of :meth:`seal_fields`; DecryptionError if any field fails."""
-        gcm, prefix, out = self._gcm, self._field_prefix, {}
-        try:
-            for name, body in fields.items():
-                if len(body) < NONCE_SIZE + TAG_SIZE:
-                    raise InvalidTag
-                full_aad = prefix + _field_aad(name, aad)
-                out[name] = gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)
-        except InvalidTag:
-            raise DecryptionError(_OPEN_FAILED) from None
-        return out
+        return partial(
+            _seal_fields if seal else _open_fields, self._gcm, self._field_prefix, fields, aad
+        )
 
     def seal_large_job(self, plaintext: Bytes, aad: bytes | None) -> Callable[[], bytes]:
         """A job sealing a large payload with Cobblestone-256, for a worker thread."""
@@ -394,6 +383,31 @@ class Sealer:
 def _field_aad(name: str, aad: bytes | None) -> bytes:
     encoded = name.encode()
     return b"".join((_U32.pack(len(encoded)), encoded, aad or b""))
+
+
+def _seal_fields(
+    gcm: AESGCM | _Wiped, prefix: bytes, fields: Mapping[str, Bytes], aad: bytes | None
+) -> dict[str, bytes]:
+    out = {}
+    for name, plaintext in fields.items():
+        nonce = os.urandom(NONCE_SIZE)
+        out[name] = nonce + gcm.encrypt(nonce, plaintext, prefix + _field_aad(name, aad))
+    return out
+
+
+def _open_fields(
+    gcm: AESGCM | _Wiped, prefix: bytes, fields: Mapping[str, Bytes], aad: bytes | None
+) -> dict[str, bytes]:
+    out = {}
+    try:
+        for name, body in fields.items():
+            if len(body) < NONCE_SIZE + TAG_SIZE:
+                raise InvalidTag
+            full_aad = prefix + _field_aad(name, aad)
+            out[name] = gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)
+    except InvalidTag:
+        raise DecryptionError(_OPEN_FAILED) from None
+    return out
 
 
 class _Wiped:

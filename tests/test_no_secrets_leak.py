@@ -5,11 +5,23 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Iterator
+from functools import partial
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from encx_async import Crypto, DataKey, DecryptionError, DEKCache, EncxError, KeyManagementService
-from encx_async._aead import EnvelopeCipher
+from encx_async import (
+    Crypto,
+    DataKey,
+    DecryptionError,
+    DEKCache,
+    EncxError,
+    KeyManagementService,
+    SealedRecord,
+)
+from encx_async._aead import _HKDF_INFO, EnvelopeCipher
 
 PEPPER = os.urandom(32)
 PLAINTEXT = b"SSN 078-05-1120 belongs to Jane Roe"
@@ -124,3 +136,98 @@ def test_database_urls_lose_their_secrets_and_nothing_else(url: str, shown: str)
 
     assert redact_url(url) == shown
     assert "hunter2" not in redact_url(url)
+
+
+def _reachable(value: object, depth: int = 0) -> Iterator[object]:
+    """``value`` and what a frame-local serializer would show of it: the items of
+    containers and the arguments of a functools.partial (a thread job)."""
+    yield value
+    if depth >= 4:
+        return
+    children: list[object] = []
+    if isinstance(value, dict):
+        children = [*value.keys(), *value.values()]
+    elif isinstance(value, list | tuple | set | frozenset):
+        children = list(value)
+    elif isinstance(value, partial):
+        children = [value.func, *value.args, *value.keywords.values()]
+    for child in children:
+        yield from _reachable(child, depth + 1)
+
+
+def secrets_in_frames(exc: BaseException, secrets: list[bytes]) -> list[str]:
+    """The frame locals, anywhere in the traceback of ``exc`` and of its
+    ``__cause__``/``__context__`` chain, that hold or show a secret."""
+    found, seen, todo = [], set(), [exc]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        todo += [e for e in (err.__cause__, err.__context__) if e is not None]
+        tb = err.__traceback__
+        while tb is not None:
+            frame, tb = tb.tb_frame, tb.tb_next
+            if frame.f_code.co_filename == __file__:
+                continue  # this test's own frames hold the secrets it looks for
+            for name, local in frame.f_locals.items():
+                for value in _reachable(local):
+                    if isinstance(value, bytes | bytearray | memoryview):
+                        held = bytes(value)
+                        leaked = any(secret in held for secret in secrets)
+                    else:
+                        text = repr(value)
+                        leaked = any(form in text for s in secrets for form in forms(s))
+                    if leaked:
+                        found.append(f"{frame.f_code.co_name}: {name}")
+    return found
+
+
+def derived_keys(dek: bytes) -> list[bytes]:
+    """The DEK and the keys EnvelopeCipher derives from it (the commitment is public)."""
+    okm = HKDF(algorithm=hashes.SHA256(), length=96, salt=None, info=_HKDF_INFO).derive(dek)
+    return [dek, okm[:32], okm[32:64]]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_no_key_in_the_frames_of_a_failed_large_decrypt(
+    kms: KeyManagementService, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    # An error reporter (Sentry, Rollbar...) records every frame's locals: a
+    # traceback must not carry a DEK or a key derived from one, even from the
+    # worker thread that opened a large body.
+    generated: list[bytes] = []
+    original = DataKey.generate.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[DataKey]) -> DataKey:
+        dek: DataKey = original(cls)
+        generated.append(bytes(dek))
+        return dek
+
+    monkeypatch.setattr(DataKey, "generate", classmethod(spy))
+    await kms.create_key("frame test", alias=ALIAS)
+    cache = DEKCache() if cached else None
+    async with await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache) as crypto:
+        big = os.urandom(512 * 1024)
+        blob = bytearray(await crypto.encrypt(big, context={"t": "1"}))
+        blob[-100] ^= 1
+        record = await crypto.seal_record({"scan": big}, context={"t": "1"})
+        body = bytearray(record.fields["scan"])
+        body[-1] ^= 1
+        secrets = [k for dek in generated for k in derived_keys(dek)]
+
+        failures: list[BaseException] = []
+        with pytest.raises(DecryptionError) as info:
+            await crypto.decrypt(bytes(blob), context={"t": "1"})
+        failures.append(info.value)
+        with pytest.raises(DecryptionError) as info:
+            async for _ in crypto.decrypt_stream([bytes(blob)], context={"t": "1"}):
+                pass
+        failures.append(info.value)
+        with pytest.raises(DecryptionError) as info:
+            await crypto.open_record(
+                SealedRecord(record.header, {"scan": bytes(body)}), context={"t": "1"}
+            )
+        failures.append(info.value)
+        for exc in failures:
+            assert secrets_in_frames(exc, secrets) == []

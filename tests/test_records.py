@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 import pytest
 
 from encx_async import Crypto, DecryptionError, DEKCache, SealedRecord
@@ -102,3 +103,29 @@ async def test_bad_field_input_is_a_type_error(crypto: Crypto) -> None:
     for fields in ({"": b"x"}, {1: b"x"}, {"a": "text"}):
         with pytest.raises(TypeError):
             await crypto.seal_record(fields, context=CTX)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        pytest.param(lambda: DEKCache(max_messages_per_dek=2), id="last-allowed-use"),
+        pytest.param(lambda: DEKCache(max_entries=1), id="evicted-meanwhile"),
+    ],
+)
+async def test_large_records_survive_their_key_being_retired(
+    kms: LocalKMSService, cache: Callable[[], DEKCache]
+) -> None:
+    # A large record runs in a worker thread; meanwhile the cache may retire its
+    # DEK (the record took the last allowed use, or another context evicted it)
+    # and wipe it. The job took its key before the hop, so it still succeeds.
+    big = {"scan": bytes(256 * 1024), "note": b"x"}
+    async with await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache()) as crypto:
+
+        async def one(i: int) -> None:
+            ctx = {"tenant": str(i % 3)}
+            record = await crypto.seal_record(big, context=ctx, aad=b"%d" % i)
+            assert await crypto.open_record(record, context=ctx, aad=b"%d" % i) == big
+
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(one, i)

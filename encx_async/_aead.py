@@ -43,7 +43,7 @@ COMMITMENT_SIZE = 32
 # them: one AES call over 64 MiB would hold it, and stall the event loop, ~30 ms.
 _SLICE = 256 * 1024
 _HKDF_INFO = b"encx-async v1 envelope keys"
-RAW_OPEN_FAILED = "decryption failed: wrong key or aad, or modified data"
+RAW_OPEN_FAILED = "the raw AES-GCM ciphertext failed authentication"
 Bytes = bytes | bytearray | memoryview
 
 
@@ -116,9 +116,7 @@ def _stream(
         parts += [cipher.update(view[i : i + _SLICE]) for i in range(0, len(view), _SLICE)]
         parts.append(cipher.finalize())
     except (InvalidTag, ValueError):
-        raise DecryptionError(
-            "decryption failed: wrong key, context or aad, or modified or truncated data"
-        ) from None
+        raise DecryptionError("the Cobblestone-256 body failed authentication") from None
     # One join, not ``header + body``: join lets go of the GIL while it copies
     # a large result, an addition would hold it for the whole copy.
     return b"".join(parts)

@@ -303,7 +303,7 @@ class Sealer:
 
     def check_commitment(self, commitment: bytes) -> None:
         if not hmac.compare_digest(self._commitment, commitment):
-            raise DecryptionError("decryption failed: the data key does not match this ciphertext")
+            raise DecryptionError("the data key does not match the key commitment")
 
     def open_small(self, envelope: Envelope, aad: bytes | None) -> bytes:
         """Open a parsed AES-GCM envelope whose binding and context are ours.
@@ -425,7 +425,7 @@ class _Wiped:
 
 
 _WIPED = _Wiped()
-_OPEN_FAILED = "decryption failed: wrong key, context or aad, or modified data"
+_OPEN_FAILED = "the AES-GCM body failed authentication"
 
 
 def _open_gcm(gcm: AESGCM | _Wiped, full_aad: bytes, envelope: Envelope) -> bytes:

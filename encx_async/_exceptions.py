@@ -29,6 +29,7 @@ original exception is kept as ``__cause__``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 __all__ = [
     "ClosedError",
@@ -155,13 +156,40 @@ class DecryptionError(EncxError):
     """A ciphertext could not be decrypted: it was tampered with, truncated,
     is not an encx-async ciphertext, or the key, context or aad is wrong.
 
-    The message never says which of these, on purpose.
+    The message is the same whatever the cause (:attr:`MESSAGE`), so
+    code that passes it on to whoever sent the ciphertext cannot be used to
+    test guesses (of a context, say) one check at a time. Which check failed is
+    in :attr:`reason`, a short text that never holds key material, plaintext or
+    the context's values: log it on the server, do not send it back.
     """
+
+    MESSAGE: ClassVar[str] = (
+        "decryption failed: the ciphertext is not genuine, or the key, context or aad is wrong"
+    )
+    #: Which check failed, for logs: "bad magic bytes", "the KMS refused the
+    #: data key", "the body failed authentication"...
+    reason: str
+
+    def __init__(self, reason: str = "no reason given") -> None:
+        super().__init__(self.MESSAGE)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[DecryptionError], tuple[str]]:
+        return type(self), (self.reason,)
 
 
 class KeyVersionError(DecryptionError):
     """A ciphertext's KEK version cannot be used: it is retired, or its database
-    row is corrupt. A decryption failure like any other, with a precise cause."""
+    row is corrupt. A decryption failure like any other, with a precise cause.
+
+    Unlike its parent, its message is precise: it names only the KEK version
+    (written in clear in every header) and the database's own state, which an
+    operator needs to act on and which tells nothing about keys or contexts.
+    """
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.reason = message
 
 
 class KeyVersionNotFoundError(KeyVersionError):

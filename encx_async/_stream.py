@@ -82,10 +82,7 @@ READ_SIZE = 1024 * 1024
 #: never makes one: ``thread_threshold`` is at most this, and payloads at or over
 #: the threshold get a Cobblestone body).
 MAX_BUFFERED_GCM_BODY = 16 * 1024 * 1024
-STREAM_FAILED = (
-    "decryption failed: wrong key, context or aad, or a modified, reordered, "
-    "truncated or extended stream"
-)
+STREAM_FAILED = "the stream failed authentication: modified, reordered, truncated or extended"
 
 
 class StreamTransform(Protocol):

@@ -113,7 +113,8 @@ def describe_failure(exc: BaseException, *, command: str) -> Failure:
             "'encx-async keys list-versions' shows the versions this database knows",
         )
     if isinstance(exc, DecryptionError):
-        return Failure(ExitCode.DATA, _one_line(str(exc)), _DECRYPT_HINT)
+        # An operator's own tool: which check failed helps, and stays on their screen.
+        return Failure(ExitCode.DATA, _one_line(f"{exc} ({exc.reason})"), _DECRYPT_HINT)
     if isinstance(exc, EncryptionError):
         return Failure(ExitCode.DATA, _one_line(str(exc)), help_hint)
     for kind, hint in _SERVICE_HINTS:

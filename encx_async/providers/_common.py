@@ -43,10 +43,8 @@ MAX_KEY_REF: Final = 2048
 MIN_ROTATION_PERIOD_DAYS: Final = 90
 MAX_ROTATION_PERIOD_DAYS: Final = 2560
 
-#: The one message of every failed unwrap; it never says which part did not match.
-DECRYPT_FAILED: Final = (
-    "the data key could not be decrypted: the ciphertext, key or encryption context does not match"
-)
+#: The reason of every failed unwrap; even so it never says which part did not match.
+DECRYPT_FAILED: Final = "the KMS did not unwrap the data key (wrong key or context, or modified)"
 
 # A key id is a uuid, or "mrk-" and 32 hex digits for a multi-region key
 # (moto writes the latter as "mrk-" and a uuid).

@@ -3,7 +3,8 @@
 Run ``python -m benchmarks.cache`` (``--help`` for the options). By default it
 starts moto in this process, encrypts then decrypts ``--records`` records without
 a cache and with ``DEKCache()`` defaults, then compares the cached round trip with
-bare AES-GCM and with the AWS Encryption SDK's caching materials manager.
+bare AES-GCM, with the leanest async envelope one could write, and with the AWS
+Encryption SDK's caching materials manager. It reports figures, not verdicts.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from encx_async import Crypto, CryptoStats, DEKCache, KeyManagementService
+from encx_async._envelope import parse
 
 from ._common import (
     BENCH_ALIAS,
     CONTEXT,
     AwsTarget,
-    Check,
     DelayedKMS,
+    Figure,
     Output,
     Progress,
     aws_kms,
     best_rates,
     ensure_key,
     fmt_rate,
+    lean_envelope_loop,
     open_crypto,
     progress_default,
     raw_aesgcm_loops,
@@ -43,8 +46,6 @@ from ._common import (
 UNCACHED_CAP = 2000
 #: AWS KMS list price for symmetric cryptographic requests
 USD_PER_REQUEST = 0.03 / 10_000
-ROUND_TRIP_TARGET = 0.5  # cached round trip / bare AES-GCM
-ESDK_TARGET = 20.0  # cached round trip / ESDK caching CMM round trip
 #: the KMS operations whose count grows with the data; the others happen at start-up
 DATA_KEY_OPS = ("encrypt_dek", "decrypt_dek")
 
@@ -465,7 +466,7 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
         out.section("Uncached vs DEKCache() defaults (decrypt uses a fresh Crypto and cache)")
         out.say(runs_table(runs))
 
-        # The target is about the cached path, so its timed loop uses a DEK
+        # The main figure is about the cached path, so its timed loop uses a DEK
         # that lasts the whole run; the defaults row shows what one KMS wrap
         # per 10,000 messages adds on top (an in-process moto wrap is CPU spent
         # in this very process, a real KMS wrap is a wait).
@@ -473,8 +474,10 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
             await open_crypto(kms, alias, DEKCache(max_messages_per_dek=2**32)) as crypto,
             await open_crypto(kms, alias, DEKCache()) as defaults,
         ):
+            header = parse(await crypto.encrypt(b"", context=CONTEXT)).header
             loops = {
                 "raw": raw_aesgcm_loops(args.size)["round trip"],
+                "lean": lean_envelope_loop(header, CONTEXT, args.size),
                 "encx": await encx_round_trip_loop(crypto, args.size),
                 "defaults": await encx_round_trip_loop(defaults, args.size),
             }
@@ -489,14 +492,22 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
 
     paths = [
         ("raw AESGCM (cryptography), key built once", rates["raw"]),
-        ("encx-async, one cached DEK (the target)", rates["encx"]),
+        ("leanest async envelope (header, context as AAD)", rates["lean"]),
+        ("encx-async, one cached DEK", rates["encx"]),
         ("encx-async, DEKCache() defaults", rates["defaults"]),
     ]
     if esdk is not None:
         paths += [(f"AWS Encryption SDK caching CMM, {k}", v) for k, v in esdk.rates.items()]
     out.section(f"Round trip (encrypt + decrypt), {args.size:,} bytes, sequential, one task")
-    rows = [[name, fmt_rate(rate), f"{rate / rates['raw']:.3f}x"] for name, rate in paths]
-    out.say(table(["path", "round trips/s", "vs raw AESGCM"], rows))
+    rows = [
+        [name, fmt_rate(rate), f"{rate / rates['raw']:.3f}x", f"{rate / rates['lean']:.3f}x"]
+        for name, rate in paths
+    ]
+    out.say(table(["path", "round trips/s", "vs raw AESGCM", "vs lean envelope"], rows))
+    out.say(
+        "(the lean envelope is the ceiling for any Python envelope: one coroutine per call, a\n"
+        " random nonce, a header and the context as associated data, and nothing else)"
+    )
     if esdk is not None and esdk.error:
         out.say(f"AWS Encryption SDK comparison skipped: {esdk.error}")
     elif esdk is not None:
@@ -505,30 +516,30 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
             f"{esdk.kms_calls} KMS calls; it gets no simulated latency)"
         )
 
-    checks = [
-        Check(
+    figures = [
+        Figure(
             "KMS calls per record, uncached / cached",
             uncached.calls_per_record() / max(cached.calls_per_record(), 1e-12),
         ),
-        Check("cached round trip / raw AESGCM", rates["encx"] / rates["raw"], ROUND_TRIP_TARGET),
+        Figure("cached round trip / raw AESGCM", rates["encx"] / rates["raw"]),
+        Figure("cached round trip / leanest async envelope", rates["encx"] / rates["lean"]),
     ]
     if esdk is not None and ESDK_DEFAULT in esdk.rates:
-        checks.append(
-            Check(
+        figures.append(
+            Figure(
                 "cached round trip / ESDK caching round trip",
                 rates["encx"] / esdk.rates[ESDK_DEFAULT],
-                ESDK_TARGET,
             )
         )
     if esdk is not None and ESDK_UNSIGNED in esdk.rates:
-        checks.append(
-            Check(
+        figures.append(
+            Figure(
                 "cached round trip / ESDK caching, unsigned suite",
                 rates["encx"] / esdk.rates[ESDK_UNSIGNED],
             )
         )
     out.section("Ratios")
-    out.checks(checks)
+    out.figures(figures)
     elapsed = time.perf_counter() - started
     out.say(f"\n(took {elapsed:.1f} s)")
     return {
@@ -542,12 +553,13 @@ async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:
         "runs": {run.label: run.as_json() for run in runs},
         "round_trip_per_s": {
             "raw_aesgcm": rates["raw"],
+            "lean_envelope": rates["lean"],
             "encx_cached": rates["encx"],
             "encx_cache_defaults": rates["defaults"],
             "esdk_caching": None if esdk is None else dict(esdk.rates),
         },
         "esdk_error": None if esdk is None else esdk.error,
-        "checks": [check.as_json() for check in checks],
+        "figures": [figure.as_json() for figure in figures],
         "seconds": elapsed,
     }
 

@@ -2,8 +2,9 @@
 
 Each script runs once, as ``python -m benchmarks.<name> --json``, in a fresh
 interpreter: stdout must be one JSON document and stderr the human-readable
-report. Only the shape of the output is checked, never PASS or FAIL, which
-depend on how busy the machine is.
+report. The reports give figures, not verdicts; what must hold whatever the
+machine's load (KMS calls saved, no errors, clean shutdowns) is asserted here,
+on the JSON, and speed never is.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def run_benchmark(name: str, *args: str) -> tuple[dict[str, Any], str]:
     return document, completed.stderr
 
 
-def check_names(document: dict[str, Any]) -> set[str]:
-    return {check["name"] for check in document["checks"]}
+def figure_names(document: dict[str, Any]) -> set[str]:
+    return {figure["name"] for figure in document["figures"]}
 
 
 def test_cache_benchmark_reports_runs_ratios_and_kms_calls() -> None:
@@ -78,7 +79,9 @@ def test_cache_benchmark_reports_runs_ratios_and_kms_calls() -> None:
         assert header in report
     assert "first 50 records only" in report
     assert "cached round trip / raw AESGCM" in report
-    assert "target >= 0.5x" in report
+    assert "cached round trip / leanest async envelope" in report
+    assert "PASS" not in report
+    assert "FAIL" not in report
 
     runs = document["runs"]
     uncached, cached = runs["uncached"], runs["cached"]
@@ -94,9 +97,10 @@ def test_cache_benchmark_reports_runs_ratios_and_kms_calls() -> None:
     assert uncached["hit_ratio"]["encrypt_phase"] is None
     assert uncached["kms_cost_usd_per_million_records"] == pytest.approx(6.0)
     assert document["round_trip_per_s"]["raw_aesgcm"] > 0
+    assert document["round_trip_per_s"]["lean_envelope"] > 0
     assert document["round_trip_per_s"]["encx_cached"] > 0
     assert document["round_trip_per_s"]["esdk_caching"] is None
-    assert "cached round trip / raw AESGCM" in check_names(document)
+    assert "cached round trip / raw AESGCM" in figure_names(document)
 
 
 def test_core_benchmark_reports_ratios_and_lag() -> None:
@@ -120,15 +124,13 @@ def test_core_benchmark_reports_ratios_and_lag() -> None:
     ):
         assert header in report
     assert "encrypt_data / raw AESGCM, nonce || ct" in report
-    assert "target >= 0.8x" in report
     assert "event-loop lag, high level, 4 MiB" in report
-    assert "target <= 10 ms" in report
 
     assert {"encrypt_data", "decrypt_data", "encrypt", "decrypt"} <= set(document["ops_per_s"])
     assert all(rate > 0 for rate in document["ops_per_s"].values())
     assert document["lag"]["encrypt (high level)"]["max_lag_ms"] >= 0
     assert {"encrypt_data / raw AESGCM, nonce || ct", "decrypt_data / raw AESGCM, nonce || ct"} <= (
-        check_names(document)
+        figure_names(document)
     )
 
 
@@ -153,9 +155,7 @@ def test_hashing_benchmark_reports_ratios_and_lag() -> None:
     ):
         assert header in report
     assert "hash_basic / raw hmac.digest, same bytes" in report
-    assert "target >= 0.8x" in report
     assert "event-loop lag, 4 concurrent hash_secure" in report
-    assert "target <= 10 ms" in report
 
     assert set(document["ops_per_s"]) == {
         "hash_basic",
@@ -172,7 +172,7 @@ def test_hashing_benchmark_reports_ratios_and_lag() -> None:
         "hash_basic / raw hmac.digest, same bytes",
         "event-loop lag, 4 concurrent hash_secure",
         "hash_secure throughput",
-    } <= check_names(document)
+    } <= figure_names(document)
 
 
 def test_cache_benchmark_compares_with_the_encryption_sdk() -> None:
@@ -195,8 +195,7 @@ def test_cache_benchmark_compares_with_the_encryption_sdk() -> None:
     assert rates
     assert all(rate > 0 for rate in rates.values())
     assert "AWS Encryption SDK caching CMM" in report
-    assert "cached round trip / ESDK caching round trip" in check_names(document)
-    assert "target >= 20x" in report
+    assert "cached round trip / ESDK caching round trip" in figure_names(document)
 
 
 def test_stream_benchmark_reports_memory_and_throughput() -> None:
@@ -215,7 +214,7 @@ def test_stream_benchmark_reports_memory_and_throughput() -> None:
     for header in ("Memory: 8 MiB", "RSS before MiB", "Throughput in 1 MiB chunks", "Ratios"):
         assert header in report
     assert {"encrypt_stream / raw Cobblestone", "decrypt_stream / raw Cobblestone"} <= (
-        check_names(document)
+        figure_names(document)
     )
     assert document["memory"]["mib"] == 8
     assert set(document["mib_per_s"]) == {
@@ -241,10 +240,9 @@ def test_load_benchmark_reports_both_runs_latency_and_kms_share() -> None:
         "--no-progress",
     )
     assert "the uncached run sends 60 requests, not 200" in report
-    for header in ("p50 ms", "p99 ms", "KMS/req", "clean stop", "Ratios"):
+    for header in ("p50 ms", "p99 ms", "KMS/req", "clean stop", "Figures"):
         assert header in report
     assert "p99 latency, uncached / cached" in report
-    assert "target <= 1%" in report
     uncached, cached = document["runs"]["uncached"], document["runs"]["cached"]
     assert uncached["requests"] == 60
     assert cached["requests"] == 200
@@ -253,10 +251,11 @@ def test_load_benchmark_reports_both_runs_latency_and_kms_share() -> None:
     assert cached["kms_calls_total"] < uncached["kms_calls_total"]
     assert cached["p99_ms"] >= cached["p50_ms"] > 0
     assert uncached["errors"] == cached["errors"] == 0
+    assert cached["kms_calls_per_request"] <= 0.01
     assert uncached["clean_shutdown"]
     assert cached["clean_shutdown"]
     assert {"KMS calls per request, cached", "p99 latency, uncached / cached"} <= (
-        check_names(document)
+        figure_names(document)
     )
 
 

@@ -731,7 +731,32 @@ def test_demo_without_moto_says_how_to_install_it(
     code, _, err = run_main(["demo"], capsys)
     assert code == ExitCode.USAGE
     assert 'pip install "encx-async[moto]"' in err
+    assert "demo --kms local" in err  # what works without installing anything
     assert len(err.splitlines()) == 2
+
+
+def test_no_region_names_the_region_flag(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "ENCX_KMS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    code, _, err = run_main(["--kek-alias", ALIAS, "keys", "describe"], capsys)
+    assert code == ExitCode.USAGE
+    assert err.splitlines()[0] == "encx-async: error: no AWS region is configured for the KMS"
+    assert "pass --region REGION" in err
+    assert "Config(" not in err  # library words, not the command line's
+
+
+@pytest.mark.parametrize("command", [["decrypt", "-o", "out.txt"], ["rewrap", "a.enc"]])
+def test_moto_refuses_data_from_another_command_up_front(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    code, _, err = run_main(["--kms", "moto", "--kek-alias", ALIAS, *command], capsys)
+    assert code == ExitCode.USAGE
+    first, hint = err.splitlines()
+    assert "forgets its keys when the command ends" in first
+    assert "--kms local --local-keys FILE" in hint
 
 
 def test_bench_without_a_checkout_says_where_it_lives(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -329,3 +331,15 @@ async def test_a_shutdown_cancelled_while_closing_still_finishes_closing() -> No
     finally:
         gate.set()
         await slow[0].aclose()  # a failed run must not leave its database thread behind
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "aiohttp"])
+def test_an_integration_without_its_framework_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, framework: str
+) -> None:
+    monkeypatch.setitem(sys.modules, framework, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, f"encx_async.integrations.{framework}", raising=False)
+    with pytest.raises(ModuleNotFoundError) as missing:
+        importlib.import_module(f"encx_async.integrations.{framework}")
+    assert missing.value.name == framework
+    assert f'pip install "encx-async[{framework}]"' in str(missing.value)

@@ -296,13 +296,26 @@ async def encrypt(args: argparse.Namespace, settings: Settings) -> Report:
 
 
 async def decrypt(args: argparse.Namespace, settings: Settings) -> Report:
+    _refuse_moto_for_old_data(settings, "decrypt")
     return await _transform(args, settings, "decrypt")
+
+
+def _refuse_moto_for_old_data(settings: Settings, command: str) -> None:
+    """--kms moto cannot read what another command wrote: say so before trying."""
+    if settings.kms == "moto":
+        raise CLIError(
+            f"--kms moto cannot {command} data from another command: it starts an empty "
+            "KMS inside each command and forgets its keys when the command ends",
+            hint="use --kms local --local-keys FILE for keys that outlive a command, or "
+            "'encx-async demo' for a round trip inside one command",
+        )
 
 
 # -- rewrap --------------------------------------------------------------------------
 
 
 async def rewrap(args: argparse.Namespace, settings: Settings) -> Report:
+    _refuse_moto_for_old_data(settings, "rewrap")
     if args.concurrency < 1:
         raise CLIError("--concurrency must be at least 1", hint="run 'encx-async rewrap --help'")
     files: list[str] = args.files

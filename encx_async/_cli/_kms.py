@@ -20,7 +20,10 @@ from ._errors import CLIError
 
 __all__ = ["MOTO_HINT", "Target", "describe_key", "open_crypto", "open_kms", "start_moto"]
 
-MOTO_HINT = 'pip install "encx-async[moto]" (moto with its server extra)'
+MOTO_HINT = (
+    'pip install "encx-async[moto]" (moto with its server extra), or try '
+    "'encx-async demo --kms local', which needs nothing else"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,12 @@ async def open_kms(settings: Settings) -> AsyncIterator[Target]:
         from encx_async.providers.aws import Config, KMSService
 
         endpoint = settings.endpoint_url
+        if settings.kms == "aws" and not settings.region and not _configured_region(settings):
+            raise CLIError(
+                "no AWS region is configured for the KMS",
+                hint="pass --region REGION, or set AWS_REGION (or a region in the profile "
+                "named by --profile or AWS_PROFILE)",
+            )
         if settings.kms == "moto":
             endpoint = await stack.enter_async_context(start_moto())
             if database is None:
@@ -98,6 +107,18 @@ async def open_kms(settings: Settings) -> AsyncIterator[Target]:
         config = Config(region=settings.region, endpoint_url=endpoint, profile=settings.profile)
         aws = await stack.enter_async_context(KMSService(config))
         yield Target(aws, settings.kms, aws.region or settings.region, endpoint, database)
+
+
+def _configured_region(settings: Settings) -> str | None:
+    """The region botocore finds for the profile, as KMSService will look it up."""
+    from aiobotocore.session import AioSession
+    from botocore.exceptions import ProfileNotFound
+
+    try:
+        region: str | None = AioSession(profile=settings.profile).get_config_variable("region")
+    except ProfileNotFound:
+        return "unknown"  # the KMS service reports the missing profile itself
+    return region
 
 
 async def open_crypto(target: Target, alias: str, *, create: bool = False) -> Crypto:

@@ -32,6 +32,16 @@ from encx_async.kms import KeyManagementService
 
 __all__ = ["CryptoFactory", "KMSFactory", "serve_crypto"]
 
+
+def _missing_extra(module: str, exc: ModuleNotFoundError, extra: str) -> ModuleNotFoundError:
+    """The error an integration raises when its framework is not installed: it
+    names the extra to install, as a newcomer's next step."""
+    return ModuleNotFoundError(
+        f'{module} needs {exc.name}, which is not installed: pip install "encx-async[{extra}]"',
+        name=exc.name,
+    )
+
+
 logger = logging.getLogger("encx_async.integrations")
 
 KMSFactory = Callable[[], KeyManagementService]

@@ -24,13 +24,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
-from aiohttp import web
-
 from encx_async._crypto import Crypto
 from encx_async._exceptions import ConfigurationError
 from encx_async._telemetry import CryptoMetrics
 
-from . import CryptoFactory, KMSFactory, serve_crypto
+from . import CryptoFactory, KMSFactory, _missing_extra, serve_crypto
+
+try:
+    from aiohttp import web
+except ModuleNotFoundError as exc:
+    raise _missing_extra(__name__, exc, "aiohttp") from None
 
 __all__ = ["CRYPTO_KEY", "crypto_ctx", "get_crypto", "setup"]
 

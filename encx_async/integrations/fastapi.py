@@ -24,14 +24,17 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, Final, TypeVar
 
-from fastapi import Depends
-from starlette.requests import HTTPConnection
-
 from encx_async._crypto import Crypto
 from encx_async._exceptions import ConfigurationError
 from encx_async._telemetry import CryptoMetrics
 
-from . import CryptoFactory, KMSFactory, serve_crypto
+from . import CryptoFactory, KMSFactory, _missing_extra, serve_crypto
+
+try:
+    from fastapi import Depends
+    from starlette.requests import HTTPConnection
+except ModuleNotFoundError as exc:
+    raise _missing_extra(__name__, exc, "fastapi") from None
 
 __all__ = ["STATE_KEY", "CryptoDep", "encx_lifespan", "get_crypto"]
 

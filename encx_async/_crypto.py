@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
@@ -281,6 +282,7 @@ class Crypto(AsyncResource):
         store = open_keystore(database)
         await store.open()
         keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
+        self: Crypto | None = None
         try:
             self = cls(
                 kms=kms,
@@ -310,6 +312,8 @@ class Crypto(AsyncResource):
             if listen is not None:
                 await listen(lambda alias: keyring.check_soon() if alias == kek_alias else None)
         except BaseException:
+            if self is not None:
+                self._closed = True  # never handed out: nothing to warn about
             await keyring.aclose()
             raise
         logger.info(
@@ -358,6 +362,17 @@ class Crypto(AsyncResource):
     async def __aenter__(self) -> Self:
         self._check_open()
         return self
+
+    def __del__(self) -> None:
+        # As an unclosed file does: say so, and name the object. Nothing else is
+        # needed to let the process exit, since the key store keeps no thread.
+        if not getattr(self, "_closed", True):
+            warnings.warn(
+                f"unclosed {self!r}: use 'async with' or await aclose()",
+                ResourceWarning,
+                source=self,
+                stacklevel=1,
+            )
 
     def _forget_memos(self) -> None:
         self._seal_memo, self._open_hint = _NO_MEMO, _NO_HINT

@@ -110,18 +110,24 @@ async def test_rotation_under_load_loses_nothing_and_rewrap_moves_everything(
         kms=local, kek_alias=ALIAS, dek_cache=DEKCache(max_messages_per_dek=500)
     )
     rows: list[tuple[int, bytes]] = []
+    rotated = [asyncio.Event() for _ in range(6)]
+    rotated[0].set()
 
     async def writer(start: int) -> None:
         for i in range(start, start + 2000):
             rows.append((i, await crypto.encrypt(b"row %d" % i, context=CTX, aad=b"%d" % i)))
             if i % 20 == 0:
                 await asyncio.sleep(0)  # let the rotations in
+            # Writes run ahead of a rotation by at most 400 rows, so every
+            # version gets rows, however slow the database is today.
+            await rotated[min(max((len(rows) - 400) // 1600, 0), 5)].wait()
 
     async def rotator() -> None:
         for k in range(1, 6):
             while len(rows) < k * 1600:  # noqa: ASYNC110 (polling the writers is the point)
                 await asyncio.sleep(0)
             await crypto.rotate_kek()
+            rotated[k].set()
 
     await asyncio.gather(*(writer(n * 2000) for n in range(5)), rotator())
     assert len(rows) == 10_000

@@ -1,16 +1,24 @@
-"""KEK versions in SQLite (aiosqlite): the embedded default, shared by processes
-on one machine through the file's locks (``BEGIN IMMEDIATE`` for every write)."""
+"""KEK versions in SQLite: the embedded default, shared by processes on one
+machine through the file's locks (``BEGIN IMMEDIATE`` for every write).
+
+A store opened from a URL drives the standard library's ``sqlite3`` through
+anyio worker threads, one statement at a time. It keeps no thread of its own,
+so a store (or a Crypto) that nobody closed cannot hold the interpreter open
+at exit, and it runs under any anyio backend, trio included. An
+``aiosqlite.Connection`` passed in is used as it is (asyncio only).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiosqlite
+import anyio
 import anyio.to_thread
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
@@ -19,8 +27,61 @@ from . import COLUMNS, SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, row_to
 
 __all__ = ["SQLiteKeyStore"]
 
+if TYPE_CHECKING:
+    import aiosqlite
+
 _SCHEMA = schema("TEXT")
 _BUSY_TIMEOUT_MS = 30_000
+
+
+class _Connection(Protocol):
+    """What the store needs of a connection: the part of aiosqlite's API it uses."""
+
+    async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object: ...
+
+    async def execute_fetchall(
+        self, sql: str, parameters: Iterable[Any] = ()
+    ) -> Iterable[sqlite3.Row]: ...
+
+    async def close(self) -> None: ...
+
+
+class _ThreadedConnection:
+    """A ``sqlite3`` connection whose statements run in anyio worker threads.
+
+    The store's lock lets one statement run at a time, so the connection is
+    never used by two threads at once (hence ``check_same_thread=False``).
+    """
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    @classmethod
+    async def connect(cls, target: str) -> _ThreadedConnection:
+        connect = partial(
+            sqlite3.connect,
+            target,
+            isolation_level=None,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+        )
+        return cls(await anyio.to_thread.run_sync(connect))
+
+    async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object:
+        return await anyio.to_thread.run_sync(self._connection.execute, sql, tuple(parameters))
+
+    async def execute_fetchall(
+        self, sql: str, parameters: Iterable[Any] = ()
+    ) -> Iterable[sqlite3.Row]:
+        def fetch() -> list[sqlite3.Row]:
+            return self._connection.execute(sql, tuple(parameters)).fetchall()
+
+        return await anyio.to_thread.run_sync(fetch)
+
+    async def close(self) -> None:
+        # Shielded: a cancelled aclose() must not leave the file open.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._connection.close)
 
 
 class SQLiteKeyStore:
@@ -31,10 +92,10 @@ class SQLiteKeyStore:
         self, *, path: str | None = None, connection: aiosqlite.Connection | None = None
     ) -> None:
         self._path = path
-        self._connection = connection
+        self._connection: _Connection | None = connection
         self._owns_connection = connection is None
         # One connection serves every task: transactions must not interleave on it.
-        self._lock = asyncio.Lock()
+        self._lock = anyio.Lock()
         self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
 
     @classmethod
@@ -54,9 +115,7 @@ class SQLiteKeyStore:
                 target = self._path
                 if target != ":memory:":
                     target = await anyio.to_thread.run_sync(_prepare_file, self._path)
-                self._connection = await aiosqlite.connect(
-                    target, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
-                )
+                self._connection = await _ThreadedConnection.connect(target)
             db = self._connection
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
@@ -85,13 +144,13 @@ class SQLiteKeyStore:
         if connection is not None and self._owns_connection:
             await connection.close()
 
-    def _db(self) -> aiosqlite.Connection:
+    def _db(self) -> _Connection:
         if self._connection is None:
             raise DatabaseUnavailableError(f"{self.url} is not open")
         return self._connection
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _write(self) -> AsyncIterator[_Connection]:
         """A transaction holding SQLite's write lock from its first statement."""
         async with self._lock:
             db = self._db()
@@ -99,11 +158,14 @@ class SQLiteKeyStore:
             try:
                 yield db
             except BaseException:
-                await db.execute("ROLLBACK")
+                # Shielded: under a cancelled scope the rollback must still run,
+                # or the connection stays inside the failed transaction.
+                with anyio.CancelScope(shield=True):
+                    await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
 
-    async def _fetch(self, db: aiosqlite.Connection, alias: str) -> list[KEKVersion]:
+    async def _fetch(self, db: _Connection, alias: str) -> list[KEKVersion]:
         rows = await db.execute_fetchall(
             f"SELECT {COLUMNS} FROM encx_kek_versions WHERE alias = ? ORDER BY version",
             (alias,),
@@ -146,9 +208,7 @@ class SQLiteKeyStore:
         except sqlite3.Error as exc:
             raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
 
-    async def _insert(
-        self, db: aiosqlite.Connection, alias: str, version: int, key_id: str
-    ) -> KEKVersion:
+    async def _insert(self, db: _Connection, alias: str, version: int, key_id: str) -> KEKVersion:
         stamp = now().isoformat()
         row = (alias, version, key_id, "active", stamp, stamp)
         await db.execute(
@@ -200,5 +260,5 @@ async def _patiently(statement: Callable[[], Awaitable[object]]) -> None:
                 raise
             if time.monotonic() >= deadline:
                 raise
-        await asyncio.sleep(delay)
+        await anyio.sleep(delay)
         delay = min(delay * 2, 0.2)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a moto KMS server on loopback, and both KMS providers.
+"""Shared fixtures: a moto KMS server on loopback, a fault proxy for it, and both KMS providers.
 
 The moto server runs in a thread of this process and is reached over real
 sockets, the way the SDK reaches AWS; ``moto.mock_aws`` is never used.
@@ -18,6 +18,7 @@ from moto.server import ThreadedMotoServer
 from encx_async.kms import KeyManagementService
 from encx_async.providers.aws import Config, KMSService
 from encx_async.providers.local import LocalKMSService
+from tests.faultproxy import FaultProxy
 
 TEST_REGION = "us-east-1"
 TEST_ALIAS = "alias/test-key"
@@ -100,6 +101,17 @@ def moto_api(moto_endpoint: str) -> MotoApi:
         return _moto_post(moto_endpoint, path, body)
 
     return post
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def fault_proxy(moto_endpoint: str) -> AsyncIterator[FaultProxy]:
+    """A :class:`~tests.faultproxy.FaultProxy` in front of the (reset) moto server.
+
+    It passes requests through until the test sets a fault; use its ``url`` as
+    the ``endpoint_url``. Closed, with every connection it holds, after the test.
+    """
+    async with FaultProxy(moto_endpoint) as proxy:
+        yield proxy
 
 
 @pytest_asyncio.fixture(loop_scope="function")

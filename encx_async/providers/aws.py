@@ -37,14 +37,17 @@ import asyncio
 import contextlib
 import html
 import logging
+import math
 import os
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, NamedTuple, Self, TypeVar, cast
 
+import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
@@ -134,6 +137,8 @@ _DEFAULT_MAX_ATTEMPTS: Final = 3
 _DEFAULT_RETRY_MODE: Final[RetryMode] = "standard"
 _DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 _DEFAULT_READ_TIMEOUT: Final = 10.0
+# botocore's longest sleep before one retry in standard and adaptive mode.
+_MAX_BACKOFF: Final = 20.0
 
 # The KMS limit on the size of a ciphertext we send.
 _MAX_CIPHERTEXT: Final = 6144
@@ -199,10 +204,18 @@ class Config:
     ``retry_mode``            ``"standard"`` (exponential backoff with jitter)
     ``connect_timeout``       5 seconds per attempt
     ``read_timeout``          10 seconds per attempt
+    ``call_timeout``          all of one request, see below
     ========================  ==============================================
 
-    So a call to an unreachable KMS gives up after roughly
-    ``max_attempts * (connect_timeout or read_timeout)`` plus backoff.
+    ``call_timeout`` is the deadline of each request, in seconds: it covers
+    the wait for a free pooled connection, resolving and connecting, every
+    attempt, and the backoff between attempts. When it runs out the request is
+    cancelled and raises :class:`~encx_async.KMSUnavailableError`. By default
+    it is the longest botocore's own limits allow:
+    ``max_attempts * (connect_timeout + read_timeout)`` plus the largest
+    backoff botocore can sleep between the attempts (1 s before the second, 2 s
+    before the third, doubling up to 20 s each; uncapped in legacy mode), 48 s
+    with the defaults above.
 
     ``region`` falls back to ``client_config.region_name``, ``AWS_REGION``, then botocore's chain
     (``AWS_DEFAULT_REGION``, the profile in the shared config file).
@@ -226,6 +239,7 @@ class Config:
     retry_mode: RetryMode | None = None
     connect_timeout: float | None = None
     read_timeout: float | None = None
+    call_timeout: float | None = None
     alias_cache_ttl: float = 300.0
 
     def __post_init__(self) -> None:
@@ -244,6 +258,7 @@ class Config:
             )
         _check_positive_number("connect_timeout", self.connect_timeout)
         _check_positive_number("read_timeout", self.read_timeout)
+        _check_positive_number("call_timeout", self.call_timeout)
         if isinstance(self.alias_cache_ttl, bool) or not (
             isinstance(self.alias_cache_ttl, int | float) and self.alias_cache_ttl >= 0
         ):
@@ -301,6 +316,21 @@ def _total_attempts(client_config: AioConfig) -> int:
     if "max_attempts" in retries:
         return int(retries["max_attempts"]) + 1
     return _DEFAULT_MAX_ATTEMPTS
+
+
+def _call_timeout(config: Config, client_config: AioConfig) -> float:
+    """``config.call_timeout``, or the longest the client's own limits let a request take."""
+    if config.call_timeout is not None:
+        return float(config.call_timeout)
+    attempts = _total_attempts(client_config)
+    per_attempt = float(getattr(client_config, "connect_timeout", 0) or 0) + float(
+        getattr(client_config, "read_timeout", 0) or 0
+    )
+    retries = cast("Mapping[str, Any]", getattr(client_config, "retries", None) or {})
+    cap = math.inf if retries.get("mode") == "legacy" else _MAX_BACKOFF
+    # botocore sleeps up to 2**(n - 1) seconds (capped) before retry n.
+    backoff = sum(min(2.0**n, cap) for n in range(attempts - 1))
+    return attempts * per_attempt + backoff
 
 
 def _check_positive_int(name: str, value: int | None) -> None:
@@ -411,6 +441,10 @@ def _translate_error(
     where = f"region {region}" if region else "the configured region"
     target = f"{endpoint or 'the KMS endpoint'} ({where})"
 
+    if isinstance(exc, _DeadlineExceeded):
+        return KMSUnavailableError(
+            f"KMS {operation}{subject} at {target} ran out of {exc.describe()}; retry later"
+        )
     if isinstance(exc, ClientError):
         code, message, status = _client_error_details(exc)
         detail = f": {message}" if message else ""
@@ -477,14 +511,73 @@ def _check_wrapped(value: object) -> bytes:
     return ciphertext
 
 
+@dataclass(slots=True)
+class _Attempts:
+    """What botocore did for one request, counted from the client's events."""
+
+    sent: int = 0
+    """``before-send`` events: attempts handed to the HTTP layer (a wait for a
+    pooled connection included)."""
+    ended: int = 0
+    """The last ``needs-retry`` event's attempt number: attempts that ended in
+    an answer or an error."""
+
+    def made(self, exc: BaseException) -> int:
+        """The attempts behind the error ``exc``."""
+        if isinstance(exc, ClientError):
+            # botocore's own count, in the error response it parsed.
+            retries = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if isinstance(retries, int):
+                return retries + 1
+        return self.sent
+
+
+# The attempts of the request in progress in this task; the client's event
+# handlers, which run in the task that awaits the request, add to it.
+_current_attempts: ContextVar[_Attempts | None] = ContextVar(
+    "encx_async_aws_attempts", default=None
+)
+
+
+def _count_sent(**kwargs: Any) -> None:
+    attempts = _current_attempts.get()
+    if attempts is not None:
+        attempts.sent += 1
+
+
+def _count_ended(*, attempts: int, **kwargs: Any) -> None:
+    current = _current_attempts.get()
+    if current is not None:
+        current.ended = max(current.ended, attempts)
+
+
+class _DeadlineExceeded(Exception):
+    """Internal: a request ran out of ``Config.call_timeout``. Translated, never raised."""
+
+    def __init__(self, deadline: float, attempts: _Attempts) -> None:
+        super().__init__(deadline)
+        self.deadline = deadline
+        self.sent = attempts.sent
+        self.unanswered = attempts.sent > attempts.ended
+
+    def describe(self) -> str:
+        """What the error messages say after "ran out of"."""
+        text = f"its {self.deadline:g} s deadline (Config.call_timeout)"
+        if not self.sent:
+            return f"{text} before any attempt was sent"
+        last = ", the last still unanswered" if self.unanswered else ""
+        return f"{text} after {self.sent} attempt(s){last}"
+
+
 class _AwsClient(Generic[_C]):
     """The one aiobotocore client of a provider, created on first use.
 
     Owns what :class:`KMSService` and :class:`SecretsManagerPepperSource`
     share: the session and region resolution, the client's exit stack, the
-    lock that makes concurrent first calls open one client, and closing.
-    ``service`` is the botocore service name, ``label`` how messages and log
-    lines name it. The owner keeps its closed flag and passes its check in.
+    lock that makes concurrent first calls open one client, closing, and
+    :meth:`call`, which every request goes through. ``service`` is the
+    botocore service name, ``label`` how messages and log lines name it. The
+    owner keeps its closed flag and passes itself in.
     """
 
     def __init__(
@@ -499,7 +592,7 @@ class _AwsClient(Generic[_C]):
         self.label: Final = label
         self._log = log
         self.client_config = config.build_client_config()
-        self.attempts = _total_attempts(self.client_config)
+        self.call_timeout = _call_timeout(config, self.client_config)
         self.region: str | None = config.region
         self.endpoint: str | None = config.endpoint_url
         self.client: _C | None = None
@@ -528,6 +621,62 @@ class _AwsClient(Generic[_C]):
                 await self._open_locked()
             assert self.client is not None
             return self.client
+
+    async def call(
+        self,
+        owner: ProviderResource,
+        operation: str,
+        subject: str,
+        request: Callable[[_C], Awaitable[_T]],
+        translate: Callable[[Exception, int], EncxError],
+        *,
+        tolerate: frozenset[str] = frozenset(),
+    ) -> _T:
+        """Send one request within ``call_timeout``; botocore errors become encx errors.
+
+        ``translate(exc, attempts)`` maps a botocore error, or a
+        :class:`_DeadlineExceeded`, to the error to raise. A ClientError whose
+        code is in ``tolerate`` raises :class:`_ToleratedError` instead, for the
+        caller to handle. ``subject`` names the key or secret in the log line.
+        """
+        client = await self.get(owner._raise_if_closed)
+        attempts = _Attempts()
+        token = _current_attempts.set(attempts)
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            with anyio.move_on_after(self.call_timeout):
+                try:
+                    result = await request(client)
+                except Exception as exc:
+                    if owner._closed:
+                        raise ClosedError(
+                            f"{type(owner).__name__} was closed during {operation}"
+                        ) from exc
+                    if not isinstance(exc, ClientError | BotoCoreError):
+                        raise
+                    if isinstance(exc, ClientError):
+                        code = _client_error_details(exc)[0]
+                        if code in tolerate:
+                            outcome = code
+                            raise _ToleratedError(code) from None
+                    raise translate(exc, attempts.made(exc)) from exc
+                outcome = "ok"
+                return result
+            outcome = "timed out"
+            raise translate(_DeadlineExceeded(self.call_timeout, attempts), attempts.sent)
+        finally:
+            _current_attempts.reset(token)
+            self._log.debug(
+                "%s %s %s region=%s %s after %d attempt(s) in %.1f ms",
+                self.label,
+                operation,
+                subject,
+                self.region,
+                outcome,
+                attempts.sent,
+                (time.perf_counter() - started) * 1000,
+            )
 
     async def close(self) -> None:
         """Close the client, if it was opened; the owner marks itself closed first."""
@@ -581,6 +730,11 @@ class _AwsClient(Generic[_C]):
         except BaseException:
             await stack.aclose()
             raise
+        # Counted per request (see call): botocore reports no attempts for an
+        # error that has no response, and retries stop early once its retry
+        # quota is spent.
+        client.meta.events.register("before-send", _count_sent, unique_id="encx-async-sent")
+        client.meta.events.register("needs-retry", _count_ended, unique_id="encx-async-ended")
         self._stack = stack
         self.client = client
         self.region = client.meta.region_name or region
@@ -681,37 +835,19 @@ class KMSService(ProviderResource):
         key_ref: KeyRefs,
         request: Callable[[KMSClient], Awaitable[_T]],
     ) -> _T:
-        client = await self._ensure_client()
-        started = time.perf_counter()
-        outcome = "failed"
-        try:
-            result = await request(client)
-            outcome = "ok"
-            return result
-        except (ClientError, BotoCoreError) as exc:
-            if self._closed:
-                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
-            raise _translate_error(
+        def translate(exc: Exception, attempts: int) -> EncxError:
+            return _translate_error(
                 exc,
                 operation=operation,
                 key_ref=key_ref,
                 region=self._aws.region,
                 endpoint=self._aws.endpoint,
-                attempts=self._aws.attempts,
-            ) from exc
-        except Exception as exc:
-            if self._closed:
-                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
-            raise
-        finally:
-            _log.debug(
-                "KMS %s key=%s region=%s %s in %.1f ms",
-                operation,
-                _refs_text(key_ref),
-                self._aws.region,
-                outcome,
-                (time.perf_counter() - started) * 1000,
+                attempts=attempts,
             )
+
+        return await self._aws.call(
+            self, operation, f"key={_refs_text(key_ref)}", request, translate
+        )
 
     async def _describe(self, target: str) -> KeyMetadataTypeDef:
         """DescribeKey on an already routed reference; never the cache."""
@@ -1087,6 +1223,10 @@ def _translate_secrets_error(
     target = f"{endpoint or 'the Secrets Manager endpoint'} ({where})"
     subject = f"Secrets Manager {operation} on secret {secret_id!r}"
 
+    if isinstance(exc, _DeadlineExceeded):
+        return KMSUnavailableError(
+            f"{subject} at {target} ran out of {exc.describe()}; retry later"
+        )
     if isinstance(exc, ClientError):
         code, message, status = _client_error_details(exc)
         message = " ".join(message.split())  # moto pads its messages with runs of spaces
@@ -1246,47 +1386,21 @@ class SecretsManagerPepperSource(ProviderResource):
         *,
         tolerate: frozenset[str] = frozenset(),
     ) -> _T:
-        """Send one request; botocore errors become encx errors.
+        """Send one request; a ClientError code in ``tolerate`` raises :class:`_ToleratedError`."""
 
-        A ClientError whose code is in ``tolerate`` raises :class:`_ToleratedError`
-        instead, for the caller to handle.
-        """
-        client = await self._ensure_client()
-        started = time.perf_counter()
-        outcome = "failed"
-        try:
-            result = await request(client)
-            outcome = "ok"
-            return result
-        except (ClientError, BotoCoreError) as exc:
-            if self._closed:
-                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
-            if isinstance(exc, ClientError):
-                code = _client_error_details(exc)[0]
-                if code in tolerate:
-                    outcome = code
-                    raise _ToleratedError(code) from None
-            raise _translate_secrets_error(
+        def translate(exc: Exception, attempts: int) -> EncxError:
+            return _translate_secrets_error(
                 exc,
                 operation=operation,
                 secret_id=secret_id,
                 region=self._aws.region,
                 endpoint=self._aws.endpoint,
-                attempts=self._aws.attempts,
-            ) from exc
-        except Exception as exc:
-            if self._closed:
-                raise ClosedError(f"{type(self).__name__} was closed during {operation}") from exc
-            raise
-        finally:
-            _sm_log.debug(
-                "Secrets Manager %s secret=%s region=%s %s in %.1f ms",
-                operation,
-                secret_id,
-                self._aws.region,
-                outcome,
-                (time.perf_counter() - started) * 1000,
+                attempts=attempts,
             )
+
+        return await self._aws.call(
+            self, operation, f"secret={secret_id}", request, translate, tolerate=tolerate
+        )
 
     # -- loading -----------------------------------------------------------
 

@@ -239,7 +239,8 @@ class Crypto(AsyncResource):
             environment, a file or AWS Secrets Manager), or 32 random bytes, not
             all zero, taken as pepper version 1.
         :param argon2: the :class:`~encx_async.Argon2Params` of :meth:`hash_secure`
-            and the bounds :meth:`verify_secure` accepts; OWASP's by default.
+            and the bounds :meth:`verify_secure` accepts; OWASP's by default,
+            with bounds of four times their cost.
         :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
             wraps a new DEK and every decrypt unwraps through the KMS.
         :param database: where KEK versions live: ``sqlite:///path/keys.db``,

@@ -23,9 +23,10 @@ searched on) and fast; use it for lookups. An Argon2id hash is salted and slow;
 use it for secrets that are only ever checked, like passwords or recovery codes.
 
 Stored hashes are parsed strictly before anything is computed, and Argon2
-parameters outside :class:`Argon2Params`' bounds are refused, so a tampered row
-cannot make a verify allocate gigabytes or run for minutes. Messages name
-versions and parameters, never a value, a pepper or a hash.
+parameters outside :class:`Argon2Params`' bounds (by default four times the
+configured cost) are refused, so a tampered row cannot make a verify allocate
+gigabytes or run for seconds. Messages name versions and parameters, never a
+value, a pepper or a hash.
 
 Argon2id runs in a worker thread (``anyio.to_thread.run_sync``; ``cryptography``
 releases the GIL while it works), so the event loop keeps running. At most one
@@ -46,7 +47,7 @@ import os
 import re
 import threading
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import anyio.to_thread
@@ -66,6 +67,7 @@ __all__ = [
     "ARGON2_PURPOSE",
     "BLIND_INDEX_PREFIX",
     "BLIND_INDEX_PURPOSE",
+    "BOUND_FACTOR",
     "OWASP_MINIMUMS",
     "Argon2Params",
     "BasicHasher",
@@ -87,6 +89,9 @@ OWASP_MINIMUMS: Final[tuple[tuple[int, int], ...]] = (
     (9216, 4),
     (7168, 5),
 )
+#: By default a stored Argon2id hash may ask for at most this many times the
+#: configured memory, passes, lanes, and memory x passes.
+BOUND_FACTOR: Final = 4
 
 _HKDF_INFO: Final = b"encx-async v1 "
 _MAC_B64_LEN: Final = 43  # 32 bytes in unpadded base64
@@ -104,6 +109,7 @@ _PHC = re.compile(
 _MIN_SALT, _MIN_WEAK_SALT, _MAX_SALT = 16, 8, 64
 _MIN_HASH, _MAX_HASH = 16, 64
 _MAX_LANES = 2**24 - 1  # Argon2's own limit
+_MAX_U32 = 2**32 - 1  # Argon2's limit on memory and passes
 
 
 # OpenSSL's Argon2id (as cryptography 50 ships it) can deadlock when two
@@ -222,11 +228,16 @@ class Argon2Params:
     service verifying many requests at once pays in full. Raise ``memory_kib``
     first if you can afford it.
 
-    A stored hash is verified only when its parameters are within
-    ``max_memory_kib`` / ``max_iterations`` / ``max_lanes`` and, unless
-    ``allow_weak``, at or above OWASP's minimum: anything else is refused with
-    InvalidHashError before any work is done. ``allow_weak=True`` permits
-    parameters below the minimum (fast tests); never in production.
+    A stored hash is verified only when its memory, passes, lanes and memory x
+    passes are at most ``max_memory_kib``, ``max_iterations``, ``max_lanes``
+    and ``max_cost`` and, unless ``allow_weak``, at or above OWASP's minimum:
+    anything else is refused with InvalidHashError before any work is done.
+    Each bound left at None is :data:`BOUND_FACTOR` (4) times the configured
+    value (``max_cost``: 4 x ``memory_kib`` x ``iterations``), so the costliest
+    stored hash a verify accepts costs four times a normal one; set the bounds
+    explicitly to keep accepting hashes of costlier settings you have left.
+    ``allow_weak=True`` permits parameters below the minimum (fast tests);
+    never in production.
     """
 
     memory_kib: int = 19456
@@ -234,33 +245,22 @@ class Argon2Params:
     lanes: int = 1
     salt_bytes: int = 16
     hash_bytes: int = 32
-    max_memory_kib: int = 262144  # 256 MiB
-    max_iterations: int = 16
-    max_lanes: int = 16
+    max_memory_kib: int | None = None
+    max_iterations: int | None = None
+    max_lanes: int | None = None
     allow_weak: bool = False
+    max_cost: int | None = None
+    #: the bounds in force: (memory KiB, passes, lanes, memory x passes)
+    _bounds: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "memory_kib",
-            "iterations",
-            "lanes",
-            "salt_bytes",
-            "hash_bytes",
-            "max_memory_kib",
-            "max_iterations",
-            "max_lanes",
-        ):
-            number = getattr(self, name)
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ConfigurationError(f"Argon2Params.{name} must be a positive int")
+        for name in ("memory_kib", "iterations", "lanes", "salt_bytes", "hash_bytes"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_memory_kib", "max_iterations", "max_lanes", "max_cost"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
         if not isinstance(self.allow_weak, bool):
             raise ConfigurationError("Argon2Params.allow_weak must be a bool")
-        if (
-            self.max_lanes > _MAX_LANES
-            or self.max_iterations > 2**32 - 1
-            or self.max_memory_kib > 2**32 - 1
-        ):
-            raise ConfigurationError("Argon2Params bounds are beyond what Argon2 allows")
         if self.memory_kib < 8 * self.lanes:
             raise ConfigurationError("Argon2 needs at least 8 KiB of memory per lane")
         min_salt = _MIN_WEAK_SALT if self.allow_weak else _MIN_SALT
@@ -274,15 +274,38 @@ class Argon2Params:
                 "minimum (m=19456 KiB with t=2, or an equivalent); pass allow_weak=True "
                 "only for tests"
             )
+        cost = self.memory_kib * self.iterations
+        bounds = (
+            _bound(self.max_memory_kib, self.memory_kib, _MAX_U32),
+            _bound(self.max_iterations, self.iterations, _MAX_U32),
+            _bound(self.max_lanes, self.lanes, _MAX_LANES),
+            _bound(self.max_cost, cost, _MAX_U32 * _MAX_U32),
+        )
+        limits = (_MAX_U32, _MAX_U32, _MAX_LANES, _MAX_U32 * _MAX_U32)
+        if any(bound > limit for bound, limit in zip(bounds, limits, strict=True)):
+            raise ConfigurationError("Argon2Params bounds are beyond what Argon2 allows")
         for value, bound, what in (
-            (self.memory_kib, self.max_memory_kib, "memory_kib"),
-            (self.iterations, self.max_iterations, "iterations"),
-            (self.lanes, self.max_lanes, "lanes"),
+            (self.memory_kib, bounds[0], "memory_kib"),
+            (self.iterations, bounds[1], "iterations"),
+            (self.lanes, bounds[2], "lanes"),
+            (cost, bounds[3], "cost"),
         ):
             if value > bound:
+                shown = " memory_kib x iterations" if what == "cost" else f".{what}"
                 raise ConfigurationError(
-                    f"Argon2Params.{what} is {value}, above its own bound max_{what}={bound}"
+                    f"Argon2Params{shown} is {value}, above its own bound max_{what}={bound}"
                 )
+        object.__setattr__(self, "_bounds", bounds)
+
+
+def _check_positive(name: str, number: object) -> None:
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ConfigurationError(f"Argon2Params.{name} must be a positive int")
+
+
+def _bound(given: int | None, configured: int, limit: int) -> int:
+    """The bound given, else BOUND_FACTOR times the configured value (within Argon2's limit)."""
+    return min(BOUND_FACTOR * configured, limit) if given is None else given
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +355,9 @@ def _parse_phc(phc: object) -> _Stored:
 class SecureHasher:
     """Salted, slow Argon2id hashes, with the pepper's derived key as Argon2's secret.
 
-    ``hash`` and ``verify`` run Argon2id in a worker thread; ``limiter`` (an
+    ``params`` sets the cost of new hashes and, through its ``max_`` fields,
+    the most a stored hash may ask of :meth:`verify`. ``hash`` and ``verify``
+    run Argon2id in a worker thread; ``limiter`` (an
     :class:`anyio.CapacityLimiter`) bounds how many run at once, and so the
     memory they hold; by default :func:`argon2_limiter`, one per CPU.
     """
@@ -387,17 +412,19 @@ class SecureHasher:
         params = self.params
         if stored.pepper_version != self.pepper_version:
             raise _version_mismatch("Argon2id hash", stored.pepper_version, self.pepper_version)
+        if stored.memory_kib < 8 * stored.lanes:
+            raise InvalidHashError("the stored Argon2id hash has under 8 KiB of memory per lane")
+        max_memory, max_passes, max_lanes, max_cost = params._bounds
         for value, bound, what in (
-            (stored.memory_kib, params.max_memory_kib, "KiB of memory"),
-            (stored.iterations, params.max_iterations, "iterations"),
-            (stored.lanes, params.max_lanes, "lanes"),
+            (stored.lanes, max_lanes, "lanes"),
+            (stored.memory_kib, max_memory, "KiB of memory"),
+            (stored.iterations, max_passes, "iterations"),
+            (stored.memory_kib * stored.iterations, max_cost, "KiB x iterations"),
         ):
             if value > bound:
                 raise InvalidHashError(
                     f"the stored Argon2id hash asks for {value:,} {what}; the bound is {bound:,}"
                 )
-        if stored.memory_kib < 8 * stored.lanes:
-            raise InvalidHashError("the stored Argon2id hash has under 8 KiB of memory per lane")
         min_salt = _MIN_WEAK_SALT if params.allow_weak else _MIN_SALT
         if not min_salt <= stored.salt_bytes <= _MAX_SALT:
             raise InvalidHashError(
@@ -428,7 +455,8 @@ class SecureHasher:
         """Whether ``phc`` is an Argon2id hash of ``value``.
 
         Raises InvalidHashError when ``phc`` is malformed, names another pepper
-        version, or has parameters outside the bounds of :attr:`params`.
+        version, or has parameters outside the bounds of :attr:`params` (by
+        default four times its own cost): before any Argon2 work is done.
         """
         stored = _parse_phc(phc)
         self._check_bounds(stored)

@@ -11,6 +11,7 @@ import re
 
 import anyio
 import pytest
+from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -19,6 +20,7 @@ from encx_async import ConfigurationError, InvalidHashError, InvalidValueError
 from encx_async._hashing import (
     ARGON2_PURPOSE,
     BLIND_INDEX_PURPOSE,
+    OWASP_MINIMUMS,
     Argon2Params,
     BasicHasher,
     SecureHasher,
@@ -322,6 +324,91 @@ async def test_weak_stored_hashes_are_refused_by_a_strict_hasher() -> None:
         await SecureHasher(PEPPER, 1).verify(VALUE, weak)
 
 
+@pytest.fixture
+def argon2_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every Argon2id verification started; each answers "no match" without the work."""
+    calls: list[str] = []
+
+    def counting(key_material: bytes, phc: str, secret: bytes | None = None) -> None:
+        calls.append(phc)
+        raise InvalidKey
+
+    monkeypatch.setattr(
+        "encx_async._hashing.Argon2id.verify_phc_encoded", staticmethod(counting), raising=True
+    )
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        # In the old fixed bounds: 128x the work (seconds) and 256 MiB of a normal verify.
+        ("m=262144,t=16,p=1", "262,144 KiB of memory; the bound is 77,824"),
+        ("m=77825,t=2,p=1", "77,825 KiB of memory"),
+        ("m=19456,t=9,p=1", "9 iterations; the bound is 8"),
+        ("m=19456,t=2,p=5", "5 lanes; the bound is 4"),
+        # Memory and passes each within their bound, together 16x the work.
+        ("m=77824,t=8,p=1", "622,592 KiB x iterations; the bound is 155,648"),
+        ("m=40000,t=4,p=1", "160,000 KiB x iterations"),
+    ],
+)
+async def test_stored_hashes_beyond_the_default_bounds_cost_no_argon2_work(
+    params: str, words: str, argon2_calls: list[str]
+) -> None:
+    hasher = SecureHasher(PEPPER, 1)
+    with pytest.raises(InvalidHashError, match=re.escape(words)) as caught:
+        await hasher.verify(VALUE, phc(f"{params},keyid=1"))
+    assert argon2_calls == []
+    assert HASH not in str(caught.value)
+    assert hasher.needs_rehash(phc(f"{params},keyid=1"))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        "m=19456,t=2,p=1",  # the defaults
+        "m=47104,t=1,p=1",  # OWASP's other configurations
+        "m=12288,t=3,p=1",
+        "m=9216,t=4,p=1",
+        "m=7168,t=5,p=1",
+        "m=77824,t=2,p=1",  # at the bounds
+        "m=19456,t=8,p=1",
+        "m=38912,t=4,p=4",
+    ],
+)
+async def test_stored_hashes_within_the_default_bounds_reach_argon2(
+    params: str, argon2_calls: list[str]
+) -> None:
+    assert await SecureHasher(PEPPER, 1).verify(VALUE, phc(f"{params},keyid=1")) is False
+    assert argon2_calls == [phc(params)]
+
+
+async def test_explicit_bounds_replace_the_derived_ones(argon2_calls: list[str]) -> None:
+    costly = phc("m=262144,t=16,p=16,keyid=1")
+    wide = Argon2Params(
+        max_memory_kib=262144, max_iterations=16, max_lanes=16, max_cost=262144 * 16
+    )
+    assert await SecureHasher(PEPPER, 1, wide).verify(VALUE, costly) is False
+    assert len(argon2_calls) == 1
+    # Each bound on its own: the others stay derived from the configured cost.
+    with pytest.raises(InvalidHashError, match="KiB x iterations"):
+        await SecureHasher(PEPPER, 1, Argon2Params(max_memory_kib=262144)).verify(
+            VALUE, phc("m=262144,t=2,p=1,keyid=1")
+        )
+    # Derived bounds follow the configured cost: 4 x 65536 KiB, 4 x 3 passes.
+    stronger = SecureHasher(PEPPER, 1, Argon2Params(memory_kib=65536, iterations=3))
+    assert await stronger.verify(VALUE, phc("m=262144,t=3,p=1,keyid=1")) is False
+    assert len(argon2_calls) == 2
+
+
+async def test_hashes_of_the_defaults_verify_after_a_move_to_other_owasp_settings() -> None:
+    stored = await SecureHasher(PEPPER, 1).hash(VALUE)
+    for memory_kib, iterations in OWASP_MINIMUMS:
+        hasher = SecureHasher(PEPPER, 1, Argon2Params(memory_kib=memory_kib, iterations=iterations))
+        assert await hasher.verify(VALUE, stored), (memory_kib, iterations)
+        assert hasher.needs_rehash(stored) is ((memory_kib, iterations) != (19456, 2))
+
+
 async def test_hash_error_messages_never_hold_the_value_or_the_hash(secure: SecureHasher) -> None:
     stored = await secure.hash(VALUE)
     salt_and_hash = stored.split("$", 4)[4]
@@ -347,7 +434,10 @@ def test_default_parameters_meet_owasp() -> None:
     params = Argon2Params()
     assert (params.memory_kib, params.iterations, params.lanes) == (19456, 2, 1)
     assert (params.salt_bytes, params.hash_bytes) == (16, 32)
-    assert (params.max_memory_kib, params.max_iterations, params.max_lanes) == (262144, 16, 16)
+    assert (params.max_memory_kib, params.max_iterations, params.max_lanes) == (None, None, None)
+    assert params.max_cost is None
+    # Four times the configured memory, passes, lanes and memory x passes.
+    assert params._bounds == (4 * 19456, 4 * 2, 4 * 1, 4 * 19456 * 2)
     Argon2Params(memory_kib=47104, iterations=1)  # OWASP's other configurations
     Argon2Params(memory_kib=7168, iterations=5)
 
@@ -366,9 +456,14 @@ def test_default_parameters_meet_owasp() -> None:
         ({"salt_bytes": 8}, "salt_bytes"),
         ({"salt_bytes": 65}, "salt_bytes"),
         ({"hash_bytes": 8}, "hash_bytes"),
-        ({"memory_kib": 300000}, "max_memory_kib"),
-        ({"iterations": 17}, "max_iterations"),
-        ({"lanes": 17}, "max_lanes"),
+        ({"memory_kib": 300000, "max_memory_kib": 262144}, "max_memory_kib"),
+        ({"iterations": 17, "max_iterations": 16}, "max_iterations"),
+        ({"lanes": 17, "max_lanes": 16}, "max_lanes"),
+        ({"memory_kib": 47104, "iterations": 2, "max_cost": 47104}, "max_cost"),
+        ({"max_cost": 0}, "positive"),
+        ({"max_lanes": True}, "positive"),
+        ({"max_iterations": 2.0}, "positive"),
+        ({"max_lanes": 2**24}, "beyond what Argon2 allows"),
         ({"allow_weak": 1}, "bool"),
     ],
 )
@@ -398,7 +493,8 @@ def test_reprs_show_versions_and_numbers_only() -> None:
         assert not hasattr(hasher, "__dict__")
     assert repr(FAST) == (
         "Argon2Params(memory_kib=64, iterations=1, lanes=1, salt_bytes=16, hash_bytes=32, "
-        "max_memory_kib=262144, max_iterations=16, max_lanes=16, allow_weak=True)"
+        "max_memory_kib=None, max_iterations=None, max_lanes=None, allow_weak=True, "
+        "max_cost=None)"
     )
 
 

@@ -65,7 +65,7 @@ from ._exceptions import (
     KMSError,
     KMSKeyNotFoundError,
 )
-from ._hashing import Argon2Params, BasicHasher, SecureHasher
+from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, SecureHasher
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
@@ -240,7 +240,8 @@ class Crypto(AsyncResource):
             environment, a file or AWS Secrets Manager), or 32 random bytes, not
             all zero, taken as pepper version 1.
         :param argon2: the :class:`~encx_async.Argon2Params` of :meth:`hash_secure`
-            and the bounds :meth:`verify_secure` accepts; OWASP's by default.
+            and the bounds :meth:`verify_secure` accepts; OWASP's by default,
+            with bounds of four times their cost.
         :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
             wraps a new DEK and every decrypt unwraps through the KMS.
         :param database: where KEK versions live: ``sqlite:///path/keys.db``,
@@ -766,19 +767,57 @@ class Crypto(AsyncResource):
 
     # -- keyed hashes ---------------------------------------------------------
 
-    def hash_basic(self, value: object) -> str:
-        """A deterministic, keyed blind index of ``value``, to look records up by.
+    def hash_basic(self, value: object, *, domain: Domain) -> str:
+        """A deterministic, keyed blind index of ``value`` in ``domain``, to look records up by.
 
-        HMAC-SHA-256 under a key derived from the pepper, over the canonical
-        encoding of ``value`` (str, bytes, int, float, bool, datetime, date,
-        UUID, Decimal, None, or a list of them). Equal values give equal
-        strings; without the pepper nobody can confirm a guess.
+        HMAC-SHA-256, under a key derived from the pepper for ``domain`` alone,
+        over the canonical encoding of ``value`` (str, bytes, int, float, bool,
+        datetime, date, UUID, Decimal, None, or a list of them). Equal values
+        in one domain give equal strings; in two domains, unrelated ones, so
+        one column cannot be matched against another. ``domain`` names the
+        column: a str (``"users.email"``) or a tuple of strs. Without the
+        pepper nobody can confirm a guess. For a model's ``HashBasic()`` field
+        use :meth:`blind_index`, which knows the field's domain.
         """
-        return self._basic_hasher().hash(value)
+        return self._basic_hasher().hash(value, domain=domain)
 
-    def verify_basic(self, value: object, digest: str) -> bool:
-        """Whether ``digest`` is :meth:`hash_basic` of ``value``, compared in constant time."""
-        return self._basic_hasher().verify(value, digest)
+    def verify_basic(self, value: object, digest: str, *, domain: Domain) -> bool:
+        """Whether ``digest`` is :meth:`hash_basic` of ``value`` in ``domain``, in constant time.
+
+        A legacy hb1 ``digest`` is checked against :meth:`legacy_hash_basic`,
+        whatever the domain.
+        """
+        return self._basic_hasher().verify(value, digest, domain=domain)
+
+    def legacy_hash_basic(self, value: object) -> str:
+        """The legacy hb1 blind index of ``value``: one key for every field and model.
+
+        Only for finding rows not yet re-indexed (:meth:`needs_reindex`), next
+        to the current index (``WHERE email_hash IN ($1, $2)``). Warns
+        DeprecationWarning on every call.
+        """
+        hasher = self._basic_hasher()
+        warnings.warn(_LEGACY_WARNING, DeprecationWarning, stacklevel=2)
+        return hasher._legacy_hash(value)
+
+    def needs_reindex(self, digest: str) -> bool:
+        """Whether a stored blind index should be recomputed: it is hb1, or of an older pepper.
+
+        False for an hb2 index of this Crypto's pepper version. Raises
+        :class:`~encx_async.InvalidHashError` for a string that is no blind
+        index, or that names a pepper version newer than this Crypto's.
+        """
+        return self._basic_hasher().needs_reindex(digest)
+
+    def blind_index(self, model: type, field: str, value: object) -> str:
+        """The blind index ``model``'s ``HashBasic()`` field ``field`` stores for ``value``.
+
+        What to search its ``<field>_hash`` column with: :meth:`hash_basic`
+        in the field's domain, of ``value`` checked and converted as
+        :meth:`encrypt_model` does it (an int for a float field is hashed as
+        a float).
+        """
+        return _models.blind_index(self, model, field, value)
 
     async def hash_secure(self, value: object) -> str:
         """A salted Argon2id hash of ``value`` (a PHC string), for passwords and the like.
@@ -796,7 +835,10 @@ class Crypto(AsyncResource):
         return await self._secure_hasher().verify(value, phc)
 
     def needs_rehash(self, phc: str) -> bool:
-        """Whether ``phc`` was made with other parameters or another pepper version."""
+        """Whether an Argon2id ``phc`` was made with other parameters or another pepper version.
+
+        Blind indexes have :meth:`needs_reindex` instead.
+        """
         return self._secure_hasher().needs_rehash(phc)
 
     def _basic_hasher(self) -> BasicHasher:

@@ -6,11 +6,12 @@ A field is marked through :data:`typing.Annotated`::
 
 and :func:`encrypt_model` turns an instance into an :class:`EncryptedRecord`, the
 storable form: plain fields unchanged, ``<name>_encrypted`` (base64), ``<name>_hash``
-(:meth:`Crypto.hash_basic`), ``<name>_hash_secure`` (:meth:`Crypto.hash_secure`) and
-one metadata column ``encx``. All encrypted fields of one record are sealed by one
-:meth:`Crypto.seal_record` call, so a record stores one wrapped DEK, each field's
-ciphertext bound to its field name, and all of them to the model's name, the list
-of encrypted fields and (optionally) the record's id.
+(:meth:`Crypto.hash_basic`, in the field's domain), ``<name>_hash_secure``
+(:meth:`Crypto.hash_secure`) and one metadata column ``encx``. All encrypted
+fields of one record are sealed by one :meth:`Crypto.seal_record` call, so a
+record stores one wrapped DEK, each field's ciphertext bound to its field name,
+and all of them to the model's name, the list of encrypted fields and
+(optionally) the record's id.
 
 Decisions worth knowing (the docs say the same):
 
@@ -22,6 +23,10 @@ Decisions worth knowing (the docs say the same):
 * ``Encrypt`` together with ``HashBasic`` is checked on decrypt: the stored hash
   must be the decrypted value's, so a row cannot be made to answer lookups for
   another value.
+* A ``HashBasic`` field's blind-index domain is ``(model name, field name)``,
+  the model name being the one records are bound to (``__encx_name__``, else
+  the qualified name), so that pinning that name for a class rename keeps its
+  indexes too; ``HashBasic(domain=...)`` pins a field's domain outright.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import base64
 import binascii
 import dataclasses
 import datetime as _dt
-import hmac
 import json
 import struct
 import sys
@@ -45,8 +49,14 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
 from uuid import UUID
 
 from ._envelope import parse_record_header
-from ._exceptions import DecryptionError, InvalidValueError, ModelDefinitionError
-from ._hashing import _BLIND_INDEX
+from ._exceptions import (
+    ConfigurationError,
+    DecryptionError,
+    InvalidHashError,
+    InvalidValueError,
+    ModelDefinitionError,
+)
+from ._hashing import Domain, domain_purpose
 from ._values import SUPPORTED_TYPES, decode_value, encode_value
 
 if TYPE_CHECKING:
@@ -59,6 +69,7 @@ __all__ = [
     "EncryptedRecord",
     "HashBasic",
     "HashSecure",
+    "blind_index",
     "decrypt_model",
     "decrypt_models",
     "encrypt_model",
@@ -87,7 +98,7 @@ NoneType = type(None)
 
 
 class _Marker:
-    """A field marker: no state, immutable, equal to every marker of its kind."""
+    """A field marker: immutable, equal to every marker of its kind (a HashBasic: of its domain)."""
 
     __slots__ = ()
 
@@ -111,9 +122,41 @@ class Encrypt(_Marker):
 
 class HashBasic(_Marker):
     """Store a keyed hash (a blind index) in ``<name>_hash``: equal values, equal hashes,
-    so rows can be looked up by value. Without ``Encrypt()`` no plaintext is kept."""
+    so rows can be looked up by value. Without ``Encrypt()`` no plaintext is kept.
 
-    __slots__ = ()
+    The index is keyed for its *domain*, by default ``(model name, field name)``
+    (the model name is ``__encx_name__`` if the class sets one, else its
+    qualified name), so equal values in two fields give unrelated hashes.
+    ``domain`` (a str, or a tuple of strs) pins it: to keep a renamed field's
+    hashes, ``HashBasic(domain=("User", "old_name"))``, or to give two fields one
+    domain on purpose (equal values then match across them).
+    """
+
+    __slots__ = ("_domain",)
+
+    def __init__(self, *, domain: Domain | None = None) -> None:
+        if domain is not None:
+            try:
+                domain_purpose(domain)
+            except ConfigurationError as exc:
+                raise ModelDefinitionError(f"HashBasic(domain=...): {exc}") from None
+        self._domain = domain
+
+    @property
+    def domain(self) -> Domain | None:
+        """The pinned domain, or None for the default ``(model name, field name)``."""
+        return self._domain
+
+    def __repr__(self) -> str:
+        return "HashBasic()" if self._domain is None else f"HashBasic(domain={self._domain!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Marker):
+            return NotImplemented
+        return isinstance(other, HashBasic) and other._domain == self._domain
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._domain))
 
 
 class HashSecure(_Marker):
@@ -205,6 +248,7 @@ class _Field:
     encrypt: bool
     hash_kind: type[HashBasic] | type[HashSecure] | None
     value_type: _ValueType | None  # None for plain fields: they pass through unchecked
+    domain: Domain | None = None  # a HashBasic field's blind-index domain
 
     @property
     def plain(self) -> bool:
@@ -310,7 +354,7 @@ def _inspect(cls: object) -> _ModelSpec:
         annotation, inner = _unwrap_optional_markers(annotation, label)
         markers += inner
         _check_no_nested_markers(annotation, label)
-        encrypt, hash_kind = _combine(markers, label)
+        encrypt, hash_kind, pinned = _combine(markers, label)
         value_type = None
         if encrypt or hash_kind is not None:
             value_type = _value_type(annotation, label)
@@ -324,7 +368,10 @@ def _inspect(cls: object) -> _ModelSpec:
                 )
         elif not init:
             continue  # derived in __post_init__: not part of the record
-        fields.append(_Field(field_name, init_key, encrypt, hash_kind, value_type))
+        domain = None
+        if hash_kind is HashBasic:
+            domain = (name, field_name) if pinned is None else pinned
+        fields.append(_Field(field_name, init_key, encrypt, hash_kind, value_type, domain))
 
     columns: dict[str, str] = {}
     for field in fields:
@@ -424,7 +471,8 @@ def _check_no_nested_markers(annotation: object, label: str) -> None:
 
 def _combine(
     markers: Sequence[object], label: str
-) -> tuple[bool, type[HashBasic] | type[HashSecure] | None]:
+) -> tuple[bool, type[HashBasic] | type[HashSecure] | None, Domain | None]:
+    """Whether the field is encrypted, its hash, and the domain its HashBasic pins."""
     kinds = [type(m) for m in markers]
     for kind in set(kinds):
         if kinds.count(kind) > 1:
@@ -439,7 +487,8 @@ def _combine(
         hash_kind = HashBasic
     elif HashSecure in kinds:
         hash_kind = HashSecure
-    return Encrypt in kinds, hash_kind
+    pinned = next((m.domain for m in markers if isinstance(m, HashBasic)), None)
+    return Encrypt in kinds, hash_kind, pinned
 
 
 def _supported_scalars() -> frozenset[type]:
@@ -738,7 +787,10 @@ async def encrypt_model(
                 raise InvalidValueError(f"{spec.label(field.name)}: {exc}") from None
             columns[field.name + ENCRYPTED_SUFFIX] = None  # filled below, in field order
         if field.hash_kind is HashBasic:
-            columns[field.name + HASH_SUFFIX] = None if value is None else crypto.hash_basic(value)
+            assert field.domain is not None
+            columns[field.name + HASH_SUFFIX] = (
+                None if value is None else crypto.hash_basic(value, domain=field.domain)
+            )
         elif field.hash_kind is HashSecure:
             columns[field.name + HASH_SECURE_SUFFIX] = None
             if value is not None:
@@ -841,9 +893,10 @@ def _check_basic_hash(
     """The stored blind index must be the decrypted value's, so that a row cannot be
     made to answer lookups for a value it does not hold.
 
-    One made under an older pepper version cannot be checked here and is left for
-    the re-index to replace; one naming a version newer than ours, or 0, was never
-    issued and is refused.
+    An hb1 hash (one key for every field, from before domains) is checked like
+    an hb2 one. One made under an older pepper version cannot be checked here
+    and is left for the re-index to replace; one naming a version newer than
+    ours, or 0, was never issued and is refused.
     """
     column = field.name + HASH_SUFFIX
     if column not in row:
@@ -851,23 +904,47 @@ def _check_basic_hash(
     digest = row[column]
     if value is None:
         ok = digest is None
-    elif not isinstance(digest, str) or _BLIND_INDEX.fullmatch(digest) is None:
+    elif not isinstance(digest, str):
         ok = False
     else:
-        expected = crypto.hash_basic(value)
-        stored_version = int(digest.split(":")[1])
-        current_version = int(expected.split(":")[1])
-        if stored_version == current_version:
-            ok = hmac.compare_digest(expected, digest)
-        else:
-            # An older pepper's hash cannot be checked here (a re-index replaces
-            # it); a version that never existed yet is a forgery.
-            ok = 1 <= stored_version < current_version
+        assert field.domain is not None
+        try:
+            ok = crypto.verify_basic(value, digest, domain=field.domain)
+        except InvalidHashError:  # malformed, or of another pepper version
+            try:
+                # An older pepper's hash cannot be checked here (a re-index
+                # replaces it); a version that never existed yet is a forgery.
+                ok = crypto.needs_reindex(digest)
+            except InvalidHashError:
+                ok = False
     if not ok:
         raise DecryptionError(
             f"column {column!r} is not the hash of the decrypted {spec.label(field.name)}: "
             "the record was tampered with"
         )
+
+
+def blind_index(crypto: Crypto, model: type, field: str, value: object) -> str:
+    """The blind index ``model``'s ``HashBasic()`` field ``field`` stores for ``value``.
+
+    ``value`` is checked against the field's type and converted as
+    :func:`encrypt_model` does (an int for a float field), so the result
+    matches the stored column. ``None`` has none: its column is NULL.
+    """
+    spec = inspect_model(model)
+    found = next((f for f in spec.fields if f.name == field), None)
+    if found is None or found.hash_kind is not HashBasic:
+        raise ConfigurationError(f"{spec.qualname} has no HashBasic() field {field!r}")
+    value_type = found.value_type
+    assert value_type is not None
+    assert found.domain is not None
+    if value is None or not value_type.accepts(value):
+        raise InvalidValueError(
+            f"{spec.label(found.name)} is declared {value_type.label}; a "
+            f"{type(value).__name__} has no blind index there"
+            + (" (the column of None is NULL)" if value is None else "")
+        )
+    return crypto.hash_basic(value_type.coerce(value), domain=found.domain)
 
 
 def _build(spec: _ModelSpec, model: type[T], values: dict[str, object]) -> T:

@@ -2,8 +2,9 @@
 
 Users are stored with their e-mail address and phone number encrypted, bound
 to the user's id and encrypted under the tenant's KMS encryption context, and
-with a blind index of the e-mail address (``hash_basic``) so that a tenant can
-look users up by address without the database ever holding one.
+with a blind index of the e-mail address (``crypto.blind_index(User, "email",
+...)``, keyed for that one field) so that a tenant can look users up by address
+without the database ever holding one.
 
 Every setting comes from the environment (:meth:`Settings.from_env`):
 
@@ -215,7 +216,8 @@ class UserStore(AsyncResource):
 
     async def find_by_email(self, crypto: Crypto, tenant: str, email: str) -> list[User]:
         query = "SELECT * FROM users WHERE tenant = ? AND email_hash = ?"
-        async with self._db.execute(query, (tenant, crypto.hash_basic(email))) as cursor:
+        index = crypto.blind_index(User, "email", email)
+        async with self._db.execute(query, (tenant, index)) as cursor:
             rows = [dict(row) for row in await cursor.fetchall()]
         return [await self._open(crypto, tenant, row) for row in rows]
 

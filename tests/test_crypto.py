@@ -213,9 +213,26 @@ def test_data_key_hides_itself() -> None:
 
 async def test_closed_crypto_refuses_hashing(kms: LocalKMSService) -> None:
     crypto = await Crypto.create(kms=kms, kek_alias=ALIAS, pepper=PEPPER)
-    digest = crypto.hash_basic("alice@example.com")
+    digest = crypto.hash_basic("alice@example.com", domain="users.email")
     await crypto.aclose()
     with pytest.raises(ClosedError):
-        crypto.hash_basic("alice@example.com")
+        crypto.hash_basic("alice@example.com", domain="users.email")
     with pytest.raises(ClosedError):
-        crypto.verify_basic("alice@example.com", digest)
+        crypto.verify_basic("alice@example.com", digest, domain="users.email")
+    with pytest.raises(ClosedError):
+        crypto.needs_reindex(digest)
+    with pytest.raises(ClosedError):
+        crypto.legacy_hash_basic("alice@example.com")
+
+
+async def test_blind_indexes_need_a_pepper(kms: LocalKMSService) -> None:
+    async with await Crypto.create(kms=kms, kek_alias=ALIAS) as crypto:
+        digest = "hb2:1:" + "A" * 43
+        for attempt in (
+            lambda: crypto.hash_basic("alice@example.com", domain="users.email"),
+            lambda: crypto.verify_basic("alice@example.com", digest, domain="users.email"),
+            lambda: crypto.needs_reindex(digest),
+            lambda: crypto.legacy_hash_basic("alice@example.com"),
+        ):
+            with pytest.raises(ConfigurationError, match="need a pepper"):
+                attempt()

@@ -64,7 +64,8 @@ class UserStore:
 
     async def _rows_by_email(self, email: str) -> list[dict[str, object]]:
         query = "SELECT * FROM users WHERE email_hash = ?"
-        async with self.db.execute(query, (self.crypto.hash_basic(email),)) as cursor:
+        index = self.crypto.blind_index(User, "email", email)
+        async with self.db.execute(query, (index,)) as cursor:
             return [dict(row) for row in await cursor.fetchall()]
 
     async def find_by_email(self, email: str) -> User | None:
@@ -118,7 +119,10 @@ async def test_what_the_database_holds(store: UserStore) -> None:
     text = json.dumps(row)
     assert "alice@example.com" not in text
     assert "wonderland" not in text
-    assert row["email_hash"] == store.crypto.hash_basic("alice@example.com")
+    assert row["email_hash"] == store.crypto.blind_index(User, "email", "alice@example.com")
+    # Keyed for this field alone: the same address in another domain gives another index.
+    assert row["email_hash"] != store.crypto.hash_basic("alice@example.com", domain="other")
+    assert not store.crypto.needs_reindex(row["email_hash"])
     assert json.loads(row["encx"])["fields"] == ["email"]
 
     # The lookup is an index search, not a scan that decrypts every row.

@@ -12,11 +12,12 @@ import dataclasses
 import datetime as dt
 import gc
 import json
+import sqlite3
 import subprocess
 import sys
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Optional
@@ -25,13 +26,16 @@ import pydantic
 import pytest
 
 from encx_async import (
+    ConfigurationError,
     Crypto,
     DecryptionError,
     DEKCache,
     EncxError,
+    InvalidHashError,
     InvalidValueError,
     KeyManagementService,
     ModelDefinitionError,
+    Pepper,
 )
 from encx_async._hashing import Argon2Params
 from encx_async._models import (
@@ -224,7 +228,10 @@ async def test_the_record_layout(crypto: Crypto, model: type) -> None:
     ]
     assert row["id"] == 1
     assert row["name"] == "Zelda"
-    assert row["email_hash"] == crypto.hash_basic(SECRET_EMAIL)
+    assert row["email_hash"] == crypto.blind_index(model, "email", SECRET_EMAIL)
+    assert row["email_hash"] == crypto.hash_basic(
+        SECRET_EMAIL, domain=(model.__qualname__, "email")
+    )
     assert isinstance(row["password_hash_secure"], str)
     assert row["password_hash_secure"].startswith("$argon2id$")
     assert await crypto.verify_secure(SECRET_PASSWORD, row["password_hash_secure"])
@@ -304,8 +311,8 @@ async def test_every_valid_marker_combination(crypto: Crypto) -> None:
         "secure_hash_secure",
         "encx",
     }
-    assert row["basic_hash"] == crypto.hash_basic("b")
-    assert row["enc_basic_hash"] == crypto.hash_basic("eb")
+    assert row["basic_hash"] == crypto.blind_index(AllCombos, "basic", "b")
+    assert row["enc_basic_hash"] == crypto.blind_index(AllCombos, "enc_basic", "eb")
     assert await crypto.verify_secure("s", row["secure_hash_secure"])  # type: ignore[arg-type]
     assert await crypto.verify_secure("es", row["enc_secure_hash_secure"])  # type: ignore[arg-type]
     back = await decrypt_model(crypto, row, AllCombos)
@@ -753,11 +760,208 @@ async def test_blind_index_lookups(crypto: Crypto) -> None:
     a = (await encrypt_model(crypto, contact(id=1))).as_dict()
     b = (await encrypt_model(crypto, contact(id=2))).as_dict()
     c = (await encrypt_model(crypto, contact(id=3, email="someone@else.org"))).as_dict()
-    assert a["email_hash"] == b["email_hash"] == crypto.hash_basic(SECRET_EMAIL)
+    index = crypto.blind_index(Contact, "email", SECRET_EMAIL)
+    assert a["email_hash"] == b["email_hash"] == index
     assert c["email_hash"] != a["email_hash"]
     assert a["email_encrypted"] != b["email_encrypted"]  # the ciphertexts differ all the same
-    found = [r for r in (a, b, c) if r["email_hash"] == crypto.hash_basic(SECRET_EMAIL)]
+    found = [r for r in (a, b, c) if r["email_hash"] == index]
     assert [r["id"] for r in found] == [1, 2]
+
+
+@dataclasses.dataclass
+class Profile:
+    id: int
+    nickname: Annotated[str | None, HashBasic()] = None  # anyone may choose one
+
+
+@dataclasses.dataclass
+class TaxRecord:
+    id: int
+    ssn: Annotated[str, Encrypt(), HashBasic()]
+    previous_ssn: Annotated[str | None, Encrypt(), HashBasic()] = None
+
+
+def legacy(crypto: Crypto, value: object) -> str:
+    with pytest.warns(DeprecationWarning, match="share one key"):
+        return crypto.legacy_hash_basic(value)
+
+
+Pairs = Sequence[tuple[object, object]]
+
+
+def joined(left: Pairs, right: Pairs) -> list[int]:
+    """The ids of ``right`` whose hash column equals one in ``left``, by an SQL join."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("CREATE TABLE a (id INTEGER, h TEXT)")
+        db.execute("CREATE TABLE b (id INTEGER, h TEXT)")
+        db.executemany("INSERT INTO a VALUES (?, ?)", left)
+        db.executemany("INSERT INTO b VALUES (?, ?)", right)
+        rows = db.execute("SELECT b.id FROM a JOIN b ON a.h = b.h ORDER BY b.id").fetchall()
+        return [row[0] for row in rows]
+    finally:
+        db.close()
+
+
+async def test_equal_values_in_two_models_do_not_join(crypto: Crypto) -> None:
+    ssn = "078-05-1120"
+    tax = (await encrypt_model(crypto, TaxRecord(7, ssn, previous_ssn=ssn))).as_dict()
+    guesses = [f"078-05-{n:04}" for n in range(1110, 1130)]  # nicknames an attacker picked
+    profiles = [
+        (await encrypt_model(crypto, Profile(i, nickname=g))).as_dict()
+        for i, g in enumerate(guesses)
+    ]
+    nicknames = [(r["id"], r["nickname_hash"]) for r in profiles]
+    assert joined(nicknames, [(tax["id"], tax["ssn_hash"])]) == []
+    assert joined(nicknames, [(tax["id"], tax["previous_ssn_hash"])]) == []
+    assert tax["ssn_hash"] != tax["previous_ssn_hash"]  # two fields of one model, too
+    # What one key for every field (hb1) gave: the join confirms the guess.
+    old = [(i, legacy(crypto, g)) for i, g in enumerate(guesses)]
+    assert joined(old, [(7, legacy(crypto, ssn))]) == [7]
+
+
+async def test_a_pinned_domain_is_shared_on_purpose(crypto: Crypto) -> None:
+    @dataclasses.dataclass
+    class Customer:
+        email: Annotated[str, Encrypt(), HashBasic(domain="email")]
+
+    @dataclasses.dataclass
+    class Invite:
+        email: Annotated[str | None, HashBasic(domain="email")] = None
+
+    customer = (await encrypt_model(crypto, Customer(SECRET_EMAIL))).as_dict()
+    invite = (await encrypt_model(crypto, Invite(SECRET_EMAIL))).as_dict()
+    assert customer["email_hash"] == invite["email_hash"]
+    assert customer["email_hash"] == crypto.hash_basic(SECRET_EMAIL, domain="email")
+    assert customer["email_hash"] == crypto.blind_index(Invite, "email", SECRET_EMAIL)
+    assert joined([(1, customer["email_hash"])], [(2, invite["email_hash"])]) == [2]
+    assert await decrypt_model(crypto, customer, Customer) == Customer(SECRET_EMAIL)
+
+
+async def test_the_default_domain_is_the_record_name_and_the_field(crypto: Crypto) -> None:
+    @dataclasses.dataclass
+    class Before:
+        __encx_name__: ClassVar[str] = "person"
+        email: Annotated[str, Encrypt(), HashBasic()]
+        code: Annotated[str | None, HashBasic()] = None
+
+    @dataclasses.dataclass
+    class After:  # Before, renamed (its record name kept), and a hash-only field renamed
+        __encx_name__: ClassVar[str] = "person"
+        email: Annotated[str, Encrypt(), HashBasic()]
+        token: Annotated[str | None, HashBasic(domain=("person", "code"))] = None
+
+    @dataclasses.dataclass
+    class Unpinned:  # the same fields, and no record name: its qualified name is used
+        email: Annotated[str, Encrypt(), HashBasic()]
+        code: Annotated[str | None, HashBasic()] = None
+
+    old = (await encrypt_model(crypto, Before(SECRET_EMAIL, code="c0de"))).as_dict()
+    new = (await encrypt_model(crypto, After(SECRET_EMAIL, token="c0de"))).as_dict()
+    other = (await encrypt_model(crypto, Unpinned(SECRET_EMAIL, code="c0de"))).as_dict()
+    assert new["email_hash"] == old["email_hash"]
+    assert new["token_hash"] == old["code_hash"]
+    assert old["email_hash"] == crypto.hash_basic(SECRET_EMAIL, domain=("person", "email"))
+    assert other["email_hash"] == crypto.hash_basic(
+        SECRET_EMAIL, domain=(Unpinned.__qualname__, "email")
+    )
+    assert other["email_hash"] != old["email_hash"]
+    assert other["code_hash"] != old["code_hash"]
+    assert await decrypt_model(crypto, old, After) == After(SECRET_EMAIL)
+
+
+async def test_blind_index_refuses_what_no_hash_basic_field_holds(crypto: Crypto) -> None:
+    for field in ("nope", "id", "phone", "password"):  # unknown, plain, Encrypt(), HashSecure()
+        with pytest.raises(ConfigurationError, match=f"no HashBasic\\(\\) field '{field}'"):
+            crypto.blind_index(Contact, field, SECRET_EMAIL)
+    for value in (None, 42, [SECRET_EMAIL], SECRET_EMAIL.encode()):
+        with pytest.raises(InvalidValueError, match=r"Contact\.email is declared str") as caught:
+            crypto.blind_index(Contact, "email", value)
+        assert_error_is_clean(caught.value)
+    with pytest.raises(ModelDefinitionError):
+        crypto.blind_index(dict, "email", SECRET_EMAIL)
+
+
+def test_hash_basic_markers_with_a_domain() -> None:
+    assert repr(HashBasic(domain="users.email")) == "HashBasic(domain='users.email')"
+    assert repr(HashBasic(domain=("User", "email"))) == "HashBasic(domain=('User', 'email'))"
+    assert HashBasic(domain="a") == HashBasic(domain="a") != HashBasic(domain="b")
+    assert HashBasic() != HashBasic(domain="a")
+    assert hash(HashBasic(domain="a")) == hash(HashBasic(domain="a"))
+    assert HashBasic().domain is None
+    assert HashBasic(domain="a").domain == "a"
+    for bad in ("", ("",), ("a", 1), ["a"], "x" * 1025):
+        with pytest.raises(ModelDefinitionError, match="domain"):
+            HashBasic(domain=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        HashBasic("a")  # type: ignore[call-arg]
+
+
+async def test_a_blind_index_copied_from_another_domain_is_detected(crypto: Crypto) -> None:
+    row = (await encrypt_model(crypto, contact())).as_dict()
+    elsewhere = (await encrypt_model(crypto, Profile(1, nickname=SECRET_EMAIL))).as_dict()
+    assert elsewhere["nickname_hash"] != row["email_hash"]
+    with pytest.raises(DecryptionError, match="email_hash"):
+        await decrypt_model(crypto, {**row, "email_hash": elsewhere["nickname_hash"]}, Contact)
+
+
+async def test_hb1_rows_decrypt_and_are_found_during_the_reindex(crypto: Crypto) -> None:
+    old_index = legacy(crypto, SECRET_EMAIL)
+    other_index = legacy(crypto, "someone@else.org")
+    new_row = (await encrypt_model(crypto, contact(id=1), record_id=1)).as_dict()
+    old_row = (await encrypt_model(crypto, contact(id=2), record_id=2)).as_dict()
+    old_row["email_hash"] = old_index  # as written before blind indexes had domains
+    assert await decrypt_model(crypto, old_row, Contact, record_id=2) == contact(id=2)
+    with pytest.raises(DecryptionError):  # an hb1 index is checked like any other
+        await decrypt_model(crypto, {**old_row, "email_hash": other_index}, Contact, record_id=2)
+
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("CREATE TABLE contacts (id INTEGER, email_hash TEXT, row TEXT)")
+        for r in (new_row, old_row):
+            db.execute("INSERT INTO contacts VALUES (?, ?, ?)", (r["id"], r["email_hash"], "x"))
+        # During the migration a lookup asks for both indexes.
+        both = (crypto.blind_index(Contact, "email", SECRET_EMAIL), old_index)
+        query = "SELECT id FROM contacts WHERE email_hash IN (?, ?) ORDER BY id"
+        assert [i for (i,) in db.execute(query, both)] == [1, 2]
+        # The re-index: recompute what needs it, from the decrypted value.
+        stale = [
+            (i, h)
+            for i, h in db.execute("SELECT id, email_hash FROM contacts")
+            if crypto.needs_reindex(h)
+        ]
+        assert [i for i, _ in stale] == [2]
+        back = await decrypt_model(crypto, old_row, Contact, record_id=2)
+        fresh = crypto.blind_index(Contact, "email", back.email)
+        db.execute("UPDATE contacts SET email_hash = ? WHERE id = 2", (fresh,))
+        hashes = [h for (h,) in db.execute("SELECT email_hash FROM contacts")]
+        assert not any(crypto.needs_reindex(h) for h in hashes)
+        query = "SELECT id FROM contacts WHERE email_hash = ? ORDER BY id"
+        assert [i for (i,) in db.execute(query, both[:1])] == [1, 2]
+    finally:
+        db.close()
+
+
+async def test_after_a_pepper_rotation_old_indexes_decrypt_and_need_a_reindex(
+    local: LocalKMSService, tmp_path: Path
+) -> None:
+    keys = f"sqlite:///{tmp_path / 'keys.db'}"
+    old = await Crypto.create(kms=local, kek_alias=ALIAS, pepper=Pepper(PEPPER), database=keys)
+    new = await Crypto.create(
+        kms=local, kek_alias=ALIAS, pepper=Pepper(bytes(range(50, 82)), version=2), database=keys
+    )
+    async with old, new:
+        row = (await encrypt_model(old, contact())).as_dict()
+        stored = str(row["email_hash"])
+        assert new.needs_reindex(stored) is True
+        assert old.needs_reindex(stored) is False
+        assert await decrypt_model(new, row, Contact) == contact()  # not checkable: kept
+        fresh = (await encrypt_model(new, contact())).as_dict()
+        assert new.needs_reindex(str(fresh["email_hash"])) is False
+        with pytest.raises(InvalidHashError, match="pepper version 2"):
+            old.needs_reindex(str(fresh["email_hash"]))  # newer than old's: not old's to redo
+        with pytest.raises(DecryptionError):
+            await decrypt_model(old, fresh, Contact)
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -907,7 +1111,9 @@ async def test_dataclass_values_take_the_declared_type(crypto: Crypto) -> None:
         d: Annotated[dt.date | None, Encrypt()] = None
 
     record = await crypto.encrypt_model(Num(x=1))
-    assert record.fields["x_hash"] == crypto.hash_basic(1.0)
+    assert record.fields["x_hash"] == crypto.blind_index(Num, "x", 1.0)
+    assert record.fields["x_hash"] == crypto.blind_index(Num, "x", 1)  # widened the same way
+    assert record.fields["x_hash"] == crypto.hash_basic(1.0, domain=(Num.__qualname__, "x"))
     back = await crypto.decrypt_model(record, Num)
     assert type(back.x) is float
     for bad in (Num(x=1.0, n=True), Num(x=1.0, d=dt.datetime.now(dt.UTC))):
@@ -921,6 +1127,7 @@ async def test_a_blind_index_of_a_pepper_version_never_issued_is_refused(crypto:
         email: Annotated[str, Encrypt(), HashBasic()]
 
     row = (await crypto.encrypt_model(Person(email="alice@example.com"))).as_dict()
-    for forged in ("hb1:0:" + "A" * 43, "hb1:9999999999:" + "A" * 43, "hb1:2:" + "A" * 43):
+    forgeries = [f"{kind}:{version}:" + "A" * 43 for kind in ("hb1", "hb2") for version in (0, 2)]
+    for forged in [*forgeries, "hb1:9999999999:" + "A" * 43, "hb2:1:" + "A" * 43]:
         with pytest.raises(DecryptionError):
             await crypto.decrypt_model({**row, "email_hash": forged}, Person)

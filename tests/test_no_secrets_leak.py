@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import pytest
@@ -18,10 +19,12 @@ from encx_async import (
     DecryptionError,
     DEKCache,
     EncxError,
+    InvalidHashError,
     KeyManagementService,
     SealedRecord,
 )
 from encx_async._aead import _HKDF_INFO, EnvelopeCipher
+from encx_async._hashing import BLIND_INDEX_PURPOSE, derive_key, domain_purpose
 
 PEPPER = os.urandom(32)
 PLAINTEXT = b"SSN 078-05-1120 belongs to Jane Roe"
@@ -113,6 +116,53 @@ async def test_nothing_secret_leaks(
         assert_clean(text, secrets)
     assert any(isinstance(e, DecryptionError) for e in errors)
     await crypto.aclose()
+
+
+async def test_blind_index_and_argon2_bound_errors_show_no_secret(
+    kms: KeyManagementService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await kms.create_key("leak test", alias=ALIAS)
+    value = PLAINTEXT.decode()
+    domain = "people.ssn"
+    async with await Crypto.create(kms=kms, kek_alias=ALIAS, pepper=PEPPER) as crypto:
+        digest = crypto.hash_basic(value, domain=domain)
+        mac = digest.split(":")[2]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            legacy = crypto.legacy_hash_basic(value)
+        texts = [repr(crypto), str(crypto), *(str(w.message) for w in caught)]
+        attempts: list[Callable[[], object]] = [
+            lambda: crypto.verify_basic(value, digest[:-1], domain=domain),
+            lambda: crypto.verify_basic(value, digest + "A", domain=domain),
+            lambda: crypto.verify_basic(value, digest.replace("hb2:1:", "hb2:7:"), domain=domain),
+            lambda: crypto.verify_basic(value, legacy.replace("hb1:1:", "hb1:3:"), domain=domain),
+            lambda: crypto.verify_basic(value, digest, domain=("", value)),
+            lambda: crypto.needs_reindex(digest.replace("hb2:1:", "hb2:9:")),
+            lambda: crypto.needs_reindex(digest.replace("hb2", "hb9")),
+            lambda: crypto.hash_basic(value, domain=[value]),  # type: ignore[arg-type]
+            lambda: crypto.hash_basic({value}, domain=domain),
+        ]
+        errors: list[BaseException] = []
+        for attempt in attempts:
+            with pytest.raises(EncxError) as info:
+                attempt()
+            errors.append(info.value)
+        stored = "$argon2id$v=19$m=262144,t=16,p=1,keyid=1$c2FsdHNhbHRzYWx0c2FsdA$" + mac
+        with pytest.raises(InvalidHashError) as bound:
+            await crypto.verify_secure(value, stored)
+        errors.append(bound.value)
+    texts += [chain_text(e) for e in errors]
+    texts += [record.getMessage() for record in caplog.records]
+    derived = [
+        derive_key(PEPPER, BLIND_INDEX_PURPOSE),
+        derive_key(PEPPER, domain_purpose(domain)),
+        HKDF.extract(hashes.SHA256(), None, PEPPER),
+    ]
+    for text in texts:
+        assert_clean(text, [PEPPER, PLAINTEXT, *derived])
+        assert mac not in text, "a stored digest was echoed"
+        assert legacy.split(":")[2] not in text
 
 
 @pytest.mark.parametrize(

@@ -60,10 +60,12 @@ from ._exceptions import (
     ConfigurationError,
     DecryptionError,
     EncryptionError,
+    ForkedError,
     KeyVersionError,
     KMSError,
     KMSKeyNotFoundError,
 )
+from ._fork import forget_in_child
 from ._hashing import Argon2Params, BasicHasher, SecureHasher
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
@@ -162,6 +164,11 @@ class Crypto(AsyncResource):
     Create one per process with :meth:`create` and share it; it is safe to use
     from many tasks at once. ``aclose()`` (or ``async with``) wipes cached keys;
     it does not close the KMS service, which belongs to whoever opened it.
+
+    A process that forks (a pre-forking server, a ``multiprocessing`` pool with
+    the fork start method) must create its Crypto after the fork, in each child,
+    as with any asyncio resource. In a child, an inherited Crypto has forgotten
+    its cached keys and raises :class:`~encx_async.ForkedError` when used.
     """
 
     def __init__(
@@ -191,6 +198,7 @@ class Crypto(AsyncResource):
         self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
         self._closed = False
+        self._forked = False  # closed by a fork: this process is the child
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
@@ -214,6 +222,7 @@ class Crypto(AsyncResource):
             )
             self._max_cached_bytes = dek_cache.max_bytes_per_dek
             self._max_cached_uses = dek_cache.max_messages_per_dek
+        forget_in_child(self)
 
     @classmethod
     async def create(
@@ -346,6 +355,8 @@ class Crypto(AsyncResource):
 
         Idempotent. It leaves the KMS service open, and a database pool or
         connection that was passed in, since those belong to whoever opened them.
+        In a child process forked after the Crypto was created it does nothing:
+        the key store's connections and threads are the parent's.
         """
         if self._closed:
             return
@@ -362,9 +373,33 @@ class Crypto(AsyncResource):
     def _forget_memos(self) -> None:
         self._seal_memo, self._open_hint = _NO_MEMO, _NO_HINT
 
+    def _after_fork_in_child(self) -> None:
+        # The hot sealers are the parent's keys (their cache forgets them too; a
+        # retired one may be waiting for a wipe the parent's loop will never run
+        # here). The KMS client, the key store and the tasks belong to the
+        # parent's event loop: closed as far as this process goes, so aclose()
+        # leaves the parent's connections and threads alone, and the first use
+        # raises ForkedError, from the checks every call makes anyway.
+        for hot in (self._seal_memo[2], self._open_hint[5]):
+            if hot is not None:
+                hot.wipe()
+        self._forget_memos()
+        self._forked = not self._closed  # one closed before the fork stays merely closed
+        self._closed = True
+        self._basic = self._secure = None
+        self._kms_calls = Counter()
+
+    def _closed_error(self) -> ClosedError:
+        if self._forked:
+            return ForkedError(
+                "this Crypto was created before os.fork() and cannot be used in the child "
+                "process: create a Crypto in each process, after the fork"
+            )
+        return ClosedError("this Crypto is closed")
+
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -434,7 +469,7 @@ class Crypto(AsyncResource):
         """
         # The cached path runs without a single suspension: keep it lean.
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if type(plaintext) is not bytes:
             plaintext = bytes(_check_bytes("plaintext", plaintext))
         if aad is not None and type(aad) is not bytes:
@@ -479,7 +514,7 @@ class Crypto(AsyncResource):
         :class:`~encx_async.DecryptionError`.
         """
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
         keyring = self._keyring
@@ -1103,7 +1138,7 @@ class Crypto(AsyncResource):
         """
         # As lean as the high-level path: checks inline, no helper calls.
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if type(dek) is not DataKey:
             _check_dek(dek)
         if type(plaintext) is not bytes:
@@ -1122,7 +1157,7 @@ class Crypto(AsyncResource):
     ) -> bytes:
         """Reverse :meth:`encrypt_data`; DecryptionError if anything was changed."""
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
         # The common case first, with the fewest checks that keep it exact.

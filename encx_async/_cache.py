@@ -68,11 +68,13 @@ async def _unbound(key: Hashable) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class CacheSideStats:
-    """Counters of one side of the cache since it was created."""
+    """Counters of one side of the cache since it was created (in this process)."""
 
+    #: lookups served by a cached key, without waiting
     hits: int
+    #: lookups that started a KMS call, and waited for it
     misses: int
-    #: callers that found a KMS call for their entry under way and waited for it
+    #: lookups that found a KMS call for their entry under way and waited for it
     coalesced: int
     #: background refresh-ahead fetches started, and how many of them failed
     refreshes: int
@@ -91,9 +93,13 @@ class DEKCacheStats:
 
     @property
     def hit_ratio(self) -> float:
-        """The share of lookups, both sides together, that made no KMS call of their own.
+        """The share of lookups, both sides together, that made no KMS call of their own:
+        ``(hits + coalesced) / (hits + coalesced + misses)``, 0.0 before any lookup.
 
-        Hits and coalesced waits count; misses do not. 0.0 before any lookup.
+        A coalesced wait cost no KMS request, though it waited for one, so
+        ``1 - hit_ratio`` is the share of lookups that sent a request: what the
+        KMS bill and quota see. The share that waited for the KMS is
+        ``(misses + coalesced)`` over the same total.
         """
         saved = self.encrypt.hits + self.decrypt.hits
         saved += self.encrypt.coalesced + self.decrypt.coalesced

@@ -605,7 +605,7 @@ class EncryptedRecord:
         if isinstance(meta, str | bytes):
             try:
                 meta = json.loads(meta)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the parser's depth
                 raise DecryptionError(
                     f"malformed record: the {META_COLUMN!r} column is not JSON"
                 ) from None

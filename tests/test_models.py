@@ -699,6 +699,28 @@ async def test_from_dict_is_strict(crypto: Crypto) -> None:
         assert_error_is_clean(caught.value)
 
 
+async def test_deeply_nested_metadata_is_a_decryption_error(crypto: Crypto) -> None:
+    row = (await encrypt_model(crypto, contact())).as_dict()
+    meta = row["encx"]
+    assert isinstance(meta, dict)
+    depth = 100_000  # far past the JSON parser's recursion limit
+    deep: list[object] = []
+    for _ in range(depth):
+        deep = [deep]
+    malformed: list[dict[str, object]] = [
+        {**row, "encx": "[" * depth + "]" * depth},
+        {**row, "encx": ('{"v": ' * depth + "1" + "}" * depth).encode()},
+        {**row, "encx": {**meta, "fields": deep}},
+        {**row, "encx": {**meta, "header": deep}},
+    ]
+    for bad in malformed:
+        with pytest.raises(DecryptionError) as caught:
+            EncryptedRecord.from_dict(bad)
+        assert_error_is_clean(caught.value)
+        with pytest.raises(DecryptionError):
+            await decrypt_model(crypto, bad, Contact)
+
+
 async def test_a_missing_plain_column_is_reported(crypto: Crypto) -> None:
     row = (await encrypt_model(crypto, contact())).as_dict()
     del row["name"]

@@ -841,6 +841,10 @@ class Crypto(AsyncResource):
 
         :param record_id: the record's primary key, when it has one: its
             ciphertexts are then bound to it and cannot be moved to another row.
+            Without it, nothing ties them to their row: with a DEK cache, the
+            records sealed under one key share a header, and an encrypted column
+            copied from one to another decrypts there. Pass it for every table
+            that has a key.
         """
         return await _models.encrypt_model(self, obj, context=context, record_id=record_id)
 
@@ -854,7 +858,9 @@ class Crypto(AsyncResource):
     ) -> T:
         """Rebuild a ``model`` instance from :meth:`encrypt_model`'s record (or its dict).
 
-        Hash-only fields are not restored: they take their default.
+        Hash-only fields are not restored: they take their default. ``record_id``
+        must be the one the record was encrypted with; without one, a column
+        moved in from another record sealed under the same key goes unnoticed.
         """
         return await _models.decrypt_model(
             self, record, model, context=context, record_id=record_id
@@ -871,6 +877,8 @@ class Crypto(AsyncResource):
         """:meth:`encrypt_model` for many objects, in order, ``concurrency`` at a time.
 
         ``record_id`` maps an object to its id (for example ``lambda u: u.id``).
+        Without it, records sealed under one cached key can trade encrypted
+        columns unnoticed; see :meth:`encrypt_model`.
         """
         return await _models.encrypt_models(
             self, objs, context=context, record_id=record_id, concurrency=concurrency

@@ -710,7 +710,9 @@ async def encrypt_model(
     :param record_id: the record's primary key, when it has one: its ciphertexts
         are then bound to it, and cannot be moved to another row. Any value an
         ``Encrypt()`` field may hold (str, int, UUID...); pass the same value, of
-        the same type, to :func:`decrypt_model`.
+        the same type, to :func:`decrypt_model`. Without it, nothing ties the
+        ciphertexts to their row: records sealed under one cached DEK share a
+        header, so an encrypted column copied from one into another decrypts.
     """
     if isinstance(obj, type):
         raise InvalidValueError("encrypt_model takes a model instance, not a class")

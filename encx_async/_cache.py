@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._exceptions import ClosedError, ConfigurationError
+from ._fork import forget_in_child
 
 __all__ = ["NIST_GCM_RANDOM_NONCE_LIMIT", "CacheSideStats", "DEKCache", "DEKCacheStats"]
 
@@ -67,11 +68,13 @@ async def _unbound(key: Hashable) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class CacheSideStats:
-    """Counters of one side of the cache since it was created."""
+    """Counters of one side of the cache since it was created (in this process)."""
 
+    #: lookups served by a cached key, without waiting
     hits: int
+    #: lookups that started a KMS call, and waited for it
     misses: int
-    #: callers that found a KMS call for their entry under way and waited for it
+    #: lookups that found a KMS call for their entry under way and waited for it
     coalesced: int
     #: background refresh-ahead fetches started, and how many of them failed
     refreshes: int
@@ -90,9 +93,13 @@ class DEKCacheStats:
 
     @property
     def hit_ratio(self) -> float:
-        """The share of lookups, both sides together, that made no KMS call of their own.
+        """The share of lookups, both sides together, that made no KMS call of their own:
+        ``(hits + coalesced) / (hits + coalesced + misses)``, 0.0 before any lookup.
 
-        Hits and coalesced waits count; misses do not. 0.0 before any lookup.
+        A coalesced wait cost no KMS request, though it waited for one, so
+        ``1 - hit_ratio`` is the share of lookups that sent a request: what the
+        KMS bill and quota see. The share that waited for the KMS is
+        ``(misses + coalesced)`` over the same total.
         """
         saved = self.encrypt.hits + self.decrypt.hits
         saved += self.encrypt.coalesced + self.decrypt.coalesced
@@ -420,6 +427,22 @@ class _Side(Generic[V]):
             self.expirations[reason] += 1
         _retire(entry)
 
+    def forget(self) -> None:
+        """In a forked child: wipe every key now, and refuse further use.
+
+        The loads in flight are tasks of the parent's event loop, which does not
+        run here: they are dropped, not cancelled or awaited.
+        """
+        self.closed = True
+        for entry in (*self.entries.values(), *self.successors.values()):
+            entry.dead = True
+            entry.value.wipe()
+        self.entries.clear()
+        self.successors.clear()
+        self.inflight.clear()
+        self.tasks.clear()
+        self.armed = self.last_hit = None
+
     async def aclose(self) -> None:
         self.closed = True
         if self.armed is not None:
@@ -462,6 +485,9 @@ class DEKCache:
     The trade-off: every message encrypted under one cached DEK is exposed if that
     DEK leaks (for instance from process memory), so ``max_messages_per_dek`` is
     the blast radius. See ``docs/caching.md``.
+
+    In a child forked after it was created, the cache is empty: the keys it held
+    are the parent's to count, and are wiped in the child.
     """
 
     def __init__(
@@ -507,6 +533,17 @@ class DEKCache:
         self._encrypt: _Side[_Value] = _Side(limits, clock)
         self._decrypt: _Side[_Value] = _Side(_Limits(ttl, max_entries, refresh_ahead), clock)
         self._owner: object | None = None
+        forget_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent goes on counting the uses of these keys, so none may be used
+        # here. The child gets an empty cache with fresh counters (its stats are
+        # its own), free for a Crypto created in this process.
+        for side in (self._encrypt, self._decrypt):
+            side.forget()
+        self._encrypt = _Side(self._encrypt.limits, self._encrypt.clock)
+        self._decrypt = _Side(self._decrypt.limits, self._decrypt.clock)
+        self._owner = None
 
     def _bind(
         self, owner: object, encrypt_loader: Loader[V], decrypt_loader: Loader[V]

@@ -61,10 +61,12 @@ from ._exceptions import (
     ConfigurationError,
     DecryptionError,
     EncryptionError,
+    ForkedError,
     KeyVersionError,
     KMSError,
     KMSKeyNotFoundError,
 )
+from ._fork import forget_in_child
 from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, SecureHasher
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
@@ -163,6 +165,11 @@ class Crypto(AsyncResource):
     Create one per process with :meth:`create` and share it; it is safe to use
     from many tasks at once. ``aclose()`` (or ``async with``) wipes cached keys;
     it does not close the KMS service, which belongs to whoever opened it.
+
+    A process that forks (a pre-forking server, a ``multiprocessing`` pool with
+    the fork start method) must create its Crypto after the fork, in each child,
+    as with any asyncio resource. In a child, an inherited Crypto has forgotten
+    its cached keys and raises :class:`~encx_async.ForkedError` when used.
     """
 
     def __init__(
@@ -192,6 +199,7 @@ class Crypto(AsyncResource):
         self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
         self._closed = False
+        self._forked = False  # closed by a fork: this process is the child
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
@@ -215,6 +223,7 @@ class Crypto(AsyncResource):
             )
             self._max_cached_bytes = dek_cache.max_bytes_per_dek
             self._max_cached_uses = dek_cache.max_messages_per_dek
+        forget_in_child(self)
 
     @classmethod
     async def create(
@@ -351,6 +360,8 @@ class Crypto(AsyncResource):
 
         Idempotent. It leaves the KMS service open, and a database pool or
         connection that was passed in, since those belong to whoever opened them.
+        In a child process forked after the Crypto was created it does nothing:
+        the key store's connections and threads are the parent's.
         """
         if self._closed:
             return
@@ -378,9 +389,33 @@ class Crypto(AsyncResource):
     def _forget_memos(self) -> None:
         self._seal_memo, self._open_hint = _NO_MEMO, _NO_HINT
 
+    def _after_fork_in_child(self) -> None:
+        # The hot sealers are the parent's keys (their cache forgets them too; a
+        # retired one may be waiting for a wipe the parent's loop will never run
+        # here). The KMS client, the key store and the tasks belong to the
+        # parent's event loop: closed as far as this process goes, so aclose()
+        # leaves the parent's connections and threads alone, and the first use
+        # raises ForkedError, from the checks every call makes anyway.
+        for hot in (self._seal_memo[2], self._open_hint[5]):
+            if hot is not None:
+                hot.wipe()
+        self._forget_memos()
+        self._forked = not self._closed  # one closed before the fork stays merely closed
+        self._closed = True
+        self._basic = self._secure = None
+        self._kms_calls = Counter()
+
+    def _closed_error(self) -> ClosedError:
+        if self._forked:
+            return ForkedError(
+                "this Crypto was created before os.fork() and cannot be used in the child "
+                "process: create a Crypto in each process, after the fork"
+            )
+        return ClosedError("this Crypto is closed")
+
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -450,7 +485,7 @@ class Crypto(AsyncResource):
         """
         # The cached path runs without a single suspension: keep it lean.
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if type(plaintext) is not bytes:
             plaintext = bytes(_check_bytes("plaintext", plaintext))
         if aad is not None and type(aad) is not bytes:
@@ -495,7 +530,7 @@ class Crypto(AsyncResource):
         :class:`~encx_async.DecryptionError`.
         """
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
         keyring = self._keyring
@@ -863,6 +898,10 @@ class Crypto(AsyncResource):
 
         :param record_id: the record's primary key, when it has one: its
             ciphertexts are then bound to it and cannot be moved to another row.
+            Without it, nothing ties them to their row: with a DEK cache, the
+            records sealed under one key share a header, and an encrypted column
+            copied from one to another decrypts there. Pass it for every table
+            that has a key.
         """
         return await _models.encrypt_model(self, obj, context=context, record_id=record_id)
 
@@ -876,7 +915,9 @@ class Crypto(AsyncResource):
     ) -> T:
         """Rebuild a ``model`` instance from :meth:`encrypt_model`'s record (or its dict).
 
-        Hash-only fields are not restored: they take their default.
+        Hash-only fields are not restored: they take their default. ``record_id``
+        must be the one the record was encrypted with; without one, a column
+        moved in from another record sealed under the same key goes unnoticed.
         """
         return await _models.decrypt_model(
             self, record, model, context=context, record_id=record_id
@@ -893,6 +934,8 @@ class Crypto(AsyncResource):
         """:meth:`encrypt_model` for many objects, in order, ``concurrency`` at a time.
 
         ``record_id`` maps an object to its id (for example ``lambda u: u.id``).
+        Without it, records sealed under one cached key can trade encrypted
+        columns unnoticed; see :meth:`encrypt_model`.
         """
         return await _models.encrypt_models(
             self, objs, context=context, record_id=record_id, concurrency=concurrency
@@ -1156,7 +1199,7 @@ class Crypto(AsyncResource):
         """
         # As lean as the high-level path: checks inline, no helper calls.
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if type(dek) is not DataKey:
             _check_dek(dek)
         if type(plaintext) is not bytes:
@@ -1175,7 +1218,7 @@ class Crypto(AsyncResource):
     ) -> bytes:
         """Reverse :meth:`encrypt_data`; DecryptionError if anything was changed."""
         if self._closed:
-            raise ClosedError("this Crypto is closed")
+            raise self._closed_error()
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
         # The common case first, with the fewest checks that keep it exact.

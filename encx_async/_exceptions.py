@@ -9,6 +9,7 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     ├── InvalidValueError (also ValueError)
     ├── InvalidHashError (also ValueError)
     ├── ClosedError (also RuntimeError)
+    │   └── ForkedError
     ├── KMSError
     │   ├── KMSUnavailableError
     │   │   └── RegionsUnavailableError
@@ -38,6 +39,7 @@ __all__ = [
     "DecryptionError",
     "EncryptionError",
     "EncxError",
+    "ForkedError",
     "InvalidHashError",
     "InvalidValueError",
     "KMSAccessDeniedError",
@@ -77,6 +79,15 @@ class InvalidHashError(EncxError, ValueError):
 
 class ClosedError(EncxError, RuntimeError):
     """The object was used after ``aclose()``."""
+
+
+class ForkedError(ClosedError):
+    """A Crypto was used in a process forked after it was created.
+
+    Its KMS client, key store and background tasks belong to the parent's event
+    loop, and its cached data keys to the parent's use counts, so in the child
+    it is closed: create a Crypto in each process, after the fork.
+    """
 
 
 class KMSError(EncxError):

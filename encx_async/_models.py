@@ -654,7 +654,7 @@ class EncryptedRecord:
         if isinstance(meta, str | bytes):
             try:
                 meta = json.loads(meta)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past the parser's depth
                 raise DecryptionError(
                     f"malformed record: the {META_COLUMN!r} column is not JSON"
                 ) from None
@@ -759,7 +759,9 @@ async def encrypt_model(
     :param record_id: the record's primary key, when it has one: its ciphertexts
         are then bound to it, and cannot be moved to another row. Any value an
         ``Encrypt()`` field may hold (str, int, UUID...); pass the same value, of
-        the same type, to :func:`decrypt_model`.
+        the same type, to :func:`decrypt_model`. Without it, nothing ties the
+        ciphertexts to their row: records sealed under one cached DEK share a
+        header, so an encrypted column copied from one into another decrypts.
     """
     if isinstance(obj, type):
         raise InvalidValueError("encrypt_model takes a model instance, not a class")

@@ -575,6 +575,34 @@ async def test_a_wrong_context_is_detected(
         await decrypt_model(crypto, row, Contact, context={"tenant": "other"}, record_id=1)
 
 
+async def test_without_record_id_a_column_moves_between_rows_that_share_a_key(
+    local: LocalKMSService, tmp_path: Path
+) -> None:
+    """What record_id is for: rows sealed under one cached DEK share their header, so
+    without an id an encrypted column copied from one to another decrypts there."""
+    alice = contact(id=1, name="Alice", email="alice@example.com", phone="111")
+    bob = contact(id=2, name="Bob", email="bob@example.com", phone="222")
+    async with await make_crypto(local, tmp_path, DEKCache()) as crypto:
+        unbound = [r.as_dict() for r in await crypto.encrypt_models([alice, bob], context=CTX)]
+        assert unbound[0]["encx"] == unbound[1]["encx"]  # one DEK, one header
+        moved = {**unbound[1], "phone_encrypted": unbound[0]["phone_encrypted"]}
+        back = await crypto.decrypt_model(moved, Contact, context=CTX)
+        assert (back.name, back.phone) == ("Bob", "111")  # Bob's row, Alice's phone
+
+        bound = [
+            r.as_dict()
+            for r in await crypto.encrypt_models(
+                [alice, bob], context=CTX, record_id=lambda c: c.id
+            )
+        ]
+        assert bound[0]["encx"] == bound[1]["encx"]
+        moved = {**bound[1], "phone_encrypted": bound[0]["phone_encrypted"]}
+        with pytest.raises(DecryptionError) as caught:
+            await crypto.decrypt_model(moved, Contact, context=CTX, record_id=2)
+        assert_error_is_clean(caught.value)
+        assert await crypto.decrypt_model(bound[1], Contact, context=CTX, record_id=2) == bob
+
+
 async def test_flipped_bytes_are_detected(
     two_rows: tuple[Crypto, dict[str, object], dict[str, object]],
 ) -> None:
@@ -705,6 +733,28 @@ async def test_from_dict_is_strict(crypto: Crypto) -> None:
         with pytest.raises(DecryptionError) as caught:
             EncryptedRecord.from_dict(bad)
         assert_error_is_clean(caught.value)
+
+
+async def test_deeply_nested_metadata_is_a_decryption_error(crypto: Crypto) -> None:
+    row = (await encrypt_model(crypto, contact())).as_dict()
+    meta = row["encx"]
+    assert isinstance(meta, dict)
+    depth = 100_000  # far past the JSON parser's recursion limit
+    deep: list[object] = []
+    for _ in range(depth):
+        deep = [deep]
+    malformed: list[dict[str, object]] = [
+        {**row, "encx": "[" * depth + "]" * depth},
+        {**row, "encx": ('{"v": ' * depth + "1" + "}" * depth).encode()},
+        {**row, "encx": {**meta, "fields": deep}},
+        {**row, "encx": {**meta, "header": deep}},
+    ]
+    for bad in malformed:
+        with pytest.raises(DecryptionError) as caught:
+            EncryptedRecord.from_dict(bad)
+        assert_error_is_clean(caught.value)
+        with pytest.raises(DecryptionError):
+            await decrypt_model(crypto, bad, Contact)
 
 
 async def test_a_missing_plain_column_is_reported(crypto: Crypto) -> None:

@@ -198,7 +198,6 @@ class Crypto(AsyncResource):
         self._thread_threshold = thread_threshold
         self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
-        self._closed = False
         self._forked = False  # closed by a fork: this process is the child
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
@@ -223,6 +222,8 @@ class Crypto(AsyncResource):
             )
             self._max_cached_bytes = dek_cache.max_bytes_per_dek
             self._max_cached_uses = dek_cache.max_messages_per_dek
+        # Last: an instance whose construction failed counts as closed (see __del__).
+        self._closed = False
         forget_in_child(self)
 
     @classmethod

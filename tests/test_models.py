@@ -951,8 +951,9 @@ async def test_a_blind_index_copied_from_another_domain_is_detected(crypto: Cryp
     row = (await encrypt_model(crypto, contact())).as_dict()
     elsewhere = (await encrypt_model(crypto, Profile(1, nickname=SECRET_EMAIL))).as_dict()
     assert elsewhere["nickname_hash"] != row["email_hash"]
-    with pytest.raises(DecryptionError, match="email_hash"):
+    with pytest.raises(DecryptionError) as moved:
         await decrypt_model(crypto, {**row, "email_hash": elsewhere["nickname_hash"]}, Contact)
+    assert "email_hash" in moved.value.reason
 
 
 async def test_hb1_rows_decrypt_and_are_found_during_the_reindex(crypto: Crypto) -> None:

@@ -488,13 +488,14 @@ async def test_a_silent_region_is_bounded_by_attempt_timeout(
         slow = KMSService(Config(region=EAST, endpoint_url=hole.url, read_timeout=30))
         west = KMSService(Config(region=WEST, endpoint_url=servers[WEST].url))
         async with slow, west:
-            key = await west.create_key("west", alias="alias/app")
+            key = await west.create_key("west", alias="alias/app", multi_region=True)
             kms = MultiRegionKMSService(
                 [slow, west], mode="replicas", attempt_timeout=0.2, clock=FakeClock()
             )
             async with kms:
                 with anyio.fail_after(5), caplog.at_level(logging.DEBUG, "encx_async.kms"):
-                    assert await kms.get_key_id("alias/app") == key
+                    # (Named in the primary region, as every multi-region key is.)
+                    assert await kms.get_key_id("alias/app") == key.replace(WEST, EAST)
         reasons = [r.getMessage() for r in caplog.records if "moves on" in r.getMessage()]
         assert reasons
         assert "no answer within 0.2 s" in reasons[0]
@@ -520,6 +521,35 @@ async def test_replicas_wrap_moves_to_the_replica(servers: dict[str, RegionServe
         assert await kms.encrypt_dek(primary_arn, DEK)
         east = kms.stats().region(EAST)
         assert (east.failures, east.failovers, east.breaker) == (2, 2, "open")
+
+
+async def test_replicas_refuse_a_single_region_key_at_create(
+    servers: dict[str, RegionServer],
+) -> None:
+    async with multi(servers, FakeClock(), mode="replicas") as kms:
+
+        async def refused(kek_alias: str, **options: Any) -> str:
+            try:
+                crypto = await Crypto.create(kms=kms, kek_alias=kek_alias, **options)
+            except errors.ConfigurationError as exc:
+                return str(exc)
+            await crypto.aclose()  # (an open one would keep the test process alive)
+            pytest.fail(f"Crypto.create took {kek_alias!r} in replicas mode")
+
+        single = await kms.service(EAST).create_key("single", alias="alias/single")
+        for ref in ("alias/single", single):
+            message = await refused(ref)
+            assert "not a multi-region key" in message
+            assert "mode='every-region'" in message
+            assert "mrk-" in message
+        # Nor does create_key_if_missing take the single-region key the alias names.
+        assert "multi-region" in await refused("alias/single", create_key_if_missing=True)
+        # A multi-region key is what this mode is for (moto wraps under it but
+        # refuses to unwrap; test_mrk.py tests that part on local regions).
+        crypto = await Crypto.create(kms=kms, kek_alias="alias/app", create_key_if_missing=True)
+        async with crypto:
+            assert ":key/mrk-" in crypto.key_id
+            assert await crypto.encrypt(b"fine", context=CONTEXT)
 
 
 # -- rotation across regions -------------------------------------------------------

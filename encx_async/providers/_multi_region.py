@@ -11,7 +11,10 @@ region, listed nearest first. It works in one of two modes:
     unavailable. The wrapped key is exactly what KMS returned, so data written
     through a plain :class:`~encx_async.providers.aws.KMSService` reads back
     through this service and the other way round. A key that is not
-    multi-region lives in one region and gets no failover.
+    multi-region lives in one region and gets no failover, so
+    :meth:`~MultiRegionKMSService.get_key_id` (which
+    :meth:`Crypto.create <encx_async.Crypto.create>` checks its key with)
+    refuses one.
 
 ``"every-region"``
     The data key is wrapped under a separate key in every region (the AWS
@@ -763,10 +766,13 @@ class MultiRegionKMSService(ProviderResource):
 
         ``"replicas"``: through the nearest region that answers (an alias
         name must exist in each region it is resolved in); a multi-region
-        key's ARN comes back in the primary region. ``"every-region"``: an
-        alias name is resolved in every region (all must answer), and the
-        result is the composite id; a composite id is checked in the regions
-        that answer (at least one) and returned.
+        key's ARN comes back in the primary region, and a key that is not
+        multi-region is refused with :class:`~encx_async.ConfigurationError`
+        (it lives in one region, so nothing about it could fail over; this is
+        what :meth:`Crypto.create <encx_async.Crypto.create>` checks its key
+        with). ``"every-region"``: an alias name is resolved in every region
+        (all must answer), and the result is the composite id; a composite id
+        is checked in the regions that answer (at least one) and returned.
         """
         key_ref = check_key_ref(alias)
         await self._ensure_open()
@@ -776,6 +782,13 @@ class MultiRegionKMSService(ProviderResource):
                 self._plan(key_ref, self._regions),
                 lambda region: region.service.get_key_id(key_ref),
             )
+            if not is_multi_region_key(found):
+                raise ConfigurationError(
+                    f"{key_ref!r} is key {found}, which is not a multi-region key: it lives in "
+                    "one region, so mode='replicas' could not fail over. Use a multi-region "
+                    "key (mrk-...; create_key makes one in this mode), or mode='every-region' "
+                    "for an ordinary key in every region"
+                )
             return self._canonical(found)
         parts = self._parts(key_ref)
         resolved = await self._each(

@@ -365,6 +365,19 @@ async def test_breaker_under_a_flapping_region(
     assert east().retry_in == RESET
 
 
+async def fail_probes(
+    service: MultiRegionKMSService, clock: FakeClock, key: str, wrapped: bytes, times: int
+) -> None:
+    """With east down, open its breaker, then let ``times`` half-open probes fail."""
+    for _ in range(2):
+        assert await service.decrypt_dek(key, wrapped) == DEK
+    for _ in range(times):
+        retry_in = service.stats().region(EAST).retry_in
+        assert retry_in is not None
+        clock.advance(retry_in)
+        assert await service.decrypt_dek(key, wrapped) == DEK  # the probe fails; west answers
+
+
 @pytest.mark.slow
 async def test_failed_probe_reopens_at_once(
     kms: tuple[MultiRegionKMSService, FakeClock], servers: dict[str, RegionServer]
@@ -373,8 +386,7 @@ async def test_failed_probe_reopens_at_once(
     key = await service.create_key("app")
     wrapped = await service.encrypt_dek(key, DEK)
     servers[EAST].stop()
-    for _ in range(2):
-        await service.decrypt_dek(key, wrapped)
+    await fail_probes(service, clock, key, wrapped, times=0)
     assert service.stats().region(EAST).retry_in == RESET
     clock.advance(RESET)
     assert service.stats().region(EAST).breaker == "half-open"
@@ -636,3 +648,88 @@ def test_region_names_are_bounded() -> None:
     with pytest.raises(errors.ConfigurationError, match="region"):
         MultiRegionKMSService([LocalKMSService(region="r" * 65)])
     assert MultiRegionKMSService([LocalKMSService(region="r" * 64)]).regions == ("r" * 64,)
+
+
+# -- a region whose breaker is open still serves when nothing else can ------------
+
+
+@pytest.mark.slow
+async def test_a_recovered_region_serves_while_its_breaker_is_open(
+    kms: tuple[MultiRegionKMSService, FakeClock], servers: dict[str, RegionServer]
+) -> None:
+    service, clock = kms
+    key = await service.create_key("app")
+    wrapped = await service.encrypt_dek(key, DEK)
+    servers[EAST].stop()
+    await fail_probes(service, clock, key, wrapped, times=2)
+    east = service.stats().region(EAST)
+    assert (east.breaker, east.retry_in) == ("open", 4 * RESET)  # doubled twice
+    servers[EAST].start()  # east is back, but its breaker says so only in 40 s
+    clock.advance(RESET)
+    calls = east.calls
+    servers[WEST].stop()
+    results: list[bytes] = []
+
+    async def unwrap() -> None:
+        results.append(await service.decrypt_dek(key, wrapped))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(unwrap)
+        for _ in range(4):
+            await unwrap()
+    assert results == [DEK] * 12  # no RegionsUnavailableError while east is healthy
+    east = service.stats().region(EAST)
+    # The first call with nowhere else to go probed east early; that closed the breaker.
+    assert (east.breaker, east.retry_in, east.consecutive_failures) == ("closed", None, 0)
+    assert east.calls - calls == 12
+    assert service.stats().unavailable == 0
+    # A wrap finds east too, and west is left out only after its own breaker opened.
+    assert await service.decrypt_dek(key, await service.encrypt_dek(key, DEK)) == DEK
+    assert service.stats().region(WEST).breaker == "open"
+
+
+@pytest.mark.slow
+async def test_early_probes_when_every_region_is_down(servers: dict[str, RegionServer]) -> None:
+    clock = FakeClock()
+    async with multi(servers, clock, attempt_timeout=2) as service:
+        await early_probes(service, clock, servers)
+
+
+async def early_probes(
+    service: MultiRegionKMSService, clock: FakeClock, servers: dict[str, RegionServer]
+) -> None:
+    key = await service.create_key("app")
+    wrapped = await service.encrypt_dek(key, DEK)
+    for server in servers.values():
+        server.stop()
+    for _ in range(2):
+        with pytest.raises(RegionsUnavailableError):
+            await service.decrypt_dek(key, wrapped)
+    stats = service.stats()
+    assert [region.breaker for region in stats.regions] == ["open", "open"]
+    calls = [region.calls for region in stats.regions]
+    # Just failed: no early probe yet, the call fails at once.
+    with pytest.raises(RegionsUnavailableError, match="circuit open"):
+        await service.decrypt_dek(key, wrapped)
+    assert [region.calls for region in service.stats().regions] == calls
+    # attempt_timeout (2 s) after their last failure, a call probes them, oldest failure first.
+    clock.advance(2)
+    with pytest.raises(RegionsUnavailableError, match="could not be reached") as caught:
+        await service.decrypt_dek(key, wrapped)
+    assert "circuit open" not in str(caught.value)
+    stats = service.stats()
+    assert [r.calls - c for r, c in zip(stats.regions, calls, strict=True)] == [1, 1]
+    # A failed early probe leaves the open period as it was.
+    assert [region.retry_in for region in stats.regions] == [RESET - 2, RESET - 2]
+    with pytest.raises(RegionsUnavailableError, match="circuit open"):
+        await service.encrypt_dek(key, DEK)
+    # East comes back: the next early probe closes its breaker, and wraps resume.
+    servers[EAST].start()
+    clock.advance(2)
+    assert service.stats().region(EAST).retry_in == RESET - 4  # still well before its probe
+    assert await service.decrypt_dek(key, await service.encrypt_dek(key, DEK)) == DEK
+    stats = service.stats()
+    assert (stats.region(EAST).breaker, stats.region(WEST).breaker) == ("closed", "open")
+    assert stats.partial_wraps == 1

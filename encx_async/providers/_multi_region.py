@@ -35,14 +35,26 @@ then one call probes it (half-open), which closes the breaker on success or
 opens it again, for twice as long each time the region fails again soon after
 recovering, up to ``max_reset_timeout``. Arguments refused before a request
 and a closed regional service leave the breaker as it was.
+
+An open breaker only steers calls to other regions. A call that no other
+region can serve (they failed, or are skipped too) probes the skipped regions
+before its time, the one whose latest failure is oldest first: that region
+has had the longest to recover. One probe per region is out at a time; a call
+with nowhere else to go waits for its outcome (within ``attempt_timeout``) and
+then uses the region or gives up on it. A region is not probed early within
+``attempt_timeout`` of its latest failure, so a total outage costs a probe per
+region every ``attempt_timeout`` seconds, not one per call. An early probe
+that fails leaves the open period as it was; one that succeeds closes the
+breaker.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import (
     TYPE_CHECKING,
@@ -192,59 +204,96 @@ class MultiRegionStats:
         raise KeyError(name)
 
 
+_Ticket: TypeAlias = Literal["call", "probe", "early"]
+
+
 class _Breaker:
-    """A region's circuit breaker, on an injected clock. Not thread-safe: one event loop."""
+    """A region's circuit breaker, on an injected clock. Not thread-safe: one event loop.
+
+    A ticket says how a call may use the region: ``"call"`` (closed),
+    ``"probe"`` (the half-open probe, once the open period is over) or
+    ``"early"`` (a probe before then, for a call no other region can serve).
+    At most one probe is in flight; callers with nowhere else to go wait for it.
+    """
 
     __slots__ = (
+        "_gap",
         "_max_reset",
         "_reset",
         "_threshold",
         "calm_after",
+        "failed_at",
         "failures",
         "open_until",
+        "probe_over",
         "probing",
         "trips",
     )
 
-    def __init__(self, threshold: int, reset: float, max_reset: float) -> None:
+    def __init__(self, threshold: int, reset: float, max_reset: float, gap: float) -> None:
         self._threshold = threshold
         self._reset = reset
         self._max_reset = max_reset
+        # attempt_timeout: an early probe comes at least this long after the
+        # region's latest failure, and any probe ends within it
+        self._gap = gap
         self.failures = 0
         self.trips = 0  # openings since the region last stayed healthy for a while
         self.open_until: float | None = None
         self.calm_after = 0.0
+        self.failed_at = -math.inf  # the latest availability failure seen
         self.probing = False
+        self.probe_over: anyio.Event | None = None  # made by the first caller to wait
 
     def state(self, now: float) -> BreakerState:
         if self.open_until is None:
             return "closed"
         return "half-open" if self.probing or now >= self.open_until else "open"
 
-    def acquire(self, now: float) -> Literal["call", "probe"] | None:
-        """May a call use the region now? ``"probe"`` makes the caller the half-open probe."""
+    def acquire(self, now: float, *, last_resort: bool) -> _Ticket | Literal["wait"] | None:
+        """May a call use the region now? ``None``: skip it; ``"wait"``: for the probe.
+
+        ``last_resort``: no other region can serve the call, so an open breaker
+        lets it probe early (unless the region failed within the gap) or wait
+        for the probe in flight.
+        """
         if self.open_until is None:
             return "call"
-        if self.probing or now < self.open_until:
-            return None
-        self.probing = True
-        return "probe"
+        if self.probing:
+            return "wait" if last_resort else None
+        if now >= self.open_until:
+            self.probing = True
+            return "probe"
+        if last_resort and now - self.failed_at >= self._gap:
+            self.probing = True
+            return "early"
+        return None
 
-    def answered(self, probe: bool, now: float) -> None:
+    async def probe_ended(self) -> None:
+        if self.probe_over is None:
+            self.probe_over = anyio.Event()
+        await self.probe_over.wait()
+
+    def answered(self, ticket: _Ticket, now: float) -> None:
         """The region answered (with a result or an error that is not an outage)."""
         self.failures = 0
-        if probe:
+        if ticket != "call":
             self.open_until = None
-            self.probing = False
+            self._end_probe()
             # Its trips count until it has stayed up as long as it was last left alone.
             self.calm_after = now + self._open_time()
 
-    def failed(self, probe: bool, now: float) -> bool:
+    def failed(self, ticket: _Ticket, now: float) -> bool:
         """The region was unavailable; True if that opened the breaker."""
-        if probe:
-            self.probing = False
+        self.failed_at = now
+        if ticket == "probe":
+            self._end_probe()
             self._open(now)
             return True
+        if ticket == "early":
+            # Probed ahead of time out of need: its open period stays as it was.
+            self._end_probe()
+            return False
         if self.open_until is not None:
             return False  # a call from before the breaker opened: already counted
         self.failures += 1
@@ -253,10 +302,16 @@ class _Breaker:
         self._open(now)
         return True
 
-    def release(self, probe: bool) -> None:
+    def release(self, ticket: _Ticket) -> None:
         """A call ended without telling anything (cancelled)."""
-        if probe:
-            self.probing = False
+        if ticket != "call":
+            self._end_probe()
+
+    def _end_probe(self) -> None:
+        self.probing = False
+        if self.probe_over is not None:
+            self.probe_over.set()
+            self.probe_over = None
 
     def _open(self, now: float) -> None:
         if self.open_until is None and now >= self.calm_after:
@@ -288,6 +343,10 @@ class _Gathered(Generic[_T]):
         self.failed: dict[str, _RegionFailed] = {}
         self.errors: dict[str, Exception] = {}
 
+    def skipped(self, name: str) -> bool:
+        failed = self.failed.get(name)
+        return failed is not None and failed.skipped
+
     def require(self, owner: MultiRegionKMSService, operation: str, needed: int) -> dict[str, _T]:
         """The results, if there are ``needed`` and no region answered with an error."""
         for name in self.names:
@@ -307,10 +366,13 @@ class _Gathered(Generic[_T]):
 class _RegionFailed(Exception):
     """Internal: one region was unavailable for one call. Never escapes this module."""
 
-    def __init__(self, reason: str, error: BaseException | None = None) -> None:
+    def __init__(
+        self, reason: str, error: BaseException | None = None, *, skipped: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.error = error
+        self.skipped = skipped  # not tried: its breaker is open
 
 
 @runtime_checkable
@@ -346,7 +408,8 @@ class MultiRegionKMSService(ProviderResource):
         region's breaker.
     :param reset_timeout: seconds an opened breaker skips its region before
         letting a probe through; doubled each time the region fails again
-        soon after recovering, up to ``max_reset_timeout``.
+        soon after recovering, up to ``max_reset_timeout``. A call no other
+        region can serve probes sooner (see the module's documentation).
     :param min_regions: in ``"every-region"`` mode, how many regions a wrap
         needs (1 by default: a wrap made while a region is down lacks that
         region's copy; raise it to refuse such wraps).
@@ -354,7 +417,8 @@ class MultiRegionKMSService(ProviderResource):
 
     It is an anyio ``AsyncResource``: ``async with`` or :meth:`aclose`
     (idempotent; later calls raise :class:`~encx_async.ClosedError`). When
-    every region a call may use fails, it raises
+    every region a call may use fails (probed early if its breaker was open),
+    it raises
     :class:`RegionsUnavailableError` (a :class:`~encx_async.KMSUnavailableError`)
     naming the regions and why each was not used. Messages never hold key
     material; :meth:`stats` counts calls, failures and failovers per region.
@@ -401,11 +465,10 @@ class MultiRegionKMSService(ProviderResource):
                 )
             if any(region.name == name for region in regions):
                 raise ConfigurationError(f"two services for region {name}: give one per region")
-            regions.append(
-                _Region(
-                    name, service, _Breaker(failure_threshold, reset_timeout, max_reset_timeout)
-                )
+            breaker = _Breaker(
+                failure_threshold, reset_timeout, max_reset_timeout, float(attempt_timeout)
             )
+            regions.append(_Region(name, service, breaker))
         if min_regions > len(regions):
             raise ConfigurationError(
                 f"min_regions={min_regions} is more than the {len(regions)} region(s) given"
@@ -578,17 +641,17 @@ class MultiRegionKMSService(ProviderResource):
 
     # -- one region, one attempt -----------------------------------------------
 
-    async def _attempt(self, region: _Region, call: _Call[_T]) -> _T:
+    async def _attempt(self, region: _Region, call: _Call[_T], *, last_resort: bool = False) -> _T:
         """Call one region under its breaker and the attempt timeout.
 
         Raises :class:`_RegionFailed` when the region is skipped or unavailable,
-        and whatever the region answered otherwise.
+        and whatever the region answered otherwise. ``last_resort``: no other
+        region can serve the call (see :meth:`_Breaker.acquire`).
         """
-        ticket = region.breaker.acquire(self._clock())
+        breaker = region.breaker
+        ticket = await self._ticket(breaker, last_resort)
         if ticket is None:
-            region.skipped += 1
-            raise _RegionFailed("circuit open")
-        probe = ticket == "probe"
+            raise _RegionFailed("circuit open", skipped=True)
         region.calls += 1
         settled = False
         try:
@@ -597,7 +660,7 @@ class MultiRegionKMSService(ProviderResource):
         except (KMSUnavailableError, TimeoutError) as exc:
             settled = True
             region.failures += 1
-            opened = region.breaker.failed(probe, self._clock())
+            opened = breaker.failed(ticket, self._clock())
             if isinstance(exc, KMSUnavailableError):
                 reason = f"{type(exc).__name__}: {exc}"
             else:
@@ -606,22 +669,30 @@ class MultiRegionKMSService(ProviderResource):
                 _log.warning(
                     "KMS region %s is unavailable; skipping it for %.0f s (%s)",
                     region.name,
-                    (region.breaker.open_until or 0.0) - self._clock(),
+                    (breaker.open_until or 0.0) - self._clock(),
                     reason,
                 )
             raise _RegionFailed(reason, exc) from None
         except Exception as exc:
             if _is_answer(exc):
                 settled = True
-                region.breaker.answered(probe, self._clock())
+                breaker.answered(ticket, self._clock())
             raise
         finally:
             if not settled:  # cancelled, or refused before asking: says nothing of the region
-                region.breaker.release(probe)
-        region.breaker.answered(probe, self._clock())
-        if probe:
+                breaker.release(ticket)
+        breaker.answered(ticket, self._clock())
+        if ticket != "call":
             _log.warning("KMS region %s answered again; using it", region.name)
         return result
+
+    async def _ticket(self, breaker: _Breaker, last_resort: bool) -> _Ticket | None:
+        while True:
+            ticket = breaker.acquire(self._clock(), last_resort=last_resort)
+            if ticket != "wait":
+                return ticket
+            # One probe per region at a time: the others hear how it went.
+            await breaker.probe_ended()
 
     async def _failover(
         self,
@@ -629,28 +700,48 @@ class MultiRegionKMSService(ProviderResource):
         order: Sequence[_Region],
         call: _Call[_T],
     ) -> _T:
-        """Try ``order`` until a region answers; RegionsUnavailableError if none does."""
-        failures: list[tuple[str, str]] = []
+        """Try ``order`` until a region answers; RegionsUnavailableError if none does.
+
+        When every region has failed or is skipped, the skipped ones are tried
+        as a last resort, the one whose latest failure is oldest first.
+        """
+        failed: dict[_Region, _RegionFailed] = {}
+
+        def candidates() -> Iterator[tuple[_Region, bool]]:
+            yield from ((region, False) for region in order)
+            # Reached only once every region of ``order`` has failed or been skipped.
+            skipped = [region for region in order if failed[region].skipped]
+            for region in sorted(skipped, key=lambda region: region.breaker.failed_at):
+                yield region, True
+
+        previous: _Region | None = None
         last: BaseException | None = None
-        for index, region in enumerate(order):
-            try:
-                result = await self._attempt(region, call)
-            except _RegionFailed as failed:
-                failures.append((region.name, failed.reason))
-                last = failed.error or last
-                if index + 1 < len(order):
-                    region.failovers += 1
+        try:
+            for region, last_resort in candidates():
+                if previous is not None and previous is not region:
+                    previous.failovers += 1
                     _log.debug(
                         "KMS %s moves on from region %s to %s (%s)",
                         operation,
+                        previous.name,
                         region.name,
-                        order[index + 1].name,
-                        failed.reason,
+                        failed[previous].reason,
                     )
-                continue
-            return result
+                try:
+                    result = await self._attempt(region, call, last_resort=last_resort)
+                except _RegionFailed as exc:
+                    failed[region] = exc
+                    last = exc.error or last
+                    previous = region
+                    continue
+                failed.pop(region, None)
+                return result
+        finally:
+            _count_skips(failed)
         self._unavailable += 1
-        raise RegionsUnavailableError(operation, failures) from last
+        raise RegionsUnavailableError(
+            operation, [(region.name, failed[region].reason) for region in order]
+        ) from last
 
     async def _each(
         self,
@@ -666,23 +757,40 @@ class MultiRegionKMSService(ProviderResource):
         Fewer than ``needed`` results (all of them by default) raise
         :class:`RegionsUnavailableError`.
         """
-        gathered = await self._gather(regions, call)
-        return gathered.require(self, operation, len(regions) if needed is None else needed)
+        needed = len(regions) if needed is None else needed
+        gathered = await self._gather(regions, call, needed)
+        return gathered.require(self, operation, needed)
 
-    async def _gather(self, regions: Sequence[_Region], call: _Call[_T]) -> _Gathered[_T]:
+    async def _gather(
+        self, regions: Sequence[_Region], call: _Call[_T], needed: int
+    ) -> _Gathered[_T]:
+        """Call ``regions`` at once; if fewer than ``needed`` answer, the skipped
+        ones are tried again as a last resort."""
         gathered = _Gathered[_T](regions)
 
-        async def run(region: _Region) -> None:
+        async def run(region: _Region, last_resort: bool) -> None:
             try:
-                gathered.results[region.name] = await self._attempt(region, call)
+                gathered.results[region.name] = await self._attempt(
+                    region, call, last_resort=last_resort
+                )
             except _RegionFailed as exc:
                 gathered.failed[region.name] = exc
+                return
             except Exception as exc:
                 gathered.errors[region.name] = exc
+            gathered.failed.pop(region.name, None)
 
-        async with anyio.create_task_group() as group:
-            for region in regions:
-                group.start_soon(run, region)
+        async def each(regions: Sequence[_Region], last_resort: bool) -> None:
+            async with anyio.create_task_group() as group:
+                for region in regions:
+                    group.start_soon(run, region, last_resort)
+
+        try:
+            await each(regions, False)
+            if len(gathered.results) < needed and not gathered.errors:
+                await each([r for r in regions if gathered.skipped(r.name)], True)
+        finally:
+            _count_skips({r: gathered.failed[r.name] for r in regions if r.name in gathered.failed})
         return gathered
 
     # -- routing (replicas mode) -----------------------------------------------
@@ -813,7 +921,9 @@ class MultiRegionKMSService(ProviderResource):
         await self._ensure_open()
         if self._mode == "every-region":
             gathered = await self._gather(
-                self._regions, lambda region: region.service.create_key(description, alias=alias)
+                self._regions,
+                lambda region: region.service.create_key(description, alias=alias),
+                len(self._regions),
             )
             try:
                 return self._composite(gathered.require(self, "create_key", len(self._regions)))
@@ -1017,6 +1127,13 @@ class MultiRegionKMSService(ProviderResource):
             ),
         )
         return _pack([(name, moved[name]) for name, _ in copies if name in moved])
+
+
+def _count_skips(failed: Mapping[_Region, _RegionFailed]) -> None:
+    """Count the regions a call ended up not trying because their breakers were open."""
+    for region, exc in failed.items():
+        if exc.skipped:
+            region.skipped += 1
 
 
 def _is_answer(exc: Exception) -> bool:

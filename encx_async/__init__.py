@@ -33,7 +33,7 @@ from ._keystore import KEKVersion
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
 from ._telemetry import CryptoMetrics
-from .kms import KeyManagementService, KeyRotationService
+from .kms import KeyManagementService, KeyRotationService, PartialWrapping
 
 __version__ = "0.1.0"
 
@@ -72,6 +72,7 @@ __all__ = [
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
+    "PartialWrapping",
     "Pepper",
     "RegionsUnavailableError",
     "SealedRecord",

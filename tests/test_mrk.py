@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from encx_async import Crypto
 from encx_async import _exceptions as errors
+from encx_async._envelope import parse
 from encx_async.providers.aws import (
     Config,
     KMSService,
@@ -640,3 +641,41 @@ async def test_one_probe_at_a_time_when_no_region_is_left(
         assert len(outcomes) == 5
         assert all(isinstance(outcome, RegionsUnavailableError) for outcome in outcomes)
         assert (east.calls, west.calls) == (calls[0] + 1, calls[1] + 1)
+
+
+async def test_every_region_rewrap_adds_the_missing_copies(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    clock = FakeClock()
+    async with MultiRegionKMSService(
+        [east, west], mode="every-region", failure_threshold=2, reset_timeout=10.0, clock=clock
+    ) as kms:
+        crypto = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/app",
+            create_key_if_missing=True,
+            database="sqlite:///:memory:",
+        )
+        async with crypto:
+            west.down = True
+            blob = await crypto.encrypt(b"partial", context=CONTEXT)
+            assert kms.stats().partial_wraps == 1
+            with pytest.raises(RegionsUnavailableError) as caught:
+                await crypto.rewrap(blob, context=CONTEXT)  # west cannot take its copy yet
+            assert caught.value.regions == (WEST,)
+            west.down = False
+            clock.advance(10)
+            calls = (east.calls, west.calls)
+            completed = await crypto.rewrap(blob, context=CONTEXT)  # same KEK version
+            assert completed != blob
+            # Unwrapped in east and wrapped in west (east's copy re-encrypted in east).
+            assert (east.calls, west.calls) == (calls[0] + 1, calls[1] + 1)
+            assert parse(completed).wrapped_dek[:6] == b"EXMR\x01\x02"
+            assert kms.partial_wrap(crypto.key_id, parse(completed).wrapped_dek) is None
+            await crypto.rotate_kek()
+            moved = await crypto.rewrap(blob, context=CONTEXT)  # to the new key, both copies
+            assert kms.partial_wrap(crypto.key_id, parse(moved).wrapped_dek) is None
+            east.down = True
+            for done in (completed, moved):
+                assert await crypto.decrypt(done, context=CONTEXT) == b"partial"
+            assert kms.stats().region(EAST).breaker == "open"

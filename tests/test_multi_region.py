@@ -21,8 +21,9 @@ import pytest_asyncio
 from aiobotocore.session import AioSession
 from moto.server import ThreadedMotoServer
 
-from encx_async import Crypto
+from encx_async import Crypto, DEKCache
 from encx_async import _exceptions as errors
+from encx_async._envelope import parse
 from encx_async.providers._common import DECRYPT_FAILED
 from encx_async.providers.aws import (
     Config,
@@ -733,3 +734,83 @@ async def early_probes(
     stats = service.stats()
     assert (stats.region(EAST).breaker, stats.region(WEST).breaker) == ("closed", "open")
     assert stats.partial_wraps == 1
+
+
+# -- partial wraps: not reused once the region is back, completed by a rewrap ------
+
+
+@pytest.mark.slow
+async def test_partial_wraps_are_cached_only_until_the_region_may_answer(
+    servers: dict[str, RegionServer],
+) -> None:
+    clock = FakeClock()
+    async with multi(servers, clock) as kms:
+        writer = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/app",
+            create_key_if_missing=True,
+            dek_cache=DEKCache(clock=clock),
+        )
+        reader = await Crypto.create(kms=kms, kek_alias="alias/app")  # no cache: asks KMS
+        async with writer, reader:
+            key = writer.key_id
+
+            async def write(count: int) -> list[tuple[bytes, bytes]]:
+                records = []
+                for _ in range(count):
+                    plain = secrets.token_bytes(16)
+                    records.append((plain, await writer.encrypt(plain, context=CONTEXT)))
+                return records
+
+            def wraps() -> int:
+                return writer.stats().kms_calls["encrypt_dek"]
+
+            servers[WEST].stop()
+            during = await write(5)
+            # West failed the first wrap with its breaker still closed: that key
+            # was not kept; the second wrap opened the breaker and serves the rest.
+            assert (wraps(), kms.stats().partial_wraps) == (2, 2)
+            assert kms.partial_wrap(key, parse(during[-1][1]).wrapped_dek) == RESET
+            clock.advance(RESET - 1)
+            during += await write(2)  # west may not be asked yet: the partial key serves on
+            assert wraps() == 2
+
+            servers[WEST].start()
+            clock.advance(1)  # west's breaker lets a probe through: the next wrap
+            after = await write(5)
+            assert (wraps(), kms.stats().partial_wraps) == (3, 2)
+            assert kms.stats().region(WEST).breaker == "closed"
+            assert {parse(blob).wrapped_dek for _, blob in after} & {
+                parse(blob).wrapped_dek for _, blob in during
+            } == set()
+            for _, blob in after:
+                assert kms.partial_wrap(key, parse(blob).wrapped_dek) is None
+
+            # East goes down: every record written since west came back opens through west.
+            servers[EAST].stop()
+            for plain, blob in after:
+                assert await reader.decrypt(blob, context=CONTEXT) == plain
+            with pytest.raises(RegionsUnavailableError):
+                await reader.decrypt(during[0][1], context=CONTEXT)  # east's copy only
+
+            # A rewrap gives the partial records west's copy, and leaves the others be.
+            servers[EAST].start()
+            clock.advance(RESET)
+            blobs = [blob for _, blob in during + after]
+            rewrapped = [b async for b in writer.rewrap_many(blobs, context=CONTEXT)]
+            assert writer.stats().kms_calls["re_encrypt_dek"] == 2  # one per partial key
+            assert rewrapped[len(during) :] == blobs[len(during) :]
+            for old, new in zip(blobs[: len(during)], rewrapped, strict=False):
+                assert new != old
+                assert kms.partial_wrap(key, parse(new).wrapped_dek) is None
+            assert await writer.rewrap(rewrapped[0], context=CONTEXT) == rewrapped[0]
+            records = [
+                (plain, new) for (plain, _), new in zip(during + after, rewrapped, strict=True)
+            ]
+            for down, up in ((EAST, WEST), (WEST, EAST)):
+                servers[down].stop()
+                clock.advance(4 * RESET)  # whatever the breakers say, each may be probed
+                for plain, blob in records:
+                    assert await reader.decrypt(blob, context=CONTEXT) == plain
+                servers[down].start()
+                assert kms.stats().region(up).breaker == "closed"

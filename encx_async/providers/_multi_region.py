@@ -21,7 +21,10 @@ region, listed nearest first. It works in one of two modes:
     Encryption SDK's multi-keyring), and the copies are stored together, so
     any one region can unwrap it. The key "id" is a composite naming one key
     per region (``multi-region:us-east-1=arn:...,eu-west-1=arn:...``), which
-    the key-version database stores like any other id.
+    the key-version database stores like any other id. A wrap made while a
+    region is down lacks that region's copy; the service says so
+    (:class:`~encx_async.PartialWrapping`), so a DEK cache keeps such a key only
+    until the region may answer again, and a rewrap adds the missing copies.
 
 Only :class:`~encx_async.KMSUnavailableError` (timeouts, throttling, 5xx,
 connection failures) and a region that does not answer within
@@ -307,6 +310,14 @@ class _Breaker:
         if ticket != "call":
             self._end_probe()
 
+    def retry_in(self, now: float) -> float:
+        """Seconds until a call may reach the region (a probe in flight ends within ``gap``)."""
+        if self.probing:
+            return self._gap
+        if self.open_until is None:
+            return 0.0
+        return max(self.open_until - now, 0.0)
+
     def _end_probe(self) -> None:
         self.probing = False
         if self.probe_over is not None:
@@ -416,9 +427,9 @@ class MultiRegionKMSService(ProviderResource):
     :param clock: monotonic seconds for the breakers; tests pass a fake one.
 
     It is an anyio ``AsyncResource``: ``async with`` or :meth:`aclose`
-    (idempotent; later calls raise :class:`~encx_async.ClosedError`). When
-    every region a call may use fails (probed early if its breaker was open),
-    it raises
+    (idempotent; later calls raise :class:`~encx_async.ClosedError`). It also
+    implements :class:`~encx_async.PartialWrapping`. When every region a call
+    may use fails (probed early if its breaker was open), it raises
     :class:`RegionsUnavailableError` (a :class:`~encx_async.KMSUnavailableError`)
     naming the regions and why each was not used. Messages never hold key
     material; :meth:`stats` counts calls, failures and failovers per region.
@@ -1084,7 +1095,12 @@ class MultiRegionKMSService(ProviderResource):
         ``"every-region"``: each region's copy moves to that region's part of
         the destination, and every such region must answer (retry later
         otherwise: the old wrapped key still works). Copies for regions the
-        destination has no key in are dropped.
+        destination has no key in are dropped. A region of the destination
+        that has no copy (the key was wrapped while it was down) gets one: the
+        data key is unwrapped in the nearest region that holds a copy and
+        wrapped in the missing regions, so it passes through this process, as
+        on a decrypt. With ``source_key_id == destination_key_id`` that
+        completes a partial wrap.
         """
         blob = as_bytes(ciphertext_dek, "wrapped data key")
         source = check_key_ref(source_key_id)
@@ -1109,24 +1125,68 @@ class MultiRegionKMSService(ProviderResource):
         sources, destinations = self._parts(source), self._parts(destination)
         copies = _unpack(blob)
         held = dict(copies)
-        regions = [
-            r
-            for r in self._regions
-            if r.name in held and r.name in sources and r.name in destinations
-        ]
-        if not regions:
+        readable = [r for r in self._regions if r.name in held and r.name in sources]
+        if not readable:
             raise DecryptionError(DECRYPT_FAILED)
-        moved = await self._each(
-            "re_encrypt_dek",
-            regions,
-            lambda region: _rotation(region).re_encrypt_dek(
-                held[region.name],
-                source_key_id=sources[region.name],
-                destination_key_id=destinations[region.name],
-                context=context,
-            ),
-        )
-        return _pack([(name, moved[name]) for name, _ in copies if name in moved])
+        # Even under the same key: after a KMS-managed rotation that moves the
+        # copy to the newest key material.
+        moving = [r for r in readable if r.name in destinations]
+        out: dict[str, bytes] = {}
+        if moving:
+            out |= await self._each(
+                "re_encrypt_dek",
+                moving,
+                lambda region: _rotation(region).re_encrypt_dek(
+                    held[region.name],
+                    source_key_id=sources[region.name],
+                    destination_key_id=destinations[region.name],
+                    context=context,
+                ),
+            )
+        missing = [r for r in self._regions if r.name in destinations and r not in moving]
+        if missing:
+            plaintext = await self._failover(
+                "re_encrypt_dek",
+                readable,
+                lambda region: region.service.decrypt_dek(
+                    sources[region.name], held[region.name], context=context
+                ),
+            )
+            out |= await self._each(
+                "re_encrypt_dek",
+                missing,
+                lambda region: region.service.encrypt_dek(
+                    destinations[region.name], plaintext, context=context
+                ),
+            )
+        names = [name for name, _ in copies if name in out]
+        names += [region.name for region in missing if region.name not in names]
+        return _pack([(name, out[name]) for name in names])
+
+    # -- PartialWrapping -------------------------------------------------------
+
+    def partial_wrap(self, key_id: str, wrapped_dek: bytes) -> float | None:
+        """Whether ``wrapped_dek`` lacks a copy that :meth:`encrypt_dek` makes under ``key_id``.
+
+        ``None`` when it lacks none (and always in ``"replicas"`` mode, or for
+        bytes that are no every-region wrapped key); else the seconds until
+        the soonest of the missing regions may be called again: 0 if its
+        breaker is closed, what is left of its open period, or
+        ``attempt_timeout`` while a probe of it is out. See
+        :class:`~encx_async.PartialWrapping`.
+        """
+        if self._mode != "every-region":
+            return None
+        try:
+            parts = self._parts(key_id)
+            copies = {name for name, _ in _unpack(bytes(wrapped_dek))}
+        except (ConfigurationError, DecryptionError):
+            return None
+        missing = [r for r in self._regions if r.name in parts and r.name not in copies]
+        if not missing:
+            return None
+        now = self._clock()
+        return min(region.breaker.retry_in(now) for region in missing)
 
 
 def _count_skips(failed: Mapping[_Region, _RegionFailed]) -> None:

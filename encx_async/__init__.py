@@ -34,7 +34,7 @@ from ._keystore import KEKVersion
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
 from ._telemetry import CryptoMetrics
-from .kms import KeyManagementService, KeyRotationService
+from .kms import KeyManagementService, KeyRotationService, PartialWrapping
 
 __version__ = "0.1.0"
 
@@ -74,6 +74,7 @@ __all__ = [
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
+    "PartialWrapping",
     "Pepper",
     "RegionsUnavailableError",
     "SealedRecord",

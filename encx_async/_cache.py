@@ -46,7 +46,10 @@ _UNBOUNDED = 1 << 64  # above any count a process can reach
 
 
 class _Value(Protocol):
-    """What the cache needs of a cached key (a Sealer): wiping, and an allowance."""
+    """What the cache needs of a cached key (a Sealer): wiping, an allowance, and
+    how long it may be kept (``None``: the ttl)."""
+
+    lifetime: float | None
 
     def wipe(self) -> None: ...
 
@@ -346,7 +349,13 @@ class _Side(Generic[V]):
         if self.closed:
             value.wipe()
             raise ClosedError("the DEK cache was closed while a key was loading")
-        entry = _Entry(value, self.clock(), self.limits.ttl, self.limits.refresh_ahead)
+        limits = self.limits
+        if value.lifetime is None:
+            entry = _Entry(value, self.clock(), limits.ttl, limits.refresh_ahead)
+        else:
+            # Kept briefly on purpose (a partial wrap): fetching its successor
+            # ahead would only bring the same thing back.
+            entry = _Entry(value, self.clock(), min(value.lifetime, limits.ttl), 0.0)
         current = self.entries.get(key)
         if ahead and current is not None and not current.dead:
             # Keep every remaining use of the current key: the new one waits its turn.

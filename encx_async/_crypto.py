@@ -89,7 +89,7 @@ from ._stream import (
     seal_body,
     transform_file,
 )
-from .kms import KeyManagementService, KeyRotationService
+from .kms import KeyManagementService, KeyRotationService, PartialWrapping
 
 __all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats", "SealedRecord"]
 
@@ -186,6 +186,9 @@ class Crypto(AsyncResource):
     ) -> None:
         # Use Crypto.create(): it validates the settings and opens the key store.
         self._kms = kms
+        # Asked once per wrapped key (never per message) when the provider can
+        # wrap a key only in part (a region was down).
+        self._partial_wrap = kms.partial_wrap if isinstance(kms, PartialWrapping) else None
         self._kek_alias = kek_alias
         self._keyring = keyring
         self._key_ids = keyring.key_ids
@@ -603,6 +606,10 @@ class Crypto(AsyncResource):
                     f"the envelope holds at most {MAX_WRAPPED_DEK}"
                 )
             sealer = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
+            if self._partial_wrap is not None:
+                # A partial wrap serves the DEK cache only until a whole one may be
+                # made: records written meanwhile lack the missing copies.
+                sealer.lifetime = self._partial_wrap(key_id, wrapped)
             if self._cache is not None:
                 # What we just wrapped we can read back without asking the KMS.
                 twin = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
@@ -787,8 +794,8 @@ class Crypto(AsyncResource):
         """:meth:`rewrap` the envelope in the file ``src`` into ``dst``, without decrypting it.
 
         Only the header changes; the body is copied byte for byte in a worker
-        thread, and ``dst`` appears only once complete. Returns whether the KEK
-        version changed (False: the file was on the current version already,
+        thread, and ``dst`` appears only once complete. Returns whether the
+        header changed (False: the file was on the current version already,
         and ``dst`` is a copy).
         """
         self._check_open()
@@ -1105,8 +1112,10 @@ class Crypto(AsyncResource):
 
         KMS ``ReEncrypt`` re-wraps its DEK under the current KEK (the plaintext DEK
         never leaves the KMS); the body is kept byte for byte. An envelope
-        already on the current version comes back unchanged. ``context`` is the
-        one it was encrypted with.
+        already on the current version comes back unchanged, unless its DEK was
+        wrapped only in part (a :class:`~encx_async.PartialWrapping` provider,
+        such as a multi-region one that had a region down): then the provider
+        adds the missing copies. ``context`` is the one it was encrypted with.
         """
         self._check_open()
         return await self._rewrap(parse(blob), context, {})
@@ -1151,11 +1160,15 @@ class Crypto(AsyncResource):
         shared: dict[tuple[int, bytes, bytes], asyncio.Future[bytes]],
     ) -> bytes:
         target = self.kek_version
-        if envelope.kek_version == target:
+        destination = self._key_ids[target]
+        if envelope.kek_version == target and (
+            self._partial_wrap is None
+            or self._partial_wrap(destination, envelope.wrapped_dek) is None
+        ):
             return envelope.blob
         kms = self._rotation_service()
+        # (From the key to itself for a partial wrap: the provider adds what is missing.)
         source = await self._keyring.key_id_for(envelope.kek_version)
-        destination = self._key_ids[target]
         kms_context = normalize_context(context)
         key = (envelope.kek_version, envelope.wrapped_dek, encode_context(context))
         moved = shared.get(key)

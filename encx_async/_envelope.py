@@ -207,6 +207,7 @@ class Sealer:
         "_uses_left",
         "cipher",
         "kek_version",
+        "lifetime",
         "wrapped_dek",
     )
 
@@ -225,6 +226,9 @@ class Sealer:
         self._uses_left = self._bytes_left = 0
         self._until = 0.0
         self._clock: Callable[[], float] = time.monotonic
+        #: seconds the DEK cache may reuse this key at most; None: its ttl
+        #: (a wrapped key the KMS made only in part is reused only briefly)
+        self.lifetime: float | None = None
 
     def wipe(self) -> None:
         self.revoke()

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["KeyManagementService", "KeyRotationService"]
+__all__ = ["KeyManagementService", "KeyRotationService", "PartialWrapping"]
 
 
 @runtime_checkable
@@ -92,5 +92,30 @@ class KeyRotationService(Protocol):
         """Move a wrapped DEK to another key (KMS ``ReEncrypt``), same context.
 
         The plaintext DEK never leaves the KMS.
+        """
+        ...
+
+
+@runtime_checkable
+class PartialWrapping(Protocol):
+    """What a provider adds when :meth:`~KeyManagementService.encrypt_dek` can
+    succeed with part of its work undone: a wrapped key made while some of the
+    places it is wrapped in were unavailable (the regions of
+    :class:`~encx_async.providers.aws.MultiRegionKMSService` in
+    ``"every-region"`` mode).
+
+    :class:`~encx_async.Crypto` asks once per wrapped key, never per message:
+    its DEK cache reuses a partly wrapped key only for the seconds this says,
+    and :meth:`Crypto.rewrap <encx_async.Crypto.rewrap>` completes such a key
+    (through ``re_encrypt_dek`` from the key to itself) even on the current
+    KEK version.
+    """
+
+    def partial_wrap(self, key_id: str, wrapped_dek: bytes) -> float | None:
+        """``None`` if ``wrapped_dek`` is all that :meth:`~KeyManagementService.encrypt_dek`
+        makes under ``key_id``; else the seconds until a new wrap may have more of it
+        (0: now).
+
+        Synchronous and local: it looks at the wrapped key and asks nobody.
         """
         ...

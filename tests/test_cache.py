@@ -605,3 +605,47 @@ async def test_stats_read_from_another_thread_never_go_back(local: LocalKMSServi
     assert all(a <= b for a, b in itertools.pairwise(hits))
     # Never more than the encrypts finished, and the one under way.
     assert all(hits <= finished + 1 for hits, finished in seen)
+
+
+class PartlyWrapping(LocalKMSService):
+    """A LocalKMSService that says its wraps are partial, with a better one ``retry`` s away."""
+
+    retry: float | None = 5.0
+    asked = 0
+
+    def partial_wrap(self, key_id: str, wrapped_dek: bytes) -> float | None:
+        self.asked += 1
+        return self.retry
+
+
+async def test_a_partial_wrap_is_reused_only_as_long_as_the_provider_says() -> None:
+    clock = FakeClock()
+    async with PartlyWrapping() as kms:
+        await kms.create_key("partial", alias=ALIAS)
+        crypto = await make(kms, DEKCache(clock=clock, refresh_ahead=30))
+
+        def wraps() -> int:
+            return crypto.stats().kms_calls["encrypt_dek"]
+
+        for _ in range(3):  # the allowance of the memoised key, too, ends with the entry
+            await crypto.encrypt(b"x", context=CTX)
+        clock.advance(4.9)
+        await crypto.encrypt(b"x", context=CTX)
+        assert (wraps(), kms.asked) == (1, 1)  # asked once per wrapped key, not per message
+        clock.advance(0.1)
+        await crypto.encrypt(b"x", context=CTX)
+        assert wraps() == 2
+        side = crypto.stats().cache
+        assert side is not None
+        assert side.encrypt.refreshes == 0  # a brief entry is not fetched ahead
+        kms.retry = None  # the next wrap is complete: kept for the ttl
+        clock.advance(5)
+        await crypto.encrypt(b"x", context=CTX)
+        clock.advance(250)
+        await crypto.encrypt(b"x", context=CTX)
+        assert wraps() == 3
+        kms.retry = 0.0  # may do better at once: serves only the call that made it
+        clock.advance(50)
+        for _ in range(3):
+            await crypto.encrypt(b"x", context=CTX)
+        assert wraps() == 6

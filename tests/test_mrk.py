@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from encx_async import Crypto
 from encx_async import _exceptions as errors
+from encx_async._envelope import parse
 from encx_async.providers.aws import (
     Config,
     KMSService,
@@ -44,12 +45,15 @@ class FlakyLocal(LocalKMSService):
 
     down = False
     hang = False
+    gate: anyio.Event | None = None  # calls wait for it, then go on (or fail, if down)
     calls = 0
 
     async def _outage(self) -> None:
         self.calls += 1
         if self.hang:
             await anyio.sleep_forever()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.down:
             raise errors.KMSUnavailableError(f"region {self.region} is down (test)")
 
@@ -578,3 +582,100 @@ async def test_half_open_lets_one_probe_through_and_a_timed_out_probe_reopens(
         clock.advance(20)
         assert await kms.decrypt_dek(key_id, wrapped) == DEK  # the slot was freed: a new probe
         assert kms.stats().region(EAST).breaker == "closed"
+
+
+async def test_one_probe_at_a_time_when_no_region_is_left(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    clock = FakeClock()
+    key_id = await replicated_key(east, west, "alias/k")
+    async with replicas(east, west, clock=clock) as kms:
+        wrapped = await kms.encrypt_dek(key_id, DEK)
+
+        async def both_open() -> None:
+            await trip(kms, east, key_id, wrapped)
+            west.down = True
+            for _ in range(2):
+                with pytest.raises(RegionsUnavailableError):
+                    await kms.decrypt_dek(key_id, wrapped)
+            assert [r.breaker for r in kms.stats().regions] == ["open", "open"]
+            clock.advance(5)  # attempt_timeout after the last failures: early probes allowed
+
+        async def storm(outcomes: list[object]) -> None:
+            async def unwrap() -> None:
+                try:
+                    outcomes.append(await kms.decrypt_dek(key_id, wrapped))
+                except RegionsUnavailableError as exc:
+                    outcomes.append(exc)
+
+            with anyio.fail_after(2):
+                async with anyio.create_task_group() as group:
+                    for _ in range(5):
+                        group.start_soon(unwrap)
+                    await anyio.wait_all_tasks_blocked()
+                    # One caller probes east; the four others wait for its outcome.
+                    assert (east.calls, west.calls) == (calls[0] + 1, calls[1])
+                    assert kms.stats().region(EAST).breaker == "half-open"
+                    assert east.gate is not None
+                    east.gate.set()
+
+        await both_open()
+        east.down, east.gate = False, anyio.Event()
+        calls = (east.calls, west.calls)
+        outcomes: list[object] = []
+        await storm(outcomes)
+        assert outcomes == [DEK] * 5  # the probe closed the breaker; the others used east
+        assert (east.calls, west.calls) == (calls[0] + 5, calls[1])
+        assert kms.stats().region(EAST).breaker == "closed"
+
+        # The probe fails this time: its waiters do not probe east again, and
+        # west, probed once for all of them, fails too.
+        west.down = False
+        assert await kms.decrypt_dek(key_id, wrapped) == DEK
+        clock.advance(100)  # long enough that east's past is forgiven
+        await both_open()
+        east.gate = anyio.Event()
+        calls = (east.calls, west.calls)
+        outcomes = []
+        await storm(outcomes)
+        assert len(outcomes) == 5
+        assert all(isinstance(outcome, RegionsUnavailableError) for outcome in outcomes)
+        assert (east.calls, west.calls) == (calls[0] + 1, calls[1] + 1)
+
+
+async def test_every_region_rewrap_adds_the_missing_copies(
+    east: FlakyLocal, west: FlakyLocal
+) -> None:
+    clock = FakeClock()
+    async with MultiRegionKMSService(
+        [east, west], mode="every-region", failure_threshold=2, reset_timeout=10.0, clock=clock
+    ) as kms:
+        crypto = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/app",
+            create_key_if_missing=True,
+            database="sqlite:///:memory:",
+        )
+        async with crypto:
+            west.down = True
+            blob = await crypto.encrypt(b"partial", context=CONTEXT)
+            assert kms.stats().partial_wraps == 1
+            with pytest.raises(RegionsUnavailableError) as caught:
+                await crypto.rewrap(blob, context=CONTEXT)  # west cannot take its copy yet
+            assert caught.value.regions == (WEST,)
+            west.down = False
+            clock.advance(10)
+            calls = (east.calls, west.calls)
+            completed = await crypto.rewrap(blob, context=CONTEXT)  # same KEK version
+            assert completed != blob
+            # Unwrapped in east and wrapped in west (east's copy re-encrypted in east).
+            assert (east.calls, west.calls) == (calls[0] + 1, calls[1] + 1)
+            assert parse(completed).wrapped_dek[:6] == b"EXMR\x01\x02"
+            assert kms.partial_wrap(crypto.key_id, parse(completed).wrapped_dek) is None
+            await crypto.rotate_kek()
+            moved = await crypto.rewrap(blob, context=CONTEXT)  # to the new key, both copies
+            assert kms.partial_wrap(crypto.key_id, parse(moved).wrapped_dek) is None
+            east.down = True
+            for done in (completed, moved):
+                assert await crypto.decrypt(done, context=CONTEXT) == b"partial"
+            assert kms.stats().region(EAST).breaker == "open"

@@ -21,8 +21,9 @@ import pytest_asyncio
 from aiobotocore.session import AioSession
 from moto.server import ThreadedMotoServer
 
-from encx_async import Crypto
+from encx_async import Crypto, DEKCache
 from encx_async import _exceptions as errors
+from encx_async._envelope import parse
 from encx_async.providers._common import DECRYPT_FAILED
 from encx_async.providers.aws import (
     Config,
@@ -365,6 +366,19 @@ async def test_breaker_under_a_flapping_region(
     assert east().retry_in == RESET
 
 
+async def fail_probes(
+    service: MultiRegionKMSService, clock: FakeClock, key: str, wrapped: bytes, times: int
+) -> None:
+    """With east down, open its breaker, then let ``times`` half-open probes fail."""
+    for _ in range(2):
+        assert await service.decrypt_dek(key, wrapped) == DEK
+    for _ in range(times):
+        retry_in = service.stats().region(EAST).retry_in
+        assert retry_in is not None
+        clock.advance(retry_in)
+        assert await service.decrypt_dek(key, wrapped) == DEK  # the probe fails; west answers
+
+
 @pytest.mark.slow
 async def test_failed_probe_reopens_at_once(
     kms: tuple[MultiRegionKMSService, FakeClock], servers: dict[str, RegionServer]
@@ -373,8 +387,7 @@ async def test_failed_probe_reopens_at_once(
     key = await service.create_key("app")
     wrapped = await service.encrypt_dek(key, DEK)
     servers[EAST].stop()
-    for _ in range(2):
-        await service.decrypt_dek(key, wrapped)
+    await fail_probes(service, clock, key, wrapped, times=0)
     assert service.stats().region(EAST).retry_in == RESET
     clock.advance(RESET)
     assert service.stats().region(EAST).breaker == "half-open"
@@ -488,13 +501,14 @@ async def test_a_silent_region_is_bounded_by_attempt_timeout(
         slow = KMSService(Config(region=EAST, endpoint_url=hole.url, read_timeout=30))
         west = KMSService(Config(region=WEST, endpoint_url=servers[WEST].url))
         async with slow, west:
-            key = await west.create_key("west", alias="alias/app")
+            key = await west.create_key("west", alias="alias/app", multi_region=True)
             kms = MultiRegionKMSService(
                 [slow, west], mode="replicas", attempt_timeout=0.2, clock=FakeClock()
             )
             async with kms:
                 with anyio.fail_after(5), caplog.at_level(logging.DEBUG, "encx_async.kms"):
-                    assert await kms.get_key_id("alias/app") == key
+                    # (Named in the primary region, as every multi-region key is.)
+                    assert await kms.get_key_id("alias/app") == key.replace(WEST, EAST)
         reasons = [r.getMessage() for r in caplog.records if "moves on" in r.getMessage()]
         assert reasons
         assert "no answer within 0.2 s" in reasons[0]
@@ -520,6 +534,35 @@ async def test_replicas_wrap_moves_to_the_replica(servers: dict[str, RegionServe
         assert await kms.encrypt_dek(primary_arn, DEK)
         east = kms.stats().region(EAST)
         assert (east.failures, east.failovers, east.breaker) == (2, 2, "open")
+
+
+async def test_replicas_refuse_a_single_region_key_at_create(
+    servers: dict[str, RegionServer],
+) -> None:
+    async with multi(servers, FakeClock(), mode="replicas") as kms:
+
+        async def refused(kek_alias: str, **options: Any) -> str:
+            try:
+                crypto = await Crypto.create(kms=kms, kek_alias=kek_alias, **options)
+            except errors.ConfigurationError as exc:
+                return str(exc)
+            await crypto.aclose()  # (an open one would keep the test process alive)
+            pytest.fail(f"Crypto.create took {kek_alias!r} in replicas mode")
+
+        single = await kms.service(EAST).create_key("single", alias="alias/single")
+        for ref in ("alias/single", single):
+            message = await refused(ref)
+            assert "not a multi-region key" in message
+            assert "mode='every-region'" in message
+            assert "mrk-" in message
+        # Nor does create_key_if_missing take the single-region key the alias names.
+        assert "multi-region" in await refused("alias/single", create_key_if_missing=True)
+        # A multi-region key is what this mode is for (moto wraps under it but
+        # refuses to unwrap; test_mrk.py tests that part on local regions).
+        crypto = await Crypto.create(kms=kms, kek_alias="alias/app", create_key_if_missing=True)
+        async with crypto:
+            assert ":key/mrk-" in crypto.key_id
+            assert await crypto.encrypt(b"fine", context=CONTEXT)
 
 
 # -- rotation across regions -------------------------------------------------------
@@ -606,3 +649,168 @@ def test_region_names_are_bounded() -> None:
     with pytest.raises(errors.ConfigurationError, match="region"):
         MultiRegionKMSService([LocalKMSService(region="r" * 65)])
     assert MultiRegionKMSService([LocalKMSService(region="r" * 64)]).regions == ("r" * 64,)
+
+
+# -- a region whose breaker is open still serves when nothing else can ------------
+
+
+@pytest.mark.slow
+async def test_a_recovered_region_serves_while_its_breaker_is_open(
+    kms: tuple[MultiRegionKMSService, FakeClock], servers: dict[str, RegionServer]
+) -> None:
+    service, clock = kms
+    key = await service.create_key("app")
+    wrapped = await service.encrypt_dek(key, DEK)
+    servers[EAST].stop()
+    await fail_probes(service, clock, key, wrapped, times=2)
+    east = service.stats().region(EAST)
+    assert (east.breaker, east.retry_in) == ("open", 4 * RESET)  # doubled twice
+    servers[EAST].start()  # east is back, but its breaker says so only in 40 s
+    clock.advance(RESET)
+    calls = east.calls
+    servers[WEST].stop()
+    results: list[bytes] = []
+
+    async def unwrap() -> None:
+        results.append(await service.decrypt_dek(key, wrapped))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(unwrap)
+        for _ in range(4):
+            await unwrap()
+    assert results == [DEK] * 12  # no RegionsUnavailableError while east is healthy
+    east = service.stats().region(EAST)
+    # The first call with nowhere else to go probed east early; that closed the breaker.
+    assert (east.breaker, east.retry_in, east.consecutive_failures) == ("closed", None, 0)
+    assert east.calls - calls == 12
+    assert service.stats().unavailable == 0
+    # A wrap finds east too, and west is left out only after its own breaker opened.
+    assert await service.decrypt_dek(key, await service.encrypt_dek(key, DEK)) == DEK
+    assert service.stats().region(WEST).breaker == "open"
+
+
+@pytest.mark.slow
+async def test_early_probes_when_every_region_is_down(servers: dict[str, RegionServer]) -> None:
+    clock = FakeClock()
+    async with multi(servers, clock, attempt_timeout=2) as service:
+        await early_probes(service, clock, servers)
+
+
+async def early_probes(
+    service: MultiRegionKMSService, clock: FakeClock, servers: dict[str, RegionServer]
+) -> None:
+    key = await service.create_key("app")
+    wrapped = await service.encrypt_dek(key, DEK)
+    for server in servers.values():
+        server.stop()
+    for _ in range(2):
+        with pytest.raises(RegionsUnavailableError):
+            await service.decrypt_dek(key, wrapped)
+    stats = service.stats()
+    assert [region.breaker for region in stats.regions] == ["open", "open"]
+    calls = [region.calls for region in stats.regions]
+    # Just failed: no early probe yet, the call fails at once.
+    with pytest.raises(RegionsUnavailableError, match="circuit open"):
+        await service.decrypt_dek(key, wrapped)
+    assert [region.calls for region in service.stats().regions] == calls
+    # attempt_timeout (2 s) after their last failure, a call probes them, oldest failure first.
+    clock.advance(2)
+    with pytest.raises(RegionsUnavailableError, match="could not be reached") as caught:
+        await service.decrypt_dek(key, wrapped)
+    assert "circuit open" not in str(caught.value)
+    stats = service.stats()
+    assert [r.calls - c for r, c in zip(stats.regions, calls, strict=True)] == [1, 1]
+    # A failed early probe leaves the open period as it was.
+    assert [region.retry_in for region in stats.regions] == [RESET - 2, RESET - 2]
+    with pytest.raises(RegionsUnavailableError, match="circuit open"):
+        await service.encrypt_dek(key, DEK)
+    # East comes back: the next early probe closes its breaker, and wraps resume.
+    servers[EAST].start()
+    clock.advance(2)
+    assert service.stats().region(EAST).retry_in == RESET - 4  # still well before its probe
+    assert await service.decrypt_dek(key, await service.encrypt_dek(key, DEK)) == DEK
+    stats = service.stats()
+    assert (stats.region(EAST).breaker, stats.region(WEST).breaker) == ("closed", "open")
+    assert stats.partial_wraps == 1
+
+
+# -- partial wraps: not reused once the region is back, completed by a rewrap ------
+
+
+@pytest.mark.slow
+async def test_partial_wraps_are_cached_only_until_the_region_may_answer(
+    servers: dict[str, RegionServer],
+) -> None:
+    clock = FakeClock()
+    async with multi(servers, clock) as kms:
+        writer = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/app",
+            create_key_if_missing=True,
+            dek_cache=DEKCache(clock=clock),
+        )
+        reader = await Crypto.create(kms=kms, kek_alias="alias/app")  # no cache: asks KMS
+        async with writer, reader:
+            key = writer.key_id
+
+            async def write(count: int) -> list[tuple[bytes, bytes]]:
+                records = []
+                for _ in range(count):
+                    plain = secrets.token_bytes(16)
+                    records.append((plain, await writer.encrypt(plain, context=CONTEXT)))
+                return records
+
+            def wraps() -> int:
+                return writer.stats().kms_calls["encrypt_dek"]
+
+            servers[WEST].stop()
+            during = await write(5)
+            # West failed the first wrap with its breaker still closed: that key
+            # was not kept; the second wrap opened the breaker and serves the rest.
+            assert (wraps(), kms.stats().partial_wraps) == (2, 2)
+            assert kms.partial_wrap(key, parse(during[-1][1]).wrapped_dek) == RESET
+            clock.advance(RESET - 1)
+            during += await write(2)  # west may not be asked yet: the partial key serves on
+            assert wraps() == 2
+
+            servers[WEST].start()
+            clock.advance(1)  # west's breaker lets a probe through: the next wrap
+            after = await write(5)
+            assert (wraps(), kms.stats().partial_wraps) == (3, 2)
+            assert kms.stats().region(WEST).breaker == "closed"
+            assert {parse(blob).wrapped_dek for _, blob in after} & {
+                parse(blob).wrapped_dek for _, blob in during
+            } == set()
+            for _, blob in after:
+                assert kms.partial_wrap(key, parse(blob).wrapped_dek) is None
+
+            # East goes down: every record written since west came back opens through west.
+            servers[EAST].stop()
+            for plain, blob in after:
+                assert await reader.decrypt(blob, context=CONTEXT) == plain
+            with pytest.raises(RegionsUnavailableError):
+                await reader.decrypt(during[0][1], context=CONTEXT)  # east's copy only
+
+            # A rewrap gives the partial records west's copy, and leaves the others be.
+            servers[EAST].start()
+            clock.advance(RESET)
+            blobs = [blob for _, blob in during + after]
+            rewrapped = [b async for b in writer.rewrap_many(blobs, context=CONTEXT)]
+            assert writer.stats().kms_calls["re_encrypt_dek"] == 2  # one per partial key
+            assert rewrapped[len(during) :] == blobs[len(during) :]
+            for old, new in zip(blobs[: len(during)], rewrapped, strict=False):
+                assert new != old
+                assert kms.partial_wrap(key, parse(new).wrapped_dek) is None
+            assert await writer.rewrap(rewrapped[0], context=CONTEXT) == rewrapped[0]
+            records = [
+                (plain, new) for (plain, _), new in zip(during + after, rewrapped, strict=True)
+            ]
+            for down, up in ((EAST, WEST), (WEST, EAST)):
+                servers[down].stop()
+                clock.advance(4 * RESET)  # whatever the breakers say, each may be probed
+                for plain, blob in records:
+                    assert await reader.decrypt(blob, context=CONTEXT) == plain
+                servers[down].start()
+                assert kms.stats().region(up).breaker == "closed"

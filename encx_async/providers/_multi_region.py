@@ -11,14 +11,20 @@ region, listed nearest first. It works in one of two modes:
     unavailable. The wrapped key is exactly what KMS returned, so data written
     through a plain :class:`~encx_async.providers.aws.KMSService` reads back
     through this service and the other way round. A key that is not
-    multi-region lives in one region and gets no failover.
+    multi-region lives in one region and gets no failover, so
+    :meth:`~MultiRegionKMSService.get_key_id` (which
+    :meth:`Crypto.create <encx_async.Crypto.create>` checks its key with)
+    refuses one.
 
 ``"every-region"``
     The data key is wrapped under a separate key in every region (the AWS
     Encryption SDK's multi-keyring), and the copies are stored together, so
     any one region can unwrap it. The key "id" is a composite naming one key
     per region (``multi-region:us-east-1=arn:...,eu-west-1=arn:...``), which
-    the key-version database stores like any other id.
+    the key-version database stores like any other id. A wrap made while a
+    region is down lacks that region's copy; the service says so
+    (:class:`~encx_async.PartialWrapping`), so a DEK cache keeps such a key only
+    until the region may answer again, and a rewrap adds the missing copies.
 
 Only :class:`~encx_async.KMSUnavailableError` (timeouts, throttling, 5xx,
 connection failures) and a region that does not answer within
@@ -32,14 +38,26 @@ then one call probes it (half-open), which closes the breaker on success or
 opens it again, for twice as long each time the region fails again soon after
 recovering, up to ``max_reset_timeout``. Arguments refused before a request
 and a closed regional service leave the breaker as it was.
+
+An open breaker only steers calls to other regions. A call that no other
+region can serve (they failed, or are skipped too) probes the skipped regions
+before its time, the one whose latest failure is oldest first: that region
+has had the longest to recover. One probe per region is out at a time; a call
+with nowhere else to go waits for its outcome (within ``attempt_timeout``) and
+then uses the region or gives up on it. A region is not probed early within
+``attempt_timeout`` of its latest failure, so a total outage costs a probe per
+region every ``attempt_timeout`` seconds, not one per call. An early probe
+that fails leaves the open period as it was; one that succeeds closes the
+breaker.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import (
     TYPE_CHECKING,
@@ -189,59 +207,96 @@ class MultiRegionStats:
         raise KeyError(name)
 
 
+_Ticket: TypeAlias = Literal["call", "probe", "early"]
+
+
 class _Breaker:
-    """A region's circuit breaker, on an injected clock. Not thread-safe: one event loop."""
+    """A region's circuit breaker, on an injected clock. Not thread-safe: one event loop.
+
+    A ticket says how a call may use the region: ``"call"`` (closed),
+    ``"probe"`` (the half-open probe, once the open period is over) or
+    ``"early"`` (a probe before then, for a call no other region can serve).
+    At most one probe is in flight; callers with nowhere else to go wait for it.
+    """
 
     __slots__ = (
+        "_gap",
         "_max_reset",
         "_reset",
         "_threshold",
         "calm_after",
+        "failed_at",
         "failures",
         "open_until",
+        "probe_over",
         "probing",
         "trips",
     )
 
-    def __init__(self, threshold: int, reset: float, max_reset: float) -> None:
+    def __init__(self, threshold: int, reset: float, max_reset: float, gap: float) -> None:
         self._threshold = threshold
         self._reset = reset
         self._max_reset = max_reset
+        # attempt_timeout: an early probe comes at least this long after the
+        # region's latest failure, and any probe ends within it
+        self._gap = gap
         self.failures = 0
         self.trips = 0  # openings since the region last stayed healthy for a while
         self.open_until: float | None = None
         self.calm_after = 0.0
+        self.failed_at = -math.inf  # the latest availability failure seen
         self.probing = False
+        self.probe_over: anyio.Event | None = None  # made by the first caller to wait
 
     def state(self, now: float) -> BreakerState:
         if self.open_until is None:
             return "closed"
         return "half-open" if self.probing or now >= self.open_until else "open"
 
-    def acquire(self, now: float) -> Literal["call", "probe"] | None:
-        """May a call use the region now? ``"probe"`` makes the caller the half-open probe."""
+    def acquire(self, now: float, *, last_resort: bool) -> _Ticket | Literal["wait"] | None:
+        """May a call use the region now? ``None``: skip it; ``"wait"``: for the probe.
+
+        ``last_resort``: no other region can serve the call, so an open breaker
+        lets it probe early (unless the region failed within the gap) or wait
+        for the probe in flight.
+        """
         if self.open_until is None:
             return "call"
-        if self.probing or now < self.open_until:
-            return None
-        self.probing = True
-        return "probe"
+        if self.probing:
+            return "wait" if last_resort else None
+        if now >= self.open_until:
+            self.probing = True
+            return "probe"
+        if last_resort and now - self.failed_at >= self._gap:
+            self.probing = True
+            return "early"
+        return None
 
-    def answered(self, probe: bool, now: float) -> None:
+    async def probe_ended(self) -> None:
+        if self.probe_over is None:
+            self.probe_over = anyio.Event()
+        await self.probe_over.wait()
+
+    def answered(self, ticket: _Ticket, now: float) -> None:
         """The region answered (with a result or an error that is not an outage)."""
         self.failures = 0
-        if probe:
+        if ticket != "call":
             self.open_until = None
-            self.probing = False
+            self._end_probe()
             # Its trips count until it has stayed up as long as it was last left alone.
             self.calm_after = now + self._open_time()
 
-    def failed(self, probe: bool, now: float) -> bool:
+    def failed(self, ticket: _Ticket, now: float) -> bool:
         """The region was unavailable; True if that opened the breaker."""
-        if probe:
-            self.probing = False
+        self.failed_at = now
+        if ticket == "probe":
+            self._end_probe()
             self._open(now)
             return True
+        if ticket == "early":
+            # Probed ahead of time out of need: its open period stays as it was.
+            self._end_probe()
+            return False
         if self.open_until is not None:
             return False  # a call from before the breaker opened: already counted
         self.failures += 1
@@ -250,10 +305,24 @@ class _Breaker:
         self._open(now)
         return True
 
-    def release(self, probe: bool) -> None:
+    def release(self, ticket: _Ticket) -> None:
         """A call ended without telling anything (cancelled)."""
-        if probe:
-            self.probing = False
+        if ticket != "call":
+            self._end_probe()
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until a call may reach the region (a probe in flight ends within ``gap``)."""
+        if self.probing:
+            return self._gap
+        if self.open_until is None:
+            return 0.0
+        return max(self.open_until - now, 0.0)
+
+    def _end_probe(self) -> None:
+        self.probing = False
+        if self.probe_over is not None:
+            self.probe_over.set()
+            self.probe_over = None
 
     def _open(self, now: float) -> None:
         if self.open_until is None and now >= self.calm_after:
@@ -285,6 +354,10 @@ class _Gathered(Generic[_T]):
         self.failed: dict[str, _RegionFailed] = {}
         self.errors: dict[str, Exception] = {}
 
+    def skipped(self, name: str) -> bool:
+        failed = self.failed.get(name)
+        return failed is not None and failed.skipped
+
     def require(self, owner: MultiRegionKMSService, operation: str, needed: int) -> dict[str, _T]:
         """The results, if there are ``needed`` and no region answered with an error."""
         for name in self.names:
@@ -304,10 +377,13 @@ class _Gathered(Generic[_T]):
 class _RegionFailed(Exception):
     """Internal: one region was unavailable for one call. Never escapes this module."""
 
-    def __init__(self, reason: str, error: BaseException | None = None) -> None:
+    def __init__(
+        self, reason: str, error: BaseException | None = None, *, skipped: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.error = error
+        self.skipped = skipped  # not tried: its breaker is open
 
 
 @runtime_checkable
@@ -343,15 +419,17 @@ class MultiRegionKMSService(ProviderResource):
         region's breaker.
     :param reset_timeout: seconds an opened breaker skips its region before
         letting a probe through; doubled each time the region fails again
-        soon after recovering, up to ``max_reset_timeout``.
+        soon after recovering, up to ``max_reset_timeout``. A call no other
+        region can serve probes sooner (see the module's documentation).
     :param min_regions: in ``"every-region"`` mode, how many regions a wrap
         needs (1 by default: a wrap made while a region is down lacks that
         region's copy; raise it to refuse such wraps).
     :param clock: monotonic seconds for the breakers; tests pass a fake one.
 
     It is an anyio ``AsyncResource``: ``async with`` or :meth:`aclose`
-    (idempotent; later calls raise :class:`~encx_async.ClosedError`). When
-    every region a call may use fails, it raises
+    (idempotent; later calls raise :class:`~encx_async.ClosedError`). It also
+    implements :class:`~encx_async.PartialWrapping`. When every region a call
+    may use fails (probed early if its breaker was open), it raises
     :class:`RegionsUnavailableError` (a :class:`~encx_async.KMSUnavailableError`)
     naming the regions and why each was not used. Messages never hold key
     material; :meth:`stats` counts calls, failures and failovers per region.
@@ -398,11 +476,10 @@ class MultiRegionKMSService(ProviderResource):
                 )
             if any(region.name == name for region in regions):
                 raise ConfigurationError(f"two services for region {name}: give one per region")
-            regions.append(
-                _Region(
-                    name, service, _Breaker(failure_threshold, reset_timeout, max_reset_timeout)
-                )
+            breaker = _Breaker(
+                failure_threshold, reset_timeout, max_reset_timeout, float(attempt_timeout)
             )
+            regions.append(_Region(name, service, breaker))
         if min_regions > len(regions):
             raise ConfigurationError(
                 f"min_regions={min_regions} is more than the {len(regions)} region(s) given"
@@ -575,17 +652,17 @@ class MultiRegionKMSService(ProviderResource):
 
     # -- one region, one attempt -----------------------------------------------
 
-    async def _attempt(self, region: _Region, call: _Call[_T]) -> _T:
+    async def _attempt(self, region: _Region, call: _Call[_T], *, last_resort: bool = False) -> _T:
         """Call one region under its breaker and the attempt timeout.
 
         Raises :class:`_RegionFailed` when the region is skipped or unavailable,
-        and whatever the region answered otherwise.
+        and whatever the region answered otherwise. ``last_resort``: no other
+        region can serve the call (see :meth:`_Breaker.acquire`).
         """
-        ticket = region.breaker.acquire(self._clock())
+        breaker = region.breaker
+        ticket = await self._ticket(breaker, last_resort)
         if ticket is None:
-            region.skipped += 1
-            raise _RegionFailed("circuit open")
-        probe = ticket == "probe"
+            raise _RegionFailed("circuit open", skipped=True)
         region.calls += 1
         settled = False
         try:
@@ -594,7 +671,7 @@ class MultiRegionKMSService(ProviderResource):
         except (KMSUnavailableError, TimeoutError) as exc:
             settled = True
             region.failures += 1
-            opened = region.breaker.failed(probe, self._clock())
+            opened = breaker.failed(ticket, self._clock())
             if isinstance(exc, KMSUnavailableError):
                 reason = f"{type(exc).__name__}: {exc}"
             else:
@@ -603,22 +680,30 @@ class MultiRegionKMSService(ProviderResource):
                 _log.warning(
                     "KMS region %s is unavailable; skipping it for %.0f s (%s)",
                     region.name,
-                    (region.breaker.open_until or 0.0) - self._clock(),
+                    (breaker.open_until or 0.0) - self._clock(),
                     reason,
                 )
             raise _RegionFailed(reason, exc) from None
         except Exception as exc:
             if _is_answer(exc):
                 settled = True
-                region.breaker.answered(probe, self._clock())
+                breaker.answered(ticket, self._clock())
             raise
         finally:
             if not settled:  # cancelled, or refused before asking: says nothing of the region
-                region.breaker.release(probe)
-        region.breaker.answered(probe, self._clock())
-        if probe:
+                breaker.release(ticket)
+        breaker.answered(ticket, self._clock())
+        if ticket != "call":
             _log.warning("KMS region %s answered again; using it", region.name)
         return result
+
+    async def _ticket(self, breaker: _Breaker, last_resort: bool) -> _Ticket | None:
+        while True:
+            ticket = breaker.acquire(self._clock(), last_resort=last_resort)
+            if ticket != "wait":
+                return ticket
+            # One probe per region at a time: the others hear how it went.
+            await breaker.probe_ended()
 
     async def _failover(
         self,
@@ -626,28 +711,48 @@ class MultiRegionKMSService(ProviderResource):
         order: Sequence[_Region],
         call: _Call[_T],
     ) -> _T:
-        """Try ``order`` until a region answers; RegionsUnavailableError if none does."""
-        failures: list[tuple[str, str]] = []
+        """Try ``order`` until a region answers; RegionsUnavailableError if none does.
+
+        When every region has failed or is skipped, the skipped ones are tried
+        as a last resort, the one whose latest failure is oldest first.
+        """
+        failed: dict[_Region, _RegionFailed] = {}
+
+        def candidates() -> Iterator[tuple[_Region, bool]]:
+            yield from ((region, False) for region in order)
+            # Reached only once every region of ``order`` has failed or been skipped.
+            skipped = [region for region in order if failed[region].skipped]
+            for region in sorted(skipped, key=lambda region: region.breaker.failed_at):
+                yield region, True
+
+        previous: _Region | None = None
         last: BaseException | None = None
-        for index, region in enumerate(order):
-            try:
-                result = await self._attempt(region, call)
-            except _RegionFailed as failed:
-                failures.append((region.name, failed.reason))
-                last = failed.error or last
-                if index + 1 < len(order):
-                    region.failovers += 1
+        try:
+            for region, last_resort in candidates():
+                if previous is not None and previous is not region:
+                    previous.failovers += 1
                     _log.debug(
                         "KMS %s moves on from region %s to %s (%s)",
                         operation,
+                        previous.name,
                         region.name,
-                        order[index + 1].name,
-                        failed.reason,
+                        failed[previous].reason,
                     )
-                continue
-            return result
+                try:
+                    result = await self._attempt(region, call, last_resort=last_resort)
+                except _RegionFailed as exc:
+                    failed[region] = exc
+                    last = exc.error or last
+                    previous = region
+                    continue
+                failed.pop(region, None)
+                return result
+        finally:
+            _count_skips(failed)
         self._unavailable += 1
-        raise RegionsUnavailableError(operation, failures) from last
+        raise RegionsUnavailableError(
+            operation, [(region.name, failed[region].reason) for region in order]
+        ) from last
 
     async def _each(
         self,
@@ -663,23 +768,40 @@ class MultiRegionKMSService(ProviderResource):
         Fewer than ``needed`` results (all of them by default) raise
         :class:`RegionsUnavailableError`.
         """
-        gathered = await self._gather(regions, call)
-        return gathered.require(self, operation, len(regions) if needed is None else needed)
+        needed = len(regions) if needed is None else needed
+        gathered = await self._gather(regions, call, needed)
+        return gathered.require(self, operation, needed)
 
-    async def _gather(self, regions: Sequence[_Region], call: _Call[_T]) -> _Gathered[_T]:
+    async def _gather(
+        self, regions: Sequence[_Region], call: _Call[_T], needed: int
+    ) -> _Gathered[_T]:
+        """Call ``regions`` at once; if fewer than ``needed`` answer, the skipped
+        ones are tried again as a last resort."""
         gathered = _Gathered[_T](regions)
 
-        async def run(region: _Region) -> None:
+        async def run(region: _Region, last_resort: bool) -> None:
             try:
-                gathered.results[region.name] = await self._attempt(region, call)
+                gathered.results[region.name] = await self._attempt(
+                    region, call, last_resort=last_resort
+                )
             except _RegionFailed as exc:
                 gathered.failed[region.name] = exc
+                return
             except Exception as exc:
                 gathered.errors[region.name] = exc
+            gathered.failed.pop(region.name, None)
 
-        async with anyio.create_task_group() as group:
-            for region in regions:
-                group.start_soon(run, region)
+        async def each(regions: Sequence[_Region], last_resort: bool) -> None:
+            async with anyio.create_task_group() as group:
+                for region in regions:
+                    group.start_soon(run, region, last_resort)
+
+        try:
+            await each(regions, False)
+            if len(gathered.results) < needed and not gathered.errors:
+                await each([r for r in regions if gathered.skipped(r.name)], True)
+        finally:
+            _count_skips({r: gathered.failed[r.name] for r in regions if r.name in gathered.failed})
         return gathered
 
     # -- routing (replicas mode) -----------------------------------------------
@@ -763,10 +885,13 @@ class MultiRegionKMSService(ProviderResource):
 
         ``"replicas"``: through the nearest region that answers (an alias
         name must exist in each region it is resolved in); a multi-region
-        key's ARN comes back in the primary region. ``"every-region"``: an
-        alias name is resolved in every region (all must answer), and the
-        result is the composite id; a composite id is checked in the regions
-        that answer (at least one) and returned.
+        key's ARN comes back in the primary region, and a key that is not
+        multi-region is refused with :class:`~encx_async.ConfigurationError`
+        (it lives in one region, so nothing about it could fail over; this is
+        what :meth:`Crypto.create <encx_async.Crypto.create>` checks its key
+        with). ``"every-region"``: an alias name is resolved in every region
+        (all must answer), and the result is the composite id; a composite id
+        is checked in the regions that answer (at least one) and returned.
         """
         key_ref = check_key_ref(alias)
         await self._ensure_open()
@@ -776,6 +901,13 @@ class MultiRegionKMSService(ProviderResource):
                 self._plan(key_ref, self._regions),
                 lambda region: region.service.get_key_id(key_ref),
             )
+            if not is_multi_region_key(found):
+                raise ConfigurationError(
+                    f"{key_ref!r} is key {found}, which is not a multi-region key: it lives in "
+                    "one region, so mode='replicas' could not fail over. Use a multi-region "
+                    "key (mrk-...; create_key makes one in this mode), or mode='every-region' "
+                    "for an ordinary key in every region"
+                )
             return self._canonical(found)
         parts = self._parts(key_ref)
         resolved = await self._each(
@@ -800,7 +932,9 @@ class MultiRegionKMSService(ProviderResource):
         await self._ensure_open()
         if self._mode == "every-region":
             gathered = await self._gather(
-                self._regions, lambda region: region.service.create_key(description, alias=alias)
+                self._regions,
+                lambda region: region.service.create_key(description, alias=alias),
+                len(self._regions),
             )
             try:
                 return self._composite(gathered.require(self, "create_key", len(self._regions)))
@@ -961,7 +1095,12 @@ class MultiRegionKMSService(ProviderResource):
         ``"every-region"``: each region's copy moves to that region's part of
         the destination, and every such region must answer (retry later
         otherwise: the old wrapped key still works). Copies for regions the
-        destination has no key in are dropped.
+        destination has no key in are dropped. A region of the destination
+        that has no copy (the key was wrapped while it was down) gets one: the
+        data key is unwrapped in the nearest region that holds a copy and
+        wrapped in the missing regions, so it passes through this process, as
+        on a decrypt. With ``source_key_id == destination_key_id`` that
+        completes a partial wrap.
         """
         blob = as_bytes(ciphertext_dek, "wrapped data key")
         source = check_key_ref(source_key_id)
@@ -986,24 +1125,75 @@ class MultiRegionKMSService(ProviderResource):
         sources, destinations = self._parts(source), self._parts(destination)
         copies = _unpack(blob)
         held = dict(copies)
-        regions = [
-            r
-            for r in self._regions
-            if r.name in held and r.name in sources and r.name in destinations
-        ]
-        if not regions:
+        readable = [r for r in self._regions if r.name in held and r.name in sources]
+        if not readable:
             raise DecryptionError(DECRYPT_FAILED)
-        moved = await self._each(
-            "re_encrypt_dek",
-            regions,
-            lambda region: _rotation(region).re_encrypt_dek(
-                held[region.name],
-                source_key_id=sources[region.name],
-                destination_key_id=destinations[region.name],
-                context=context,
-            ),
-        )
-        return _pack([(name, moved[name]) for name, _ in copies if name in moved])
+        # Even under the same key: after a KMS-managed rotation that moves the
+        # copy to the newest key material.
+        moving = [r for r in readable if r.name in destinations]
+        out: dict[str, bytes] = {}
+        if moving:
+            out |= await self._each(
+                "re_encrypt_dek",
+                moving,
+                lambda region: _rotation(region).re_encrypt_dek(
+                    held[region.name],
+                    source_key_id=sources[region.name],
+                    destination_key_id=destinations[region.name],
+                    context=context,
+                ),
+            )
+        missing = [r for r in self._regions if r.name in destinations and r not in moving]
+        if missing:
+            plaintext = await self._failover(
+                "re_encrypt_dek",
+                readable,
+                lambda region: region.service.decrypt_dek(
+                    sources[region.name], held[region.name], context=context
+                ),
+            )
+            out |= await self._each(
+                "re_encrypt_dek",
+                missing,
+                lambda region: region.service.encrypt_dek(
+                    destinations[region.name], plaintext, context=context
+                ),
+            )
+        names = [name for name, _ in copies if name in out]
+        names += [region.name for region in missing if region.name not in names]
+        return _pack([(name, out[name]) for name in names])
+
+    # -- PartialWrapping -------------------------------------------------------
+
+    def partial_wrap(self, key_id: str, wrapped_dek: bytes) -> float | None:
+        """Whether ``wrapped_dek`` lacks a copy that :meth:`encrypt_dek` makes under ``key_id``.
+
+        ``None`` when it lacks none (and always in ``"replicas"`` mode, or for
+        bytes that are no every-region wrapped key); else the seconds until
+        the soonest of the missing regions may be called again: 0 if its
+        breaker is closed, what is left of its open period, or
+        ``attempt_timeout`` while a probe of it is out. See
+        :class:`~encx_async.PartialWrapping`.
+        """
+        if self._mode != "every-region":
+            return None
+        try:
+            parts = self._parts(key_id)
+            copies = {name for name, _ in _unpack(bytes(wrapped_dek))}
+        except (ConfigurationError, DecryptionError):
+            return None
+        missing = [r for r in self._regions if r.name in parts and r.name not in copies]
+        if not missing:
+            return None
+        now = self._clock()
+        return min(region.breaker.retry_in(now) for region in missing)
+
+
+def _count_skips(failed: Mapping[_Region, _RegionFailed]) -> None:
+    """Count the regions a call ended up not trying because their breakers were open."""
+    for region, exc in failed.items():
+        if exc.skipped:
+            region.skipped += 1
 
 
 def _is_answer(exc: Exception) -> bool:

@@ -537,6 +537,7 @@ _KEY32 = base64.b64encode(bytes(32))
         + _KEY32
         + b'"], "rotation": {"enabled": "yes"}}}}',
         _HEAD + b'"keys": {}, "aliases": {"alias/x": "' + MISSING_KEY.encode() + b'"}}',
+        b"[" * 100_000 + b"]" * 100_000,  # past the JSON parser's recursion limit
     ],
     ids=[
         "not-json",
@@ -547,6 +548,7 @@ _KEY32 = base64.b64encode(bytes(32))
         "short-material",
         "bad-rotation",
         "dangling-alias",
+        "nested-too-deep",
     ],
 )
 async def test_local_corrupt_file(tmp_path: Path, content: bytes) -> None:

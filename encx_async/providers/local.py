@@ -330,7 +330,7 @@ class LocalKMSService(ProviderResource):
             _log.warning("local KMS key file %s is accessible to other users", path)
         try:
             document = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise corrupt("it is not valid JSON") from exc
         if (
             not isinstance(document, dict)

@@ -42,6 +42,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def quick(session: nox.Session) -> None:
+    """The quick loop while working: every test not marked slow."""
+    _install(session)
+    session.run("python", "-m", "pytest", "-m", "not slow", "-q", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Every benchmark with its default settings (about a minute on two cores)."""
     _install(session)

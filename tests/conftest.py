@@ -55,16 +55,11 @@ def _moto_post(endpoint: str, path: str, body: bytes) -> bytes:
         return data
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server on 127.0.0.1 and a free port for the whole session; yields its URL.
-
-    Also points the AWS environment at fake credentials and empty shared
-    files for the session, so nothing reaches real AWS or a developer's profile.
-    """
+@pytest.fixture(scope="session", autouse=True)
+def _fake_aws_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fake credentials and empty shared files for the whole session, so no test
+    reaches real AWS or a developer's profile, with or without the moto server."""
     empty = tmp_path_factory.mktemp("aws-config")
-    werkzeug_log = logging.getLogger("werkzeug")
-    previous_level = werkzeug_log.level
     with pytest.MonkeyPatch.context() as patch:
         for name in _AWS_ENV_TO_CLEAR:
             patch.delenv(name, raising=False)
@@ -75,15 +70,23 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
         patch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
         patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        werkzeug_log.setLevel(logging.ERROR)  # one access-log line per request otherwise
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-            werkzeug_log.setLevel(previous_level)
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A moto server on 127.0.0.1 and a free port for the whole session; yields its URL."""
+    werkzeug_log = logging.getLogger("werkzeug")
+    previous_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        werkzeug_log.setLevel(previous_level)
 
 
 @pytest.fixture
@@ -128,7 +131,9 @@ async def local_kms() -> AsyncIterator[LocalKMSService]:
         yield kms
 
 
-@pytest.fixture(params=["local", "aws"])
+# The same test on the moto server is slow only next to the in-memory local KMS
+# (a few hundred ms of requests): the quick loop runs the local half.
+@pytest.fixture(params=["local", pytest.param("aws", marks=pytest.mark.slow)])
 def kms(request: pytest.FixtureRequest) -> KeyManagementService:
     """Each provider in turn, so behavioural tests run against both."""
     provider: KeyManagementService = request.getfixturevalue(f"{request.param}_kms")
@@ -188,6 +193,17 @@ def provider(kms: KeyManagementService) -> Provider:
     """The current ``kms`` provider (same object, same params), as its concrete type."""
     assert isinstance(kms, LocalKMSService | KMSService)
     return kms
+
+
+#: Fixtures that reach a real server: a test that uses one, however indirectly,
+#: is slow next to the in-memory ones, so the quick loop (-m "not slow") skips it.
+_SERVER_FIXTURES = frozenset({"moto_server", "postgres_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 # -- PostgreSQL, for the fleet tests ---------------------------------------------------

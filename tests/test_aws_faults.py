@@ -31,6 +31,9 @@ ALIAS = "alias/faults"
 # getting back to the task, and aiohttp closing the connection.
 SLACK = 1.5
 
+# Slow: these wait out deadlines, timeouts and botocore's backoff.
+pytestmark = pytest.mark.slow
+
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def key(moto_endpoint: str) -> str:

@@ -460,6 +460,7 @@ async def test_multi_region_key_arn_from_another_region(
 
 
 @pytest.mark.parametrize("attempts", [1, 3])
+@pytest.mark.slow
 async def test_server_errors_are_retried_then_unavailable(attempts: int) -> None:
     with FakeEndpoint(status=500) as endpoint:
         config = fast_config(endpoint.url, max_attempts=attempts)
@@ -561,6 +562,7 @@ async def test_refused_connection_is_unavailable() -> None:
     assert isinstance(caught.value.__cause__, EndpointConnectionError)
 
 
+@pytest.mark.slow
 async def test_moto_stopping_mid_run_is_unavailable() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -595,6 +597,7 @@ async def test_not_found_keeps_the_client_error(aws_kms: KMSService) -> None:
     assert REGION in str(caught.value)
 
 
+@pytest.mark.slow
 async def test_iam_denial_names_the_action(
     moto_endpoint: str, moto_api: MotoApi, admin: KMSClient
 ) -> None:

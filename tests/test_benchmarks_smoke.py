@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60.0
 _AWS_ENV_TO_DROP = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS", "AWS_REGION")
 
+# Slow: each benchmark runs in a fresh interpreter.
+pytestmark = pytest.mark.slow
+
 
 def run_benchmark(name: str, *args: str) -> tuple[dict[str, Any], str]:
     """Run a benchmark module with ``--json``; return the parsed stdout and the stderr text."""

@@ -67,6 +67,7 @@ def calls(crypto: Crypto, kind: str) -> int:
     return crypto.stats().kms_calls.get(kind, 0)
 
 
+@pytest.mark.slow
 async def test_100k_encrypts_need_100_wraps_and_100_unwraps(local: LocalKMSService) -> None:
     writer = await make(local, DEKCache(max_messages_per_dek=1000))
     blobs: list[bytes] = []

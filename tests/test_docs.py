@@ -46,6 +46,9 @@ LEAK_MARKERS = (
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 
+# Slow: every example runs in a fresh interpreter.
+pytestmark = pytest.mark.slow
+
 
 @dataclass(frozen=True)
 class Block:

@@ -111,6 +111,7 @@ async def test_small_objects_use_one_put(service: str) -> None:
             assert reply.status == 404
 
 
+@pytest.mark.slow
 async def test_a_copied_object_does_not_decrypt_under_another_name(service: str) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.put(f"{service}/objects/a", data=b"for a only" * 1000) as reply:

@@ -520,6 +520,7 @@ async def test_a_silent_region_is_bounded_by_attempt_timeout(
 # -- replicas mode on moto ----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_replicas_wrap_moves_to_the_replica(servers: dict[str, RegionServer]) -> None:
     clock = FakeClock()
     async with multi(servers, clock, mode="replicas") as kms:

@@ -609,6 +609,7 @@ async def test_concurrent_first_boot_one_source(
     assert Pepper.from_secret_string(stored["SecretString"]) == peppers[0]
 
 
+@pytest.mark.slow
 async def test_concurrent_first_boot_many_instances(
     sm_config: Config, admin: SecretsManagerClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -863,6 +864,7 @@ def iam_user(moto_endpoint: str, moto_api: MotoApi) -> Iterator[Callable[..., An
     moto_api("reset-auth", b"inf")
 
 
+@pytest.mark.slow
 async def test_access_denied_names_the_permission(
     moto_endpoint: str,
     moto_api: MotoApi,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ async def _crypto() -> Crypto:
     )
 
 
+@pytest.mark.slow
 @fast
 @given(data=st.binary(max_size=4096), context=contexts, aad=st.none() | st.binary(max_size=64))
 def test_round_trip(data: bytes, context: dict[str, str], aad: bytes | None) -> None:
@@ -48,6 +50,7 @@ def test_parser_fed_arbitrary_bytes_raises_only_decryption_error(blob: bytes) ->
     assert len(envelope.header) + len(envelope.body) == len(blob)
 
 
+@pytest.mark.slow
 @fast
 @given(prefix=st.binary(max_size=64), suffix=st.binary(max_size=64), flip=st.integers(0, 10**6))
 def test_decrypt_of_mangled_blobs_raises_only_decryption_error(

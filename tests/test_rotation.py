@@ -355,6 +355,7 @@ async def test_a_passed_connection_stays_open(local: LocalKMSService, tmp_path: 
         assert sorted(r[0] for r in rows) == [1, 2]
 
 
+@pytest.mark.slow
 async def test_a_failed_rewrap_many_leaves_no_error_unread(
     aws_kms: KeyManagementService, make_key: KeyFactory
 ) -> None:

@@ -373,6 +373,7 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_le
 
 @fast
 @given(value=values)
+@pytest.mark.slow
 def test_any_supported_value_round_trips(value: object) -> None:
     encoded = encode_value(value)
     decoded = decode_value(encoded)

@@ -14,6 +14,7 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     │   ├── KMSUnavailableError
     │   │   └── RegionsUnavailableError
     │   ├── KMSAccessDeniedError
+    │   │   └── KMSCredentialsError
     │   ├── KMSKeyNotFoundError
     │   └── KMSRegionMismatchError (also ValueError)
     ├── DatabaseUnavailableError
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidHashError",
     "InvalidValueError",
     "KMSAccessDeniedError",
+    "KMSCredentialsError",
     "KMSError",
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
@@ -141,6 +143,12 @@ class RegionsUnavailableError(KMSUnavailableError):
 
 class KMSAccessDeniedError(KMSError):
     """The caller's credentials lack a permission (or there are no credentials)."""
+
+
+class KMSCredentialsError(KMSAccessDeniedError):
+    """No usable AWS credentials were found to sign a request: none configured, a
+    profile without keys, half a key pair, or a credential provider that failed.
+    A KMSAccessDeniedError, since the call was refused all the same."""
 
 
 class KMSKeyNotFoundError(KMSError):

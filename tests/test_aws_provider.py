@@ -647,10 +647,11 @@ async def test_no_credentials(
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     async with KMSService(Config(region=REGION, endpoint_url=moto_endpoint)) as kms:
-        with pytest.raises(errors.KMSAccessDeniedError) as caught:
+        with pytest.raises(errors.KMSCredentialsError) as caught:
             await kms.encrypt_dek("alias/test-key", DEK)
+    assert isinstance(caught.value, errors.KMSAccessDeniedError)  # still caught as a denial
     assert isinstance(caught.value.__cause__, NoCredentialsError)
-    assert "credentials" in str(caught.value)
+    assert str(caught.value).startswith("no usable AWS credentials to sign KMS Encrypt")
     assert "AWS_ACCESS_KEY_ID" in str(caught.value)
 
 

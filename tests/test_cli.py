@@ -748,6 +748,21 @@ def test_no_region_names_the_region_flag(
     assert "Config(" not in err  # library words, not the command line's
 
 
+def test_missing_credentials_say_credentials(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, moto_endpoint: str
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_main(
+        ["--endpoint-url", moto_endpoint, "--kek-alias", ALIAS, "keys", "describe"], capsys
+    )
+    assert code == ExitCode.SERVICE
+    first, hint = err.splitlines()
+    assert first.startswith("encx-async: error: no usable AWS credentials")
+    assert hint.startswith("hint: no AWS credentials were found: pass --profile NAME")
+    assert "--kms local --local-keys FILE" in hint
+
+
 @pytest.mark.parametrize("command", [["decrypt", "-o", "out.txt"], ["rewrap", "a.enc"]])
 def test_moto_refuses_data_from_another_command_up_front(
     capsys: pytest.CaptureFixture[str], command: list[str]

@@ -20,6 +20,7 @@ from encx_async._exceptions import (
     InvalidValueError,
     KeyVersionError,
     KMSAccessDeniedError,
+    KMSCredentialsError,
     KMSError,
     KMSKeyNotFoundError,
     KMSRegionMismatchError,
@@ -72,6 +73,12 @@ _SERVICE_HINTS: tuple[tuple[type[Exception], str], ...] = (
         KMSKeyNotFoundError,
         "check --kek-alias, --region and --endpoint-url (or --local-keys); "
         "create a key with 'encx-async keys create --kek-alias alias/NAME'",
+    ),
+    (
+        KMSCredentialsError,
+        "no AWS credentials were found: pass --profile NAME (or set AWS_PROFILE), set "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance or task role "
+        "applies; to try the commands without AWS, use --kms local --local-keys FILE",
     ),
     (
         KMSAccessDeniedError,

@@ -70,6 +70,7 @@ from encx_async._exceptions import (
     DecryptionError,
     EncxError,
     KMSAccessDeniedError,
+    KMSCredentialsError,
     KMSError,
     KMSKeyNotFoundError,
     KMSRegionMismatchError,
@@ -479,9 +480,9 @@ def _translate_error(
         )
 
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
-        return KMSAccessDeniedError(
-            f"KMS {operation}{subject} could not be signed ({type(exc).__name__}); "
-            f"{_CREDENTIAL_HINT}"
+        return KMSCredentialsError(
+            f"no usable AWS credentials to sign KMS {operation}{subject} "
+            f"({type(exc).__name__}); {_CREDENTIAL_HINT}"
         )
     if isinstance(exc, ProfileNotFound):
         return ConfigurationError(f"the AWS profile for KMS {operation} does not exist: {exc}")
@@ -1276,8 +1277,9 @@ def _translate_secrets_error(
         return KMSError(f"{subject} in {where} failed: {code or status}{detail}", code=code or None)
 
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
-        return KMSAccessDeniedError(
-            f"{subject} could not be signed ({type(exc).__name__}); {_CREDENTIAL_HINT}"
+        return KMSCredentialsError(
+            f"no usable AWS credentials to sign {subject} ({type(exc).__name__}); "
+            f"{_CREDENTIAL_HINT}"
         )
     if isinstance(exc, ProfileNotFound):
         return ConfigurationError(f"the AWS profile for {subject} does not exist: {exc}")

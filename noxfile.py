@@ -50,13 +50,14 @@ def quick(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Every benchmark with its default settings (about a minute on two cores)."""
+    """Every benchmark with its default settings (a few minutes on two cores)."""
     _install(session)
     session.run("python", "-m", "benchmarks.core")
     session.run("python", "-m", "benchmarks.cache")
     session.run("python", "-m", "benchmarks.hashing")
     session.run("python", "-m", "benchmarks.load")
     session.run("python", "-m", "benchmarks.stream")
+    session.run("python", "-m", "benchmarks.soak")
 
 
 @nox.session

@@ -9,6 +9,7 @@ on the JSON, and speed never is.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -273,3 +274,76 @@ def test_load_benchmark_percentiles_are_nearest_rank() -> None:
     assert hundred_fifty.percentile(99) == 149.0  # rank ceil(148.5)
     assert hundred_fifty.percentile(100) == 150.0
     assert run([]).percentile(99) == 0.0
+
+
+# 2,000 operations, the KMS down for 2 s after the first 1,000.
+TINY_SOAK = ("--operations", "2000", "--tasks", "20", "--outage-seconds", "2", "--no-progress")
+
+
+def _check_soak_run(run: dict[str, Any], *, operations: int) -> None:
+    records = run["records"]
+    assert records["written"] > 0
+    assert records["lost"] == 0
+    assert records["verified"] == records["written"]
+    assert records["checked_during_run"] > 0
+    assert run["unexpected_errors"] == 0, run["unexpected_samples"]
+    assert run["errors"]["unexpected"] == {}
+    done = sum(
+        c["ok"] + c["failed_in_outage"] + c["failed_otherwise"] for c in run["by_kind"].values()
+    )
+    rotations = run["by_kind"].get("rotate_kek", {"ok": 0, "failed_in_outage": 0})
+    assert done - rotations["ok"] - rotations["failed_in_outage"] == operations
+    # The KMS went down: what needed it failed, counted, and typed; cached keys kept serving.
+    outage = run["outage"]
+    assert outage["seconds"] > 0
+    assert outage["kms_errors"] > 0
+    assert set(run["errors"]["outage"]) == {"KMSUnavailableError"}
+    assert outage["served_from_cache"] > 0
+    assert run["kms_calls"]["total"] > 0
+    assert run["max_lag_ms"] >= 0
+
+
+@pytest.mark.slow
+def test_soak_benchmark_keeps_every_record_through_an_outage() -> None:
+    document, report = run_benchmark(
+        "soak", *TINY_SOAK, "--rotate-every", "300", "--database", "sqlite"
+    )
+    for header in ("sqlite: 2,000 operations", "failed: outage", "from the outage", "Figures"):
+        assert header in report
+    assert "served by cached keys" in report
+    assert "PASS" not in report
+    assert "FAIL" not in report
+    assert set(document["runs"]) == {"sqlite"}
+    assert document["settings"]["outage_mode"] == "stall"
+    _check_soak_run(document["runs"]["sqlite"], operations=2000)
+    assert {"sqlite: records lost", "sqlite: served by cached keys, outage"} <= figure_names(
+        document
+    )
+
+
+@pytest.mark.slow
+async def test_soak_benchmark_on_postgres_forgets_its_key_versions(postgres_url: str) -> None:
+    import asyncpg
+
+    document, _ = await asyncio.to_thread(
+        run_benchmark,
+        "soak",
+        *TINY_SOAK,
+        "--outage-mode",
+        "error",
+        "--database",
+        "postgres",
+        "--postgres-url",
+        postgres_url,
+    )
+    assert set(document["runs"]) == {"postgres"}
+    run = document["runs"]["postgres"]
+    _check_soak_run(run, operations=2000)
+    connection = await asyncpg.connect(postgres_url, timeout=5)
+    try:
+        left = await connection.fetchval(
+            "SELECT count(*) FROM encx_kek_versions WHERE alias = $1", run["kek_alias"]
+        )
+    finally:
+        await connection.close()
+    assert left == 0

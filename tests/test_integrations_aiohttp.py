@@ -29,7 +29,7 @@ from .test_integrations_common import (
     eventually,
     example_settings,
     holding_proxy,
-    sqlite_threads,
+    open_sqlite_connections,
 )
 
 
@@ -150,14 +150,14 @@ async def test_shutdown_under_load_closes_the_kms_client_and_the_databases(
 ) -> None:
     settings = example_settings(tmp_path, moto_endpoint)
     recorder = KMSRecorder(settings)
-    threads_before = len(sqlite_threads())
+    threads_before = open_sqlite_connections()
     outcomes: list[int | str] = []
     timeout = aiohttp.ClientTimeout(total=10)
     async with (
         aiohttp.ClientSession(timeout=timeout) as client,
         serving(create_app(settings, kms=recorder)) as (url, runner),
     ):
-        assert len(sqlite_threads()) == threads_before + 2
+        assert open_sqlite_connections() == threads_before + 2
 
         async def one(i: int) -> None:
             body = {"name": f"u{i}", "email": f"u{i}@example.com"}
@@ -180,7 +180,7 @@ async def test_shutdown_under_load_closes_the_kms_client_and_the_databases(
         await asyncio.gather(*load)
     gc.collect()
     await recorder.assert_all_closed()
-    assert len(sqlite_threads()) == threads_before
+    assert open_sqlite_connections() == threads_before
     assert 201 in outcomes
     assert 500 not in outcomes
     assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
+import sqlite3
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -79,9 +80,19 @@ async def eventually(condition: Callable[[], Awaitable[bool]], seconds: float = 
         await asyncio.sleep(0.01)
 
 
-def sqlite_threads() -> list[threading.Thread]:
-    """aiosqlite's worker threads still running: one per open connection."""
-    return [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+def open_sqlite_connections() -> int:
+    """The sqlite3 connections of this process still open: the key stores' and
+    aiosqlite's (which wraps one), in memory or on disk."""
+    gc.collect()  # a connection nobody holds any more is closed on the way out
+    count = 0
+    for candidate in gc.get_objects():
+        if isinstance(candidate, sqlite3.Connection):
+            try:
+                candidate.total_changes  # noqa: B018 (raises once it is closed)
+            except sqlite3.ProgrammingError:
+                continue
+            count += 1
+    return count
 
 
 class HoldingProxy:
@@ -308,7 +319,7 @@ async def test_a_shutdown_cancelled_while_closing_still_finishes_closing() -> No
         slow.append(made_crypto)
         return made_crypto
 
-    threads_before = len(sqlite_threads())
+    threads_before = open_sqlite_connections()
 
     async def run() -> None:
         async with serve_crypto(kms, crypto):
@@ -327,7 +338,7 @@ async def test_a_shutdown_cancelled_while_closing_still_finishes_closing() -> No
             await slow[0].encrypt(b"x")
         with pytest.raises(ClosedError):
             await made[0].get_key_id("alias/serve")
-        assert len(sqlite_threads()) == threads_before  # the key store's connection is closed
+        assert open_sqlite_connections() == threads_before  # the key store's connection is closed
     finally:
         gate.set()
         await slow[0].aclose()  # a failed run must not leave its database thread behind

@@ -34,7 +34,7 @@ from .test_integrations_common import (
     eventually,
     example_settings,
     holding_proxy,
-    sqlite_threads,
+    open_sqlite_connections,
 )
 
 
@@ -187,10 +187,10 @@ async def test_shutdown_under_load_closes_the_kms_client_and_the_databases(
 ) -> None:
     settings = example_settings(tmp_path, moto_endpoint)
     recorder = KMSRecorder(settings)
-    threads_before = len(sqlite_threads())
+    threads_before = open_sqlite_connections()
     outcomes: list[int | str] = []
     async with serving(create_app(settings, kms=recorder)) as (url, server):
-        assert len(sqlite_threads()) == threads_before + 2  # the key store and the users
+        assert open_sqlite_connections() == threads_before + 2  # the key store and the users
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
 
@@ -215,7 +215,7 @@ async def test_shutdown_under_load_closes_the_kms_client_and_the_databases(
             await asyncio.gather(*load)
     gc.collect()
     await recorder.assert_all_closed()
-    assert len(sqlite_threads()) == threads_before
+    assert open_sqlite_connections() == threads_before
     assert 201 in outcomes
     # Requests finish or are refused; none fails inside the service.
     assert 500 not in outcomes

@@ -57,21 +57,27 @@ def chain_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-async def test_nothing_secret_leaks(
-    kms: KeyManagementService,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    generated: list[bytes] = []
+@pytest.fixture
+def generated(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The key material of every DEK generated during the test, in order."""
+    made: list[bytes] = []
     original = DataKey.generate.__func__  # type: ignore[attr-defined]
 
     def spy(cls: type[DataKey]) -> DataKey:
         dek: DataKey = original(cls)
-        generated.append(bytes(dek))
+        made.append(bytes(dek))
         return dek
 
     monkeypatch.setattr(DataKey, "generate", classmethod(spy))
+    return made
+
+
+async def test_nothing_secret_leaks(
+    kms: KeyManagementService,
+    caplog: pytest.LogCaptureFixture,
+    generated: list[bytes],
+) -> None:
+    caplog.set_level(logging.DEBUG)
     await kms.create_key("leak test", alias=ALIAS)
     cache = DEKCache()
     crypto = await Crypto.create(kms=kms, kek_alias=ALIAS, pepper=PEPPER, dek_cache=cache)
@@ -241,20 +247,11 @@ def derived_keys(dek: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("cached", [False, True])
 async def test_no_key_in_the_frames_of_a_failed_large_decrypt(
-    kms: KeyManagementService, monkeypatch: pytest.MonkeyPatch, cached: bool
+    kms: KeyManagementService, generated: list[bytes], cached: bool
 ) -> None:
     # An error reporter (Sentry, Rollbar...) records every frame's locals: a
     # traceback must not carry a DEK or a key derived from one, even from the
     # worker thread that opened a large body.
-    generated: list[bytes] = []
-    original = DataKey.generate.__func__  # type: ignore[attr-defined]
-
-    def spy(cls: type[DataKey]) -> DataKey:
-        dek: DataKey = original(cls)
-        generated.append(bytes(dek))
-        return dek
-
-    monkeypatch.setattr(DataKey, "generate", classmethod(spy))
     await kms.create_key("frame test", alias=ALIAS)
     cache = DEKCache() if cached else None
     async with await Crypto.create(kms=kms, kek_alias=ALIAS, dek_cache=cache) as crypto:

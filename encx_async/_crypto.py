@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import (
@@ -39,13 +40,7 @@ from ._aead import (
     seal_raw,
 )
 from ._cache import DEKCache, DEKCacheStats, _Side
-from ._context import (
-    Context,
-    decode_context,
-    encode_and_keep,
-    encode_context,
-    normalize_context,
-)
+from ._context import Context, ContextMemo, decode_context, normalize_context
 from ._envelope import (
     BODY_GCM,
     MAX_WRAPPED_DEK,
@@ -66,6 +61,7 @@ from ._exceptions import (
     KMSError,
     KMSKeyNotFoundError,
 )
+from ._fastpath import FastPath
 from ._fork import forget_in_child
 from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, SecureHasher
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
@@ -102,18 +98,11 @@ logger = logging.getLogger("encx_async")
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
 #: a raw ciphertext, like an envelope's AES-GCM body, is at least a nonce and a tag
 _MIN_RAW = NONCE_SIZE + TAG_SIZE
-#: what the decrypt hint holds before any decrypt: no envelope starts with it
-_NO_HEADER = b"no envelope yet"
-_NO_CONTEXT = object()  # equal to no context a caller can pass
 Rotation = Literal["new-key", "kms-managed"]
 ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
 EncryptKey = tuple[str, int, bytes]  # KEK id, KEK version, encoded context
 DecryptKey = tuple[bytes, bytes]  # envelope binding, encoded context
-SealMemo = tuple[object, EncryptKey, Sealer | None]
-OpenHint = tuple[bytes, object, DecryptKey, int, int, Sealer | None]
-_NO_MEMO: SealMemo = (_NO_CONTEXT, ("", 0, b""), None)
-_NO_HINT: OpenHint = (_NO_HEADER, _NO_CONTEXT, (b"", b""), 0, 0, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,18 +194,11 @@ class Crypto(AsyncResource):
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
-        # A copy of the context of the last encrypt, its cache key and the cached
-        # sealer it got: while the same context and version are asked for again,
-        # the context needs no encoding, and the sealer's allowance from the cache
-        # (see Sealer.allow) serves the message in one call.
-        self._seal_memo: SealMemo = _NO_MEMO
-        # The last small AES-GCM envelope decrypted: a blob with that same header
-        # needs no parsing. Its header, context (a copy), cache key, the lengths a
-        # blob with that header must have to take the fast path, and the cached
-        # sealer that opened it.
-        self._open_hint: OpenHint = _NO_HINT
-        # Both memos name KEK versions: a rotation or retirement makes them stale.
-        keyring.on_change = self._forget_memos
+        #: messages below this size are sealed inline with a cached key
+        self._small_cached = 0
+        self._contexts = ContextMemo()
+        #: the cached key used last, reused at once (see _fastpath); with a cache only
+        self._fast: FastPath | None = None
         if dek_cache is not None:
             self._encrypt_side, self._decrypt_side = dek_cache._bind(
                 self,
@@ -225,6 +207,15 @@ class Crypto(AsyncResource):
             )
             self._max_cached_bytes = dek_cache.max_bytes_per_dek
             self._max_cached_uses = dek_cache.max_messages_per_dek
+            self._fast = FastPath(
+                self._encrypt_side,
+                self._decrypt_side,
+                keyring,
+                small=thread_threshold,
+                shortest_body=_MIN_RAW,
+            )
+            keyring.on_change = self._fast.forget  # it names KEK versions
+            self._small_cached = min(thread_threshold, dek_cache.max_bytes_per_dek + 1)
         # Last: an instance whose construction failed counts as closed (see __del__).
         self._closed = False
         forget_in_child(self)
@@ -269,7 +260,8 @@ class Crypto(AsyncResource):
             inside the same KMS key, ``RotateKeyOnDemand``).
         :param version_check_interval: seconds between background re-reads of the
             versions: the bound on how long an instance keeps encrypting under a
-            version another instance has rotated away from.
+            version another instance has rotated away from. Measured by the DEK
+            cache's clock when there is a cache (a fake one in tests drives both).
         :param thread_threshold: payloads of at least this many bytes go to a
             worker thread (and get a Cobblestone-256 body); at most 16 MiB.
         """
@@ -295,7 +287,9 @@ class Crypto(AsyncResource):
             )
         store = open_keystore(database)
         await store.open()
-        keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
+        # One clock per Crypto, so the fast path reads it once per message.
+        clock = dek_cache.clock if dek_cache is not None else time.monotonic
+        keyring = KeyRing(store, kek_alias, check_interval=version_check_interval, clock=clock)
         self: Crypto | None = None
         try:
             self = cls(
@@ -390,9 +384,6 @@ class Crypto(AsyncResource):
                 stacklevel=1,
             )
 
-    def _forget_memos(self) -> None:
-        self._seal_memo, self._open_hint = _NO_MEMO, _NO_HINT
-
     def _after_fork_in_child(self) -> None:
         # The hot sealers are the parent's keys (their cache forgets them too; a
         # retired one may be waiting for a wipe the parent's loop will never run
@@ -400,10 +391,10 @@ class Crypto(AsyncResource):
         # parent's event loop: closed as far as this process goes, so aclose()
         # leaves the parent's connections and threads alone, and the first use
         # raises ForkedError, from the checks every call makes anyway.
-        for hot in (self._seal_memo[2], self._open_hint[5]):
-            if hot is not None:
+        if self._fast is not None:
+            for hot in self._fast.sealers():
                 hot.wipe()
-        self._forget_memos()
+            self._fast.forget()
         self._forked = not self._closed  # one closed before the fork stays merely closed
         self._closed = True
         self._basic = self._secure = None
@@ -494,36 +485,26 @@ class Crypto(AsyncResource):
             plaintext = bytes(_check_bytes("plaintext", plaintext))
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        keyring = self._keyring
-        if keyring.due:
-            keyring.check_soon()  # another instance may have rotated: look, in the background
-        last_context, key, hot = self._seal_memo  # forgotten when the versions change
-        if (type(context) is not dict and context is not None) or context != last_context:
-            # (A dict subclass could answer == as it likes: only plain dicts match.)
-            version = keyring.current
-            ctx, last_context = encode_and_keep(context)
-            key = (self._key_ids[version], version, ctx)
-            self._seal_memo = (last_context, key, None)
-        elif hot is not None and len(plaintext) < self._thread_threshold:
-            blob = hot.seal_allowed(plaintext, aad)
+        fast = self._fast
+        if fast is not None:
+            blob = fast.seal(plaintext, context, aad)
             if blob is not None:
                 return blob
+        keyring = self._keyring
+        keyring.check_if_due()  # another instance may have rotated: look, in the background
+        version = keyring.current
+        ctx, kept = self._contexts.encode(context)
+        key = (self._key_ids[version], version, ctx)
         size = len(plaintext)
         side = self._encrypt_side
-        if side is not None and size <= self._max_cached_bytes:
+        if fast is not None and side is not None and size < self._small_cached:
             sealer = side.take(key, size) or await side.get(key, size)
-            if size < self._thread_threshold:
-                if key[1] == keyring.current:  # no rotation while the KMS was asked
-                    self._seal_memo = (last_context, key, sealer)
-                return sealer.seal_small(plaintext, aad)
-            return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        sealer = await self._new_sealer(key[1], key[0], key[2])
-        try:
+            fast.remember_seal(kept, key)
+            return sealer.seal_small(plaintext, aad)
+        async with self._encrypt_lease(key, size) as sealer:
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
             return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        finally:
-            sealer.wipe()
 
     async def decrypt(
         self, blob: Bytes, *, context: Context | None = None, aad: Bytes | None = None
@@ -537,32 +518,13 @@ class Crypto(AsyncResource):
             raise self._closed_error()
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        keyring = self._keyring
-        if keyring.due:
-            keyring.check_soon()  # retirements reach instances that only decrypt, too
-        side = self._decrypt_side
-        # (Forgotten when the versions change, so its version is never a retired one.)
-        header, last_context, key, shortest, too_long, hot = self._open_hint
-        if (
-            type(blob) is bytes
-            and shortest <= len(blob) < too_long
-            and blob.startswith(header)
-            and (type(context) is dict or context is None)
-            and context == last_context
-            and hot is not None
-            and side is not None
-        ):
-            # The same DEK as the last message, the usual case with a cache: the
-            # header is byte for byte one we parsed and checked already.
-            plaintext = hot.open_allowed(blob, len(header), aad)
+        fast = self._fast
+        if fast is not None:
+            plaintext = fast.open(blob, context, aad)
             if plaintext is not None:
                 return plaintext
-            sealer = side.take(key, None)
-            if sealer is not None:
-                if sealer is not hot:
-                    self._open_hint = (*self._open_hint[:5], sealer)
-                return sealer.open_at(blob, len(header), aad)
-        ctx, memo = encode_and_keep(context)
+        self._keyring.check_if_due()  # retirements reach instances that only decrypt, too
+        ctx, kept = self._contexts.encode(context)
         envelope = parse(blob)
         if envelope.kek_version not in self._key_ids:
             # Unknown here (a newer version, or a forged number) or retired: ask the store.
@@ -570,27 +532,39 @@ class Crypto(AsyncResource):
         # Keyed by the envelope's binding (KEK version, wrapped DEK, commitment):
         # a sealer is only ever made for a binding whose commitment matched its DEK.
         key = (envelope.binding, ctx)
-        if side is not None:
+        side = self._decrypt_side
+        if (
+            fast is not None
+            and side is not None
+            and envelope.body_kind == BODY_GCM
+            and len(envelope.blob) < self._thread_threshold
+        ):
             sealer = side.take(key, None) or await side.get(key, None)
-            if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
-                plaintext = sealer.open_small(envelope, aad)
-                header = sealer.header
-                shortest = len(header) + _MIN_RAW
-                too_long = self._thread_threshold
-                if envelope.kek_version in self._key_ids:  # not retired while we waited
-                    self._open_hint = (header, memo, key, shortest, too_long, sealer)
-                return plaintext
+            plaintext = sealer.open_small(envelope, aad)
+            fast.remember_open(kept, key, envelope.kek_version)
+            return plaintext
+        async with self._decrypt_lease(key) as sealer:
             return await self._open(sealer, envelope, aad)
-        sealer = await self._open_sealer(key)
-        try:
-            return await self._open(sealer, envelope, aad)
-        finally:
-            sealer.wipe()
 
     async def _open(self, sealer: Sealer, envelope: Envelope, aad: bytes | None) -> bytes:
         if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
             return sealer.open_small(envelope, aad)
         return await anyio.to_thread.run_sync(sealer.open_job(envelope, aad))
+
+    def _encrypt_lease(self, key: EncryptKey, size: int, uses: int = 1) -> _Lease:
+        """The sealer for ``uses`` messages of ``size`` bytes in all under ``key``:
+        the cache's when it may serve them, else a new DEK, wiped after use."""
+        side = self._encrypt_side
+        if side is not None and size <= self._max_cached_bytes and uses <= self._max_cached_uses:
+            return _Lease(partial(side.get, key, size, uses), owned=False)
+        return _Lease(partial(self._load_for_encrypt, key), owned=True)
+
+    def _decrypt_lease(self, key: DecryptKey) -> _Lease:
+        """The sealer for an envelope's binding and context, as :meth:`_encrypt_lease`."""
+        side = self._decrypt_side
+        if side is not None:
+            return _Lease(partial(side.get, key, None), owned=False)
+        return _Lease(partial(self._open_sealer, key), owned=True)
 
     async def _load_for_encrypt(self, key: EncryptKey) -> Sealer:
         key_id, version, ctx = key
@@ -652,17 +626,12 @@ class Crypto(AsyncResource):
         ctx, extra = self._stream_inputs(context, aad)
         return self._seal_stream(check_source(source), ctx, extra)
 
-    def _look_for_rotations(self) -> None:
-        keyring = self._keyring
-        if keyring.due:
-            keyring.check_soon()  # another instance may have rotated or retired a version
-
     def _stream_inputs(
         self, context: Context | None, aad: Bytes | None
     ) -> tuple[bytes, bytes | None]:
         """The encoded context and aad of a streaming call, checked before anything runs."""
         self._check_open()
-        return encode_context(context), None if aad is None else _aad_bytes(aad)
+        return self._contexts.encode(context)[0], None if aad is None else _aad_bytes(aad)
 
     async def _seal_stream(
         self, chunks: AsyncGenerator[Bytes, None], ctx: bytes, aad: bytes | None
@@ -680,7 +649,7 @@ class Crypto(AsyncResource):
         # when it starts, so it cannot be charged against a cached DEK's byte
         # limit, and one KMS call is nothing next to a large payload.
         self._check_open()
-        self._look_for_rotations()
+        self._keyring.check_if_due()  # another instance may have rotated
         version = self._keyring.current
         sealer = await self._new_sealer(version, self._key_ids[version], ctx)
         try:
@@ -708,27 +677,19 @@ class Crypto(AsyncResource):
     ) -> AsyncGenerator[bytes, None]:
         async with aclosing(chunks):
             envelope, first = await read_header(chunks)
-            sealer, owned = await self._sealer_for(envelope, ctx)
-            try:
+            async with await self._stream_lease(envelope, ctx) as sealer:
                 decryptor = self._body_opener(sealer, envelope, aad)
                 async for out in open_body(decryptor, first, chunks):
                     self._check_open()  # aclose() ends streams in flight too
                     yield out
-            finally:
-                if owned:
-                    sealer.wipe()
 
-    async def _sealer_for(self, envelope: Envelope, ctx: bytes) -> tuple[Sealer, bool]:
-        """The sealer of ``envelope``'s DEK, and whether the caller must wipe it."""
+    async def _stream_lease(self, envelope: Envelope, ctx: bytes) -> _Lease:
+        """The lease of ``envelope``'s DEK, once its version is known usable."""
         self._check_open()
-        self._look_for_rotations()
+        self._keyring.check_if_due()  # another instance may have retired a version
         if envelope.kek_version not in self._key_ids:
             await self._keyring.key_id_for(envelope.kek_version)
-        key = (envelope.binding, ctx)
-        side = self._decrypt_side
-        if side is not None:
-            return side.take(key, None) or await side.get(key, None), False
-        return await self._open_sealer(key), True
+        return self._decrypt_lease((envelope.binding, ctx))
 
     @staticmethod
     def _body_opener(sealer: Sealer, envelope: Envelope, aad: bytes | None) -> StreamTransform:
@@ -773,16 +734,12 @@ class Crypto(AsyncResource):
         ctx, extra = self._stream_inputs(context, aad)
         source, target = await anyio.to_thread.run_sync(check_paths, src, dst)
         envelope = await anyio.to_thread.run_sync(read_file_header, source)
-        sealer, owned = await self._sealer_for(envelope, ctx)
-        try:
+        async with await self._stream_lease(envelope, ctx) as sealer:
             opener = self._body_opener(sealer, envelope, extra)
             job = partial(
                 transform_file, source, target, skip=envelope.body_at, prefix=b"", transform=opener
             )
             return envelope.body_at + await run_file_job(job)
-        finally:
-            if owned:
-                sealer.wipe()
 
     async def rewrap_file(
         self,
@@ -987,26 +944,14 @@ class Crypto(AsyncResource):
         }
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        ctx = encode_context(context)
+        ctx = self._contexts.encode(context)[0]
+        self._keyring.check_if_due()
         version = self._keyring.current
-        key_id = self._key_ids[version]
+        key = (self._key_ids[version], version, ctx)
         size, uses = sum(len(v) for v in plaintexts.values()), max(1, len(plaintexts))
-        side = self._encrypt_side
-        if side is not None and size <= self._max_cached_bytes and uses <= self._max_cached_uses:
-            key = (key_id, version, ctx)
-            sealer = side.take(key, size, uses) or await side.get(key, size, uses)
-            return SealedRecord(
-                sealer.header,
-                await self._run_fields(sealer.fields_job(plaintexts, aad, seal=True), size),
-            )
-        sealer = await self._new_sealer(version, key_id, ctx)
-        try:
-            return SealedRecord(
-                sealer.header,
-                await self._run_fields(sealer.fields_job(plaintexts, aad, seal=True), size),
-            )
-        finally:
-            sealer.wipe()
+        async with self._encrypt_lease(key, size, uses) as sealer:
+            job = sealer.fields_job(plaintexts, aad, seal=True)  # the key taken before any hop
+            return SealedRecord(sealer.header, await self._run_fields(job, size))
 
     async def open_record(
         self,
@@ -1029,21 +974,15 @@ class Crypto(AsyncResource):
         }
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        ctx = encode_context(context)
+        ctx = self._contexts.encode(context)[0]
         envelope = parse_record_header(header)
+        self._keyring.check_if_due()
         if envelope.kek_version not in self._key_ids:
             await self._keyring.key_id_for(envelope.kek_version)
-        key = (envelope.binding, ctx)
         size = sum(len(v) for v in bodies.values())
-        side = self._decrypt_side
-        if side is not None:
-            sealer = side.take(key, None) or await side.get(key, None)
-            return await self._run_fields(sealer.fields_job(bodies, aad, seal=False), size)
-        sealer = await self._open_sealer(key)
-        try:
-            return await self._run_fields(sealer.fields_job(bodies, aad, seal=False), size)
-        finally:
-            sealer.wipe()
+        async with self._decrypt_lease((envelope.binding, ctx)) as sealer:
+            job = sealer.fields_job(bodies, aad, seal=False)
+            return await self._run_fields(job, size)
 
     async def _run_fields(self, job: Callable[[], dict[str, bytes]], size: int) -> dict[str, bytes]:
         """Run a fields job inline when small, in a worker thread when large."""
@@ -1170,7 +1109,7 @@ class Crypto(AsyncResource):
         # (From the key to itself for a partial wrap: the provider adds what is missing.)
         source = await self._keyring.key_id_for(envelope.kek_version)
         kms_context = normalize_context(context)
-        key = (envelope.kek_version, envelope.wrapped_dek, encode_context(context))
+        key = (envelope.kek_version, envelope.wrapped_dek, self._contexts.encode(context)[0])
         moved = shared.get(key)
         if moved is None:
             call = kms.re_encrypt_dek(
@@ -1258,9 +1197,8 @@ class Crypto(AsyncResource):
         """Wrap ``dek`` under the current KEK version (see :attr:`kek_version`)."""
         self._check_open()
         _check_dek(dek)
-        encode_context(context)
-        if self._keyring.due:
-            self._keyring.check_soon()
+        self._contexts.encode(context)
+        self._keyring.check_if_due()
         return await self._wrap(self.key_id, dek, context)
 
     async def decrypt_dek(
@@ -1273,7 +1211,7 @@ class Crypto(AsyncResource):
         """Unwrap a DEK wrapped by :meth:`encrypt_dek` under ``kek_version`` (default current)."""
         self._check_open()
         wrapped = bytes(_check_bytes("encrypted_dek", encrypted_dek))
-        encode_context(context)
+        self._contexts.encode(context)
         version = self.kek_version if kek_version is None else kek_version
         return await self._unwrap(await self._keyring.key_id_for(version), wrapped, context)
 
@@ -1304,3 +1242,22 @@ def _retrieve_exception(future: asyncio.Future[Any]) -> None:
 def _check_dek(dek: object) -> None:
     if not isinstance(dek, DataKey):
         raise TypeError(f"dek must be a DataKey (from generate_dek), not {type(dek).__name__}")
+
+
+class _Lease:
+    """``async with`` a sealer for one call: the DEK cache's, which stays cached,
+    or one made for the call alone, wiped when the call ends."""
+
+    __slots__ = ("_get", "_owned", "_sealer")
+
+    def __init__(self, get: Callable[[], Awaitable[Sealer]], *, owned: bool) -> None:
+        self._get, self._owned = get, owned
+        self._sealer: Sealer | None = None
+
+    async def __aenter__(self) -> Sealer:
+        self._sealer = await self._get()
+        return self._sealer
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._owned and self._sealer is not None:
+            self._sealer.wipe()

@@ -24,6 +24,7 @@ from encx_async import (
 from encx_async._envelope import parse
 from encx_async.providers.local import LocalKMSService
 from tests.conftest import KeyFactory
+from tests.support import FakeClock
 
 ALIAS = "alias/rotation-test"
 CTX = {"tenant": "acme"}
@@ -195,17 +196,24 @@ async def test_an_instance_sees_another_instances_rotation_within_the_interval(
     local: LocalKMSService, tmp_path: Path
 ) -> None:
     db = f"sqlite:///{tmp_path / 'shared.db'}"
+    clock = FakeClock()  # the DEK cache's clock times the version re-reads too
     a = await Crypto.create(kms=local, kek_alias=ALIAS, database=db)
-    b = await Crypto.create(kms=local, kek_alias=ALIAS, database=db, version_check_interval=0.05)
+    b = await Crypto.create(
+        kms=local, kek_alias=ALIAS, database=db, dek_cache=DEKCache(clock=clock)
+    )
     await a.rotate_kek()
-    assert b.kek_version == 1
-    for _ in range(100):
-        await b.encrypt(b"tick")  # an encrypt after the interval starts a re-read
+    for _ in range(3):
+        await b.encrypt(b"tick", context=CTX)
+    await asyncio.sleep(0.1)  # a re-read, had one started, would be done by now
+    assert b.kek_version == 1  # within the interval, nothing is read
+    clock.advance(30.0)  # the default version_check_interval
+    await b.encrypt(b"tick", context=CTX)  # the first message after it starts a re-read
+    for _ in range(200):
         if b.kek_version == 2:
             break
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
     assert b.kek_version == 2
-    assert version_of(await b.encrypt(b"now")) == 2
+    assert version_of(await b.encrypt(b"now", context=CTX)) == 2
     # And b reads what a writes under a version b has never seen before.
     await a.rotate_kek()
     assert await b.decrypt(await a.encrypt(b"v3")) == b"v3"

@@ -71,7 +71,7 @@ from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, Secure
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
-from ._keystore import KEKVersion, open_keystore
+from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
 from ._models import EncryptedRecord
 from ._pepper import Pepper
 from ._rewrap import ordered_map
@@ -243,6 +243,7 @@ class Crypto(AsyncResource):
         rotation: Rotation = "new-key",
         version_check_interval: float = 30.0,
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> Crypto:
         """Validate the settings, open the key-version store, and return a Crypto.
 
@@ -272,6 +273,10 @@ class Crypto(AsyncResource):
             version another instance has rotated away from.
         :param thread_threshold: payloads of at least this many bytes go to a
             worker thread (and get a Cobblestone-256 body); at most 16 MiB.
+        :param store_timeout: seconds each step of a PostgreSQL key-store
+            operation may take (connecting, waiting for a pooled connection or
+            the rotation lock, a statement, giving the connection back); one
+            that runs out raises :class:`~encx_async.DatabaseUnavailableError`.
         """
         if not isinstance(kms, KeyManagementService):
             raise ConfigurationError("kms must implement encx_async.KeyManagementService")
@@ -287,13 +292,15 @@ class Crypto(AsyncResource):
             raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
         if not version_check_interval > 0:
             raise ConfigurationError("version_check_interval must be positive")
+        if not store_timeout > 0:
+            raise ConfigurationError("store_timeout must be positive")
         if not 1 <= thread_threshold <= MAX_BUFFERED_GCM_BODY:
             # Below the threshold, encrypt makes AES-GCM bodies, which can only be
             # checked whole: the bound keeps every envelope openable as a stream.
             raise ConfigurationError(
                 f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
             )
-        store = open_keystore(database)
+        store = open_keystore(database, timeout=store_timeout)
         await store.open()
         keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
         self: Crypto | None = None
@@ -324,7 +331,10 @@ class Crypto(AsyncResource):
                 ) from exc
             listen = getattr(store, "listen", None)
             if listen is not None:
-                await listen(lambda alias: keyring.check_soon() if alias == kek_alias else None)
+                # None: the listener was away, and may have missed this alias's news.
+                await listen(
+                    lambda alias: keyring.check_soon() if alias in (None, kek_alias) else None
+                )
         except BaseException:
             if self is not None:
                 self._closed = True  # never handed out: nothing to warn about

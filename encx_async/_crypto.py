@@ -61,6 +61,7 @@ from ._exceptions import (
     ConfigurationError,
     DecryptionError,
     EncryptionError,
+    EncxError,
     ForkedError,
     KeyVersionError,
     KMSError,
@@ -73,6 +74,7 @@ from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
 from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
 from ._models import EncryptedRecord
+from ._orphans import Unrecorded, create_and_learn_id, discard, to_the_end
 from ._pepper import Pepper
 from ._rewrap import ordered_map
 from ._stream import (
@@ -201,6 +203,8 @@ class Crypto(AsyncResource):
         self._thread_threshold = thread_threshold
         self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
+        # Keys of failed rotations that could not be cleaned up yet.
+        self._unrecorded: list[Unrecorded] = []
         self._forked = False  # closed by a fork: this process is the child
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
@@ -1085,6 +1089,9 @@ class Crypto(AsyncResource):
                 "use strategy='kms-managed' to rotate a key named by id or ARN"
             )
 
+        await self._discard_unrecorded_keys(None)
+        made: list[Unrecorded] = []
+
         async def new_key(current: KEKVersion | None) -> str:
             if current is None:  # pragma: no cover - the key ring always starts with a version
                 raise KeyVersionError(f"alias {alias!r} has no KEK version to rotate from")
@@ -1092,11 +1099,26 @@ class Crypto(AsyncResource):
                 await self._call_kms("rotate_key_material", kms.rotate_key_material(current.key_id))
                 return current.key_id
             description = f"encx-async KEK {alias} version {current.version + 1}"
-            key_id: str = await self._call_kms("create_key", self._kms.create_key(description))
+            try:
+                key_id = await create_and_learn_id(
+                    self._call_kms("create_key", self._kms.create_key(description))
+                )
+            except asyncio.CancelledError as exc:
+                created = getattr(exc, "created_key_id", None)
+                if created is not None:
+                    made.append(Unrecorded(created, current.key_id))
+                raise
+            made.append(Unrecorded(key_id, current.key_id, alias_moved=True))
             await self._call_kms("update_alias", kms.update_alias(alias, key_id))
             return key_id
 
-        created = await self._keyring.rotate(new_key)
+        try:
+            created = await self._keyring.rotate(new_key)
+        except BaseException as exc:
+            if made:
+                self._unrecorded.extend(made)
+                await to_the_end(self._discard_unrecorded_keys(exc))
+            raise
         logger.info(
             "KEK %s rotated (%s): version %d is %s",
             alias,
@@ -1105,6 +1127,24 @@ class Crypto(AsyncResource):
             created.key_id,
         )
         return created
+
+    async def _discard_unrecorded_keys(self, failure: BaseException | None) -> None:
+        """Clean up after the keys of failed rotations (see ``_orphans``); name
+        those that are left in ``failure``."""
+        if not self._unrecorded:
+            return
+        pending, self._unrecorded = self._unrecorded, []
+        for key in pending:
+            outcome = await discard(self._kms, self._keyring.store, self._kek_alias, key, failure)
+            if outcome == "kept":
+                self._unrecorded.append(key)
+        kept = tuple(key.key_id for key in self._unrecorded)
+        if kept and isinstance(failure, EncxError):
+            failure.orphan_key_ids = kept
+            failure.add_note(
+                f"KMS key(s) made but not recorded, and not scheduled for deletion: "
+                f"{', '.join(kept)}"
+            )
 
     async def retire_kek_version(self, version: int) -> KEKVersion:
         """Refuse, from now on, to decrypt data under ``version`` (rewrap it first).

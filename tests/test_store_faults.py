@@ -7,15 +7,21 @@ that key behind, billed and unused)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from aiobotocore.session import AioSession
 
-from encx_async import Crypto, DatabaseUnavailableError
+from encx_async import Crypto, DatabaseUnavailableError, KMSError
+from encx_async._keystore import KEKVersion, NewKey
+from encx_async.providers.aws import KMSService
 from encx_async.providers.local import LocalKMSService
 from tests.faultproxy import TCPFaultProxy
 
@@ -137,3 +143,200 @@ async def test_the_listener_comes_back_after_its_backend_is_terminated(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+# -- a SQLite file deleted under a running instance -------------------------------------
+
+
+async def test_a_deleted_sqlite_file_is_named_and_no_key_is_made(
+    tmp_path: Path, local_kms: LocalKMSService
+) -> None:
+    path = tmp_path / "keys.db"
+    crypto = await Crypto.create(
+        kms=local_kms,
+        kek_alias="alias/gone",
+        database=f"sqlite:///{path}",
+        create_key_if_missing=True,
+    )
+    try:
+        keys_before = len(local_kms._keys)
+        path.unlink()
+        with pytest.raises(DatabaseUnavailableError, match="database file was deleted") as caught:
+            await crypto.rotate_kek()
+        assert "readonly" not in str(caught.value)
+        assert len(local_kms._keys) == keys_before  # the file was checked before any KMS call
+        assert crypto.kek_version == 1
+    finally:
+        await crypto.aclose()
+
+
+class _DeletesFileOnCreate(LocalKMSService):
+    """A local KMS whose CreateKey also deletes a file: the SQLite file vanishing
+    while a rotation is under way."""
+
+    victim: Path | None = None
+
+    async def create_key(
+        self, description: str, *, alias: str | None = None, multi_region: bool = False
+    ) -> str:
+        key_id = await super().create_key(description, alias=alias, multi_region=multi_region)
+        if self.victim is not None:
+            self.victim.unlink()
+        return key_id
+
+
+async def test_a_sqlite_file_deleted_mid_rotation_leaves_its_key_scheduled_for_deletion(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.db"
+    async with _DeletesFileOnCreate() as kms:
+        crypto = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/gone",
+            database=f"sqlite:///{path}",
+            create_key_if_missing=True,
+        )
+        try:
+            first = crypto.key_id
+            kms.victim = path
+            with pytest.raises(
+                DatabaseUnavailableError, match="database file was deleted"
+            ) as caught:
+                await crypto.rotate_kek()
+            assert caught.value.orphan_key_ids == ()
+            made = [key_id for key_id in kms._keys if key_id != first]
+            assert len(made) == 1
+            assert (await kms.describe_key(made[0]))["key_state"] == "PendingDeletion"
+            assert await kms.get_key_id("alias/gone") == first  # the alias is back
+        finally:
+            await crypto.aclose()
+
+
+# -- keys of rotations that were not recorded ----------------------------------------------
+
+
+class _FailingWrites:
+    """Wraps a store so that next_version makes its key, then fails to record it."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        current = (await self._store.versions(alias))[-1]
+        await new_key(current)
+        raise DatabaseUnavailableError("cannot write the test store: injected")
+
+
+async def test_a_store_failure_schedules_the_new_key_for_deletion_on_aws(
+    aws_kms: KMSService, tmp_path: Path
+) -> None:
+    crypto = await Crypto.create(
+        kms=aws_kms,
+        kek_alias="alias/orphans",
+        database=f"sqlite:///{tmp_path / 'keys.db'}",
+        create_key_if_missing=True,
+    )
+    try:
+        first = crypto.key_id
+        crypto._keyring.store = _FailingWrites(crypto._keyring.store)
+        with pytest.raises(DatabaseUnavailableError, match="injected") as caught:
+            await crypto.rotate_kek()
+        assert caught.value.orphan_key_ids == ()
+        states = await moto_key_states(aws_kms)
+        assert states.pop(first) == "Enabled"
+        assert list(states.values()) == ["PendingDeletion"]
+        assert await aws_kms.get_key_id("alias/orphans") == first
+    finally:
+        await crypto.aclose()
+
+
+class _CannotDelete(LocalKMSService):
+    refuse = True
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        if self.refuse:
+            raise KMSError("ScheduleKeyDeletion refused (test)", code="AccessDeniedException")
+        await super().schedule_key_deletion(key_id, pending_days=pending_days)
+
+
+async def test_a_key_that_cannot_be_scheduled_is_reported_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _CannotDelete() as kms:
+        crypto = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/orphans",
+            database=f"sqlite:///{tmp_path / 'keys.db'}",
+            create_key_if_missing=True,
+        )
+        real_store = crypto._keyring.store
+        try:
+            first = crypto.key_id
+            crypto._keyring.store = _FailingWrites(real_store)
+            with pytest.raises(DatabaseUnavailableError) as caught:
+                await crypto.rotate_kek()
+            (orphan,) = caught.value.orphan_key_ids
+            assert orphan != first
+            assert orphan in caplog.text
+            assert "could not be scheduled for deletion" in caplog.text
+            assert (await kms.describe_key(orphan))["key_state"] == "Enabled"
+
+            # The next rotation cleans up first.
+            kms.refuse = False
+            crypto._keyring.store = real_store
+            rotated = await crypto.rotate_kek()
+            assert rotated.version == 2
+            assert (await kms.describe_key(orphan))["key_state"] == "PendingDeletion"
+        finally:
+            crypto._keyring.store = real_store
+            await crypto.aclose()
+
+
+async def test_a_storm_of_cancelled_rotations_leaves_no_unused_key(
+    aws_kms: KMSService, tmp_path: Path
+) -> None:
+    crypto = await Crypto.create(
+        kms=aws_kms,
+        kek_alias="alias/storm",
+        database=f"sqlite:///{tmp_path / 'keys.db'}",
+        create_key_if_missing=True,
+    )
+    try:
+        rng = random.Random(15)
+        tasks = [asyncio.ensure_future(crypto.rotate_kek()) for _ in range(50)]
+        for task in tasks:
+            loop = asyncio.get_running_loop()
+            loop.call_later(rng.uniform(0, 1.5), task.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+        assert 0 < cancelled < len(tasks)  # both outcomes happened
+
+        recorded = {v.key_id for v in await crypto._keyring.store.versions("alias/storm")}
+        states = await moto_key_states(aws_kms)
+        assert len(states) > len(recorded)  # some rotations did make a key in vain
+        for key_id, state in states.items():
+            assert key_id in recorded or state == "PendingDeletion", (key_id, state)
+        active = [
+            v for v in await crypto._keyring.store.versions("alias/storm") if v.state == "active"
+        ]
+        assert await aws_kms.get_key_id("alias/storm") == active[-1].key_id
+    finally:
+        await crypto.aclose()
+
+
+async def moto_key_states(kms: KMSService) -> dict[str, str]:
+    """Every key in the (moto) account, by ARN: its KeyState (ListKeys, DescribeKey)."""
+    config = kms._aws.config
+    session = AioSession()
+    async with session.create_client(
+        "kms", region_name=config.region, endpoint_url=config.endpoint_url
+    ) as client:
+        listed = await client.list_keys()
+        states = {}
+        for entry in listed["Keys"]:
+            described = await client.describe_key(KeyId=entry["KeyId"])
+            states[entry["KeyArn"]] = described["KeyMetadata"]["KeyState"]
+        return states

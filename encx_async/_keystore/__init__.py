@@ -33,6 +33,7 @@ __all__ = [
     "KEKVersion",
     "KeyState",
     "KeyStore",
+    "UncommittedError",
     "default_database_url",
     "open_keystore",
     "redact_url",
@@ -48,6 +49,15 @@ DEFAULT_DATABASE_ENV = "ENCX_DATABASE_URL"
 DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
 NewKey = Callable[["KEKVersion | None"], Awaitable[str]]
+
+
+class UncommittedError(DatabaseUnavailableError):
+    """A write failed before anything of it could be committed.
+
+    What a store raises when it knows, for a rotation to clean up after
+    itself even though the store cannot be read; to callers it is a
+    DatabaseUnavailableError like any other.
+    """
 
 
 @dataclass(frozen=True, slots=True)

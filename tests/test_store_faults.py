@@ -21,6 +21,7 @@ from aiobotocore.session import AioSession
 
 from encx_async import Crypto, DatabaseUnavailableError, KMSError
 from encx_async._keystore import KEKVersion, NewKey
+from encx_async.kms import KeyManagementService
 from encx_async.providers.aws import KMSService
 from encx_async.providers.local import LocalKMSService
 from tests.faultproxy import TCPFaultProxy
@@ -233,12 +234,7 @@ class _FailingWrites:
 async def test_a_store_failure_schedules_the_new_key_for_deletion_on_aws(
     aws_kms: KMSService, tmp_path: Path
 ) -> None:
-    crypto = await Crypto.create(
-        kms=aws_kms,
-        kek_alias="alias/orphans",
-        database=f"sqlite:///{tmp_path / 'keys.db'}",
-        create_key_if_missing=True,
-    )
+    crypto = await sqlite_crypto(aws_kms, tmp_path, "alias/orphans")
     try:
         first = crypto.key_id
         crypto._keyring.store = _FailingWrites(crypto._keyring.store)
@@ -266,12 +262,7 @@ async def test_a_key_that_cannot_be_scheduled_is_reported_and_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with _CannotDelete() as kms:
-        crypto = await Crypto.create(
-            kms=kms,
-            kek_alias="alias/orphans",
-            database=f"sqlite:///{tmp_path / 'keys.db'}",
-            create_key_if_missing=True,
-        )
+        crypto = await sqlite_crypto(kms, tmp_path, "alias/orphans")
         real_store = crypto._keyring.store
         try:
             first = crypto.key_id
@@ -298,18 +289,13 @@ async def test_a_key_that_cannot_be_scheduled_is_reported_and_retried(
 async def test_a_storm_of_cancelled_rotations_leaves_no_unused_key(
     aws_kms: KMSService, tmp_path: Path
 ) -> None:
-    crypto = await Crypto.create(
-        kms=aws_kms,
-        kek_alias="alias/storm",
-        database=f"sqlite:///{tmp_path / 'keys.db'}",
-        create_key_if_missing=True,
-    )
+    crypto = await sqlite_crypto(aws_kms, tmp_path, "alias/storm")
     try:
         rng = random.Random(15)
         tasks = [asyncio.ensure_future(crypto.rotate_kek()) for _ in range(50)]
         for task in tasks:
             loop = asyncio.get_running_loop()
-            loop.call_later(rng.uniform(0, 1.5), task.cancel)
+            loop.call_later(rng.uniform(0, 4.0), task.cancel)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
         assert 0 < cancelled < len(tasks)  # both outcomes happened
@@ -335,8 +321,18 @@ async def moto_key_states(kms: KMSService) -> dict[str, str]:
         "kms", region_name=config.region, endpoint_url=config.endpoint_url
     ) as client:
         listed = await client.list_keys()
-        states = {}
+        states: dict[str, str] = {}
         for entry in listed["Keys"]:
             described = await client.describe_key(KeyId=entry["KeyId"])
             states[entry["KeyArn"]] = described["KeyMetadata"]["KeyState"]
         return states
+
+
+async def sqlite_crypto(kms: KeyManagementService, tmp_path: Path, alias: str) -> Crypto:
+    """A Crypto on a fresh SQLite file in ``tmp_path``, its key made if missing."""
+    return await Crypto.create(
+        kms=kms,
+        kek_alias=alias,
+        database=f"sqlite:///{tmp_path / 'keys.db'}",
+        create_key_if_missing=True,
+    )

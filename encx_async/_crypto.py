@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -58,7 +57,7 @@ from ._exceptions import (
     EncryptionError,
     EncxError,
     ForkedError,
-    KeyVersionError,
+    KeyStoreCorruptError,
     KMSError,
     KMSKeyNotFoundError,
 )
@@ -70,9 +69,9 @@ from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
 from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
 from ._models import EncryptedRecord
+from ._ordered import check_concurrency, ordered_map
 from ._orphans import Unrecorded, create_and_learn_id, discard, to_the_end
 from ._pepper import Pepper
-from ._rewrap import ordered_map
 from ._stream import (
     MAX_BUFFERED_GCM_BODY,
     GcmBody,
@@ -1006,26 +1005,38 @@ class Crypto(AsyncResource):
 
     # -- rotation --------------------------------------------------------------
 
-    async def rotate_kek(self, *, strategy: Rotation | None = None) -> KEKVersion:
+    async def rotate_kek(
+        self, *, rotation: Rotation | None = None, strategy: Rotation | None = None
+    ) -> KEKVersion:
         """Rotate the KEK and record the new version; new data is encrypted under it.
 
+        ``rotation`` (by default the one given to :meth:`create`):
         ``"new-key"`` creates a KMS key and moves the alias to it;
         ``"kms-managed"`` has the KMS give the same key new material
         (``RotateKeyOnDemand``). Either way older data still decrypts, and the
         version is recorded under the database's write lock, so concurrent
         rotations from many instances number their versions without gaps.
         Other instances switch within ``version_check_interval``.
+
+        ``strategy`` is the former name of ``rotation``, deprecated.
         """
         self._check_open()
+        if strategy is not None:
+            warnings.warn(
+                "rotate_kek(rotation=...) is deprecated: use rotate_kek(rotation=...)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            rotation = rotation or strategy
         kms = self._rotation_service()
-        strategy = strategy or self._rotation
+        strategy = rotation or self._rotation
         if strategy not in ROTATIONS:
-            raise ConfigurationError(f"strategy must be one of {', '.join(ROTATIONS)}")
+            raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
         alias = self._kek_alias
         if strategy == "new-key" and not alias.startswith("alias/"):
             raise ConfigurationError(
                 "new-key rotation moves an alias, so kek_alias must be 'alias/...'; "
-                "use strategy='kms-managed' to rotate a key named by id or ARN"
+                "use rotation='kms-managed' to rotate a key named by id or ARN"
             )
 
         await self._discard_unrecorded_keys(None)
@@ -1033,7 +1044,7 @@ class Crypto(AsyncResource):
 
         async def new_key(current: KEKVersion | None) -> str:
             if current is None:  # pragma: no cover - the key ring always starts with a version
-                raise KeyVersionError(f"alias {alias!r} has no KEK version to rotate from")
+                raise KeyStoreCorruptError(f"alias {alias!r} has no KEK version to rotate from")
             if strategy == "kms-managed":
                 await self._call_kms("rotate_key_material", kms.rotate_key_material(current.key_id))
                 return current.key_id
@@ -1117,7 +1128,7 @@ class Crypto(AsyncResource):
         context: Context | None = None,
         concurrency: int = 16,
         progress: Callable[[int], object] | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """:meth:`rewrap` a stream of envelopes; yields the results in input order.
 
         An item is a blob (under ``context``) or a ``(blob, context)`` pair.
@@ -1126,8 +1137,7 @@ class Crypto(AsyncResource):
         once; ``progress(n)`` hears how many results have been yielded.
         """
         self._check_open()
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
+        check_concurrency(concurrency)
         shared: dict[tuple[int, bytes, bytes], asyncio.Future[bytes]] = {}
 
         async def one(item: Bytes | tuple[Bytes, Context | None]) -> bytes:

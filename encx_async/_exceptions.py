@@ -17,7 +17,9 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     │   │   └── KMSCredentialsError
     │   ├── KMSKeyNotFoundError
     │   └── KMSRegionMismatchError (also ValueError)
-    ├── DatabaseUnavailableError
+    ├── KeyStoreError
+    │   ├── DatabaseUnavailableError
+    │   └── KeyStoreCorruptError
     ├── EncryptionError
     └── DecryptionError
         └── KeyVersionError
@@ -49,6 +51,8 @@ __all__ = [
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
     "KMSUnavailableError",
+    "KeyStoreCorruptError",
+    "KeyStoreError",
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
@@ -164,12 +168,22 @@ class KMSRegionMismatchError(KMSError, ValueError):
     """A key ARN names a region other than the one the KMS client talks to."""
 
 
-class DatabaseUnavailableError(EncxError):
-    """The key-version database cannot be used: a malformed or unsupported URL,
-    a server that cannot be reached, or a schema this version does not know.
+class KeyStoreError(EncxError):
+    """The key-version store failed; never raised directly.
 
-    The message names the database by its URL with any password removed.
+    Messages name the database by its URL with any password removed.
     """
+
+
+class DatabaseUnavailableError(KeyStoreError):
+    """The key-version database cannot be used: a malformed or unsupported URL,
+    a server that cannot be reached, or a schema this version does not know."""
+
+
+class KeyStoreCorruptError(KeyStoreError):
+    """The key-version database holds rows no encx-async writes (a bad version
+    number, an unknown state, an alias with no active version): repair them by
+    hand. Nothing is changed or lost meanwhile."""
 
 
 class EncryptionError(EncxError):
@@ -203,8 +217,8 @@ class DecryptionError(EncxError):
 
 
 class KeyVersionError(DecryptionError):
-    """A ciphertext's KEK version cannot be used: it is retired, or its database
-    row is corrupt. A decryption failure like any other, with a precise cause.
+    """A ciphertext's KEK version cannot be used: it is retired. A decryption
+    failure like any other, with a precise cause.
 
     Unlike its parent, its message is precise: it names only the KEK version
     (written in clear in every header) and the database's own state, which an

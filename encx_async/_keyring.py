@@ -17,7 +17,12 @@ import math
 import time
 from collections.abc import Callable
 
-from encx_async._exceptions import ConfigurationError, KeyVersionError, KeyVersionNotFoundError
+from encx_async._exceptions import (
+    ConfigurationError,
+    KeyStoreCorruptError,
+    KeyVersionError,
+    KeyVersionNotFoundError,
+)
 from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
 
 __all__ = ["KeyRing"]
@@ -81,7 +86,7 @@ class KeyRing:
     def install(self, versions: list[KEKVersion]) -> None:
         active = [v for v in versions if v.state == "active"]
         if not active:
-            raise KeyVersionError(
+            raise KeyStoreCorruptError(
                 f"alias {self.alias!r} has no active KEK version in {self.store.url}"
             )
         self._versions = {v.version: v for v in versions}

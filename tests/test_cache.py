@@ -471,7 +471,7 @@ async def test_repeated_header_of_a_retired_version_is_refused(local: LocalKMSSe
     crypto = await make(local, DEKCache())
     old = await crypto.encrypt(b"old", context=CTX)
     assert await crypto.decrypt(old, context=CTX) == b"old"
-    await crypto.rotate_kek(strategy="kms-managed")
+    await crypto.rotate_kek(rotation="kms-managed")
     await crypto.retire_kek_version(1)
     with pytest.raises(DecryptionError, match="retired"):
         await crypto.decrypt(old, context=CTX)
@@ -559,7 +559,7 @@ async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
     gated.gate.clear()
     pending = asyncio.ensure_future(writer.encrypt(b"a", context=CTX))
     await gated.entered.wait()
-    await admin.rotate_kek(strategy="kms-managed")
+    await admin.rotate_kek(rotation="kms-managed")
     await writer._keyring.reload()  # what the background check does, here while the KMS waits
     gated.gate.set()
     assert parse(await pending).kek_version == 1  # begun before the rotation

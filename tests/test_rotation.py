@@ -17,6 +17,7 @@ from encx_async import (
     DecryptionError,
     DEKCache,
     KeyManagementService,
+    KeyStoreCorruptError,
     KeyVersionError,
     KeyVersionNotFoundError,
     KMSKeyNotFoundError,
@@ -239,7 +240,7 @@ def test_the_version_check_survives_its_event_loop(tmp_path: Path) -> None:
         return kms, worker, admin
 
     kms, worker, admin = asyncio.run(start())
-    asyncio.run(admin.rotate_kek(strategy="kms-managed"))
+    asyncio.run(admin.rotate_kek(rotation="kms-managed"))
 
     async def later() -> list[int]:
         versions = []
@@ -333,8 +334,9 @@ async def test_a_corrupt_version_row_is_a_typed_error_and_loses_nothing(
             )
 
     corrupt("bogus")
-    with pytest.raises(KeyVersionError, match="corrupt") as info:
+    with pytest.raises(KeyStoreCorruptError, match="corrupt") as info:
         await Crypto.create(kms=local, kek_alias=ALIAS, database=db)
+    assert not isinstance(info.value, DecryptionError)  # a store problem, not a ciphertext's
     assert "version 1" in str(info.value)
     corrupt("deprecated")  # repaired: everything is still there
     async with await Crypto.create(kms=local, kek_alias=ALIAS, database=db) as crypto:
@@ -391,3 +393,14 @@ async def test_a_failed_rewrap_many_leaves_no_error_unread(
         assert unread == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_strategy_is_the_deprecated_name_of_rotation(local: LocalKMSService) -> None:
+    async with await Crypto.create(
+        kms=local, kek_alias=ALIAS, database="sqlite:///:memory:"
+    ) as crypto:
+        with pytest.warns(DeprecationWarning, match="rotation="):
+            rotated = await crypto.rotate_kek(strategy="kms-managed")
+        assert rotated.key_id == (await crypto.rotate_kek(rotation="kms-managed")).key_id
+        with pytest.raises(ConfigurationError, match="rotation must be one of"):
+            await crypto.rotate_kek(rotation="sideways")  # type: ignore[arg-type]

@@ -18,15 +18,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from encx_async._crypto import Crypto
 from encx_async._keystore import KEKVersion
+from encx_async._ordered import ordered_map
 from encx_async._progress import Progress, format_bytes
-from encx_async._rewrap import ordered_map
 from encx_async._stream import read_file_header
 from encx_async._table import table
 
@@ -152,7 +152,7 @@ async def keys_describe(args: argparse.Namespace, settings: Settings) -> Report:
 async def keys_rotate(args: argparse.Namespace, settings: Settings) -> Report:
     async with _crypto(settings) as (target, crypto):
         previous = crypto.kek_version
-        rotated = await crypto.rotate_kek(strategy=args.strategy)
+        rotated = await crypto.rotate_kek(rotation=args.strategy)
         data = {
             "alias": crypto.kek_alias,
             "strategy": args.strategy,
@@ -381,10 +381,7 @@ async def _rewrap_files(
             async def one(path: str) -> bool:
                 return await _rewrap_one(crypto, path, context)
 
-            # ordered_map is an async generator (typed as an iterator): close it.
-            changes = cast(
-                "AsyncGenerator[bool, None]", ordered_map(files, one, concurrency=concurrency)
-            )
+            changes = ordered_map(files, one, concurrency=concurrency)
             async with aclosing(changes):
                 async for changed in changes:
                     results.append({"path": files[len(results)], "rewrapped": changed})
@@ -439,10 +436,7 @@ async def _rewrap_lines(
     pending_size = 0
     async with _crypto(settings) as (_target, crypto):
         with Progress("rewrap", None, enabled=settings.progress) as progress:
-            results = cast(
-                "AsyncGenerator[bytes, None]",
-                crypto.rewrap_many(blobs(), context=context, concurrency=concurrency),
-            )
+            results = crypto.rewrap_many(blobs(), context=context, concurrency=concurrency)
             try:
                 async with aclosing(results):
                     async for blob in results:

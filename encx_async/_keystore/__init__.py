@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from encx_async._exceptions import DatabaseUnavailableError, KeyVersionError
+from encx_async._exceptions import DatabaseUnavailableError, KeyStoreCorruptError
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -126,19 +126,19 @@ COLUMNS = "alias, version, key_id, state, created_at, updated_at"
 
 
 def row_to_version(url: str, row: Any) -> KEKVersion:
-    """Validate a database row; a corrupt one is a KeyVersionError, never a crash."""
+    """Validate a database row; a corrupt one is a KeyStoreCorruptError, never a crash."""
     alias, version, key_id, state, created, updated = tuple(row)
     where = f"KEK version row (alias {alias!r}, version {version!r}) in {url}"
     if not isinstance(version, int) or version < 1:
-        raise KeyVersionError(f"{where} is corrupt: bad version number")
+        raise KeyStoreCorruptError(f"{where} is corrupt: bad version number")
     if not isinstance(key_id, str) or not key_id.strip():
-        raise KeyVersionError(f"{where} is corrupt: empty key id")
+        raise KeyStoreCorruptError(f"{where} is corrupt: empty key id")
     if state not in STATES:
-        raise KeyVersionError(f"{where} is corrupt: unknown state {state!r}")
+        raise KeyStoreCorruptError(f"{where} is corrupt: unknown state {state!r}")
     try:
         created_at, updated_at = _timestamp(created), _timestamp(updated)
     except (TypeError, ValueError):
-        raise KeyVersionError(f"{where} is corrupt: bad timestamp") from None
+        raise KeyStoreCorruptError(f"{where} is corrupt: bad timestamp") from None
     return KEKVersion(str(alias), version, key_id, state, created_at, updated_at)
 
 

@@ -94,6 +94,8 @@ class SQLiteKeyStore:
         self._path = path
         self._connection: _Connection | None = connection
         self._owns_connection = connection is None
+        # Opened, but the file does not exist yet: made by the first write.
+        self._deferred = False
         # One connection serves every task: transactions must not interleave on it.
         self._lock = anyio.Lock()
         self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
@@ -109,6 +111,20 @@ class SQLiteKeyStore:
         return cls(path=rest[3:])
 
     async def open(self) -> None:
+        if self._connection is None:
+            assert self._path is not None
+            if self._path != ":memory:" and not await anyio.to_thread.run_sync(
+                _file_exists, self._path
+            ):
+                # Nothing to read yet: the file is made by the first write, so a
+                # start that fails (an unknown alias, say) leaves nothing behind.
+                self._deferred = True
+                return
+        async with self._lock:
+            await self._connect_locked()
+
+    async def _connect_locked(self) -> None:
+        """Connect (creating the file), and create or check the schema; under the lock."""
         try:
             if self._connection is None:
                 assert self._path is not None
@@ -116,12 +132,13 @@ class SQLiteKeyStore:
                 if target != ":memory:":
                     target = await anyio.to_thread.run_sync(_prepare_file, self._path)
                 self._connection = await _ThreadedConnection.connect(target)
+            self._deferred = False
             db = self._connection
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
             # process opens it can deadlock the two until the busy timeout.
             await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            async with self._write() as db:
+            async with self._transaction(db):
                 for statement in _SCHEMA:
                     await db.execute(statement)
                 rows = await db.execute_fetchall("SELECT version FROM encx_schema WHERE id = 1")
@@ -136,16 +153,31 @@ class SQLiteKeyStore:
                         f"knows up to {SCHEMA_VERSION}: upgrade encx-async"
                     )
         except (sqlite3.Error, OSError) as exc:
-            await self.aclose()
+            await self._close_connection()
             raise DatabaseUnavailableError(f"cannot use {self.url}: {exc}") from exc
+        except BaseException:
+            await self._close_connection()
+            raise
 
     async def aclose(self) -> None:
+        self._deferred = False
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and self._owns_connection:
             await connection.close()
 
-    def _db(self) -> _Connection:
+    async def _db(self, *, create: bool) -> _Connection | None:
+        """The connection, under the lock; None while the file does not exist
+        (a store opened before it did), unless ``create``."""
+        if self._connection is None and self._deferred:
+            assert self._path is not None
+            if create or await anyio.to_thread.run_sync(_file_exists, self._path):
+                await self._connect_locked()
         if self._connection is None:
+            if self._deferred:
+                return None
             raise DatabaseUnavailableError(f"{self.url} is not open")
         return self._connection
 
@@ -153,17 +185,23 @@ class SQLiteKeyStore:
     async def _write(self) -> AsyncIterator[_Connection]:
         """A transaction holding SQLite's write lock from its first statement."""
         async with self._lock:
-            db = self._db()
-            await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
-            try:
+            db = await self._db(create=True)
+            assert db is not None
+            async with self._transaction(db):
                 yield db
-            except BaseException:
-                # Shielded: under a cancelled scope the rollback must still run,
-                # or the connection stays inside the failed transaction.
-                with anyio.CancelScope(shield=True):
-                    await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def _transaction(self, db: _Connection) -> AsyncIterator[None]:
+        await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            yield
+        except BaseException:
+            # Shielded: under a cancelled scope the rollback must still run,
+            # or the connection stays inside the failed transaction.
+            with anyio.CancelScope(shield=True):
+                await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
 
     async def _fetch(self, db: _Connection, alias: str) -> list[KEKVersion]:
         rows = await db.execute_fetchall(
@@ -175,7 +213,8 @@ class SQLiteKeyStore:
     async def versions(self, alias: str) -> list[KEKVersion]:
         try:
             async with self._lock:
-                return await self._fetch(self._db(), alias)
+                db = await self._db(create=False)
+                return [] if db is None else await self._fetch(db, alias)
         except sqlite3.Error as exc:
             raise DatabaseUnavailableError(f"cannot read {self.url}: {exc}") from exc
 
@@ -183,6 +222,16 @@ class SQLiteKeyStore:
         existing = await self.versions(alias)
         if existing:
             return existing[-1]
+        if self._connection is None and self._deferred:
+            # The first version of a file that does not exist yet: get its key
+            # before making the file, so that a failure here leaves no empty
+            # database behind. Under the lock, another instance may still win.
+            first = await new_key(None)
+
+            async def known(current: KEKVersion | None) -> str:
+                return first if current is None else await new_key(current)
+
+            new_key = known
         try:
             async with self._write() as db:
                 existing = await self._fetch(db, alias)
@@ -232,6 +281,10 @@ class SQLiteKeyStore:
         except sqlite3.Error as exc:
             raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
         raise KeyVersionNotFoundError(f"alias {alias!r} has no KEK version {version} in {self.url}")
+
+
+def _file_exists(path: str) -> bool:
+    return Path(path).expanduser().exists()
 
 
 def _prepare_file(path: str) -> str:

@@ -68,6 +68,7 @@ from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
 from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
+from ._keystore._default import resolve_database
 from ._models import EncryptedRecord
 from ._ordered import check_concurrency, ordered_map
 from ._orphans import Unrecorded, create_and_learn_id, discard, to_the_end
@@ -254,9 +255,12 @@ class Crypto(AsyncResource):
             wraps a new DEK and every decrypt unwraps through the KMS.
         :param database: where KEK versions live: ``sqlite:///path/keys.db``,
             ``postgresql://...``, an asyncpg pool or an aiosqlite connection. By
-            default ``$ENCX_DATABASE_URL``, else a SQLite file in the user's data
-            directory (``~/.local/share/encx-async/keys.db``). A pool or
-            connection you pass stays yours to close.
+            default ``$ENCX_DATABASE_URL``, else the provider's own: in memory
+            for an in-memory LocalKMSService, ``<key file>.versions.db`` for one
+            with a key file, a file per AWS account, region and endpoint under
+            ``~/.local/share/encx-async/`` for KMSService (see
+            :attr:`database_url`). A pool or connection you pass stays yours
+            to close.
         :param create_key_if_missing: create the KMS key and alias when the alias
             does not exist yet (once, whatever the number of instances starting).
         :param rotation: how :meth:`rotate_kek` rotates: ``"new-key"`` (a new KMS
@@ -295,7 +299,9 @@ class Crypto(AsyncResource):
             raise ConfigurationError(
                 f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
             )
-        store = open_keystore(database, timeout=store_timeout)
+        store = open_keystore(
+            await resolve_database(database, kms, kek_alias), timeout=store_timeout
+        )
         await store.open()
         # One clock per Crypto, so the fast path reads it once per message.
         clock = dek_cache.clock if dek_cache is not None else time.monotonic
@@ -319,12 +325,14 @@ class Crypto(AsyncResource):
                 await self._call_kms("get_key_id", kms.get_key_id(current.key_id))
             except KMSKeyNotFoundError as exc:
                 raise KMSKeyNotFoundError(
-                    f"{store.url} says KEK version {current.version} of {kek_alias!r} is key "
-                    f"{current.key_id}, which this KMS does not have. The database belongs to "
-                    "another KMS, account or region; an in-memory LocalKMSService forgets its "
-                    "keys when the process ends (give it a path=, or use "
-                    "database='sqlite:///:memory:')",
+                    f"the key-version database {store.url} says KEK version {current.version} "
+                    f"of {kek_alias!r} is key {current.key_id}, which this KMS does not have: "
+                    "the database was written with another KMS (account, region or local key "
+                    "file), or the key was deleted. Pass the database= that belongs to this "
+                    "KMS, or leave database= and ENCX_DATABASE_URL unset to get this "
+                    "provider's own",
                     code=exc.code,
+                    database=store.url,
                 ) from exc
             listen = getattr(store, "listen", None)
             if listen is not None:
@@ -438,6 +446,11 @@ class Crypto(AsyncResource):
     @property
     def kek_alias(self) -> str:
         return self._kek_alias
+
+    @property
+    def database_url(self) -> str:
+        """The key-version database in use, any password removed: safe to log."""
+        return self._keyring.store.url
 
     @property
     def kek_version(self) -> int:

@@ -161,7 +161,18 @@ class KMSCredentialsError(KMSAccessDeniedError):
 
 
 class KMSKeyNotFoundError(KMSError):
-    """The key or alias does not exist in this account and region."""
+    """The key or alias does not exist in this account and region.
+
+    ``database`` is set (a URL without its password) when the key is one a
+    key-version database names: that database belongs to another KMS, or the
+    key is gone. It is None when the alias itself was not found.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, database: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.database = database
 
 
 class KMSRegionMismatchError(KMSError, ValueError):

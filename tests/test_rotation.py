@@ -42,14 +42,15 @@ def version_of(blob: bytes) -> int:
     return parse(blob).kek_version
 
 
-async def test_default_database_is_sqlite_in_the_data_directory(
+async def test_default_database_of_an_in_memory_kms_is_in_memory(
     local: LocalKMSService, tmp_path: Path
 ) -> None:
     async with await Crypto.create(kms=local, kek_alias=ALIAS) as crypto:
+        assert crypto.database_url == "sqlite:///:memory:"
         assert [v.version for v in crypto.kek_versions()] == [1]
         assert crypto.kek_versions()[0].key_id == await local.get_key_id(ALIAS)
     # conftest points XDG_DATA_HOME at tmp_path / "xdg-data" for every test
-    assert (tmp_path / "xdg-data" / "encx-async" / "keys.db").is_file()
+    assert not (tmp_path / "xdg-data").exists()
 
 
 async def test_versions_survive_a_restart(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
@@ -47,7 +48,7 @@ from ._io import (
     write_chunks,
     write_stdout,
 )
-from ._kms import Target, describe_key, open_crypto, open_kms
+from ._kms import NoKeyError, Target, describe_key, open_crypto, open_kms
 from ._output import Report
 
 __all__ = [
@@ -78,8 +79,8 @@ async def _crypto(
     alias = settings.alias()
     async with open_kms(settings) as target:
         create = create or target.kind == "moto"
-        async with await open_crypto(target, alias, create=create) as crypto:
-            yield target, crypto
+        async with await open_crypto(target, alias, settings, create=create) as crypto:
+            yield dataclasses.replace(target, database=crypto.database_url), crypto
 
 
 def _version_json(version: KEKVersion, current: int) -> dict[str, Any]:
@@ -171,15 +172,20 @@ async def keys_rotate(args: argparse.Namespace, settings: Settings) -> Report:
 
 
 async def keys_list_versions(args: argparse.Namespace, settings: Settings) -> Report:
-    async with _crypto(settings) as (target, crypto):
-        current = crypto.kek_version
-        versions = crypto.kek_versions()
-        data = {
-            "alias": crypto.kek_alias,
-            "kek_version": current,
-            "versions": [_version_json(v, current) for v in versions],
-            **target.as_json(),
-        }
+    try:
+        async with _crypto(settings) as (target, crypto):
+            current = crypto.kek_version
+            versions = crypto.kek_versions()
+            data = {
+                "alias": crypto.kek_alias,
+                "kek_version": current,
+                "versions": [_version_json(v, current) for v in versions],
+                **target.as_json(),
+            }
+    except NoKeyError as exc:
+        # An empty list is an answer, not a failure; the next step goes with it.
+        data = {"alias": exc.alias, "kek_version": None, "versions": [], "database": exc.database}
+        return Report(data, f"no KEK versions of {exc.alias} in {exc.database}\n{exc.hint}")
     rows = [
         [
             f"{v.version}{' *' if v.version == current else ''}",

@@ -15,11 +15,12 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyStoreCorruptError
+
+from ._default import DEFAULT_DATABASE_ENV, shared_database
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -44,7 +45,6 @@ __all__ = [
 KeyState = Literal["active", "deprecated", "retired"]
 STATES: tuple[KeyState, ...] = ("active", "deprecated", "retired")
 SCHEMA_VERSION = 1
-DEFAULT_DATABASE_ENV = "ENCX_DATABASE_URL"
 #: Seconds each step of a key-store operation may take (Crypto.create's store_timeout).
 DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
@@ -178,16 +178,10 @@ _SECRET_OPTION = re.compile("pass|secret|token|key", re.IGNORECASE)
 
 
 def default_database_url() -> str:
-    """``$ENCX_DATABASE_URL``, or a SQLite file in the user's data directory.
-
-    The file is ``$XDG_DATA_HOME/encx-async/keys.db``, by default
-    ``~/.local/share/encx-async/keys.db``.
-    """
-    configured = os.environ.get(DEFAULT_DATABASE_ENV)
-    if configured:
-        return configured
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return "sqlite:///" + str(Path(base) / "encx-async" / "keys.db")
+    """``$ENCX_DATABASE_URL``, or the shared SQLite file in the user's data directory
+    (``$XDG_DATA_HOME/encx-async/keys.db``): the store of a provider that does not
+    choose its own (see :mod:`encx_async._keystore._default`)."""
+    return os.environ.get(DEFAULT_DATABASE_ENV) or shared_database()
 
 
 def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -> KeyStore:

@@ -105,12 +105,14 @@ class SQLiteKeyStore:
         self._path = path
         self._connection: _Connection | None = connection
         self._owns_connection = connection is None
-        # One connection serves every task: transactions must not interleave on it.
-        self._lock = anyio.Lock()
+        # Opened, but the file does not exist yet: made by the first write.
+        self._deferred = False
         # The file opened (device, inode): one deleted or replaced under a
         # running instance is noticed, not written to in vain.
         self._file: str | None = None
         self._identity: tuple[int, int] | None = None
+        # One connection serves every task: transactions must not interleave on it.
+        self._lock = anyio.Lock()
         self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
 
     @classmethod
@@ -124,6 +126,20 @@ class SQLiteKeyStore:
         return cls(path=rest[3:])
 
     async def open(self) -> None:
+        if self._connection is None:
+            assert self._path is not None
+            if self._path != ":memory:" and not await anyio.to_thread.run_sync(
+                _file_exists, self._path
+            ):
+                # Nothing to read yet: the file is made by the first write, so a
+                # start that fails (an unknown alias, say) leaves nothing behind.
+                self._deferred = True
+                return
+        async with self._lock:
+            await self._connect_locked()
+
+    async def _connect_locked(self) -> None:
+        """Connect (creating the file), and create or check the schema; under the lock."""
         try:
             if self._connection is None:
                 assert self._path is not None
@@ -133,12 +149,13 @@ class SQLiteKeyStore:
                 self._connection = await _ThreadedConnection.connect(target)
                 if target != ":memory:":
                     self._file = target
+            self._deferred = False
             db = self._connection
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
             # process opens it can deadlock the two until the busy timeout.
             await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            async with self._write() as db:
+            async with self._transaction(db):
                 for statement in _SCHEMA:
                     await db.execute(statement)
                 rows = await db.execute_fetchall("SELECT version FROM encx_schema WHERE id = 1")
@@ -155,16 +172,31 @@ class SQLiteKeyStore:
             if self._file is not None:
                 self._identity = await anyio.to_thread.run_sync(_identity, self._file)
         except (sqlite3.Error, OSError) as exc:
-            await self.aclose()
+            await self._close_connection()
             raise DatabaseUnavailableError(f"cannot use {self.url}: {exc}") from exc
+        except BaseException:
+            await self._close_connection()
+            raise
 
     async def aclose(self) -> None:
+        self._deferred = False
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and self._owns_connection:
             await connection.close()
 
-    def _db(self) -> _Connection:
+    async def _db(self, *, create: bool) -> _Connection | None:
+        """The connection, under the lock; None while the file does not exist
+        (a store opened before it did), unless ``create``."""
+        if self._connection is None and self._deferred:
+            assert self._path is not None
+            if create or await anyio.to_thread.run_sync(_file_exists, self._path):
+                await self._connect_locked()
         if self._connection is None:
+            if self._deferred:
+                return None
             raise DatabaseUnavailableError(f"{self.url} is not open")
         return self._connection
 
@@ -193,19 +225,25 @@ class SQLiteKeyStore:
     async def _write(self) -> AsyncIterator[_Connection]:
         """A transaction holding SQLite's write lock from its first statement."""
         async with self._lock:
-            db = self._db()
-            await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
-            try:
+            db = await self._db(create=True)
+            assert db is not None
+            async with self._transaction(db):
                 await self._check_file()
                 yield db
                 await self._check_file()  # the work may have taken a while
-            except BaseException:
-                # Shielded: under a cancelled scope the rollback must still run,
-                # or the connection stays inside the failed transaction.
-                with anyio.CancelScope(shield=True):
-                    await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def _transaction(self, db: _Connection) -> AsyncIterator[None]:
+        await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            yield
+        except BaseException:
+            # Shielded: under a cancelled scope the rollback must still run,
+            # or the connection stays inside the failed transaction.
+            with anyio.CancelScope(shield=True):
+                await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
 
     async def _failed(self, action: str, exc: sqlite3.Error) -> DatabaseUnavailableError:
         """The error for a failed statement: the file's fate, if that is the reason."""
@@ -225,8 +263,11 @@ class SQLiteKeyStore:
     async def versions(self, alias: str) -> list[KEKVersion]:
         try:
             async with self._lock:
+                db = await self._db(create=False)
+                if db is None:
+                    return []
                 await self._check_file()
-                return await self._fetch(self._db(), alias)
+                return await self._fetch(db, alias)
         except sqlite3.Error as exc:
             raise await self._failed("read", exc) from exc
 
@@ -234,6 +275,16 @@ class SQLiteKeyStore:
         existing = await self.versions(alias)
         if existing:
             return existing[-1]
+        if self._connection is None and self._deferred:
+            # The first version of a file that does not exist yet: get its key
+            # before making the file, so that a failure here leaves no empty
+            # database behind. Under the lock, another instance may still win.
+            first = await new_key(None)
+
+            async def known(current: KEKVersion | None) -> str:
+                return first if current is None else await new_key(current)
+
+            new_key = known
         try:
             async with self._write() as db:
                 existing = await self._fetch(db, alias)
@@ -288,6 +339,10 @@ class SQLiteKeyStore:
 def _identity(path: str) -> tuple[int, int]:
     found = os.stat(path)
     return found.st_dev, found.st_ino
+
+
+def _file_exists(path: str) -> bool:
+    return Path(path).expanduser().exists()
 
 
 def _prepare_file(path: str) -> str:

@@ -84,6 +84,7 @@ from encx_async._exceptions import (
     KMSUnavailableError,
     RegionsUnavailableError,
 )
+from encx_async._keystore._default import DefaultDatabase, variant
 from encx_async.kms import KeyDeletion, KeyManagementService, KeyRotationService
 from encx_async.providers._common import (
     DECRYPT_FAILED,
@@ -581,6 +582,17 @@ class MultiRegionKMSService(ProviderResource):
     @property
     def primary(self) -> str:
         return self._primary.name
+
+    async def default_database(self, kek_alias: str) -> str | None:
+        """Where a Crypto given no database keeps the versions: the primary
+        region's choice, in a file of its own per mode (``keys.multi-region-
+        replicas.db``), since the key ids of this service are not the ones a
+        single region's service would record."""
+        service = self._primary.service
+        if not isinstance(service, DefaultDatabase):
+            return None
+        chosen = await service.default_database(kek_alias)
+        return None if chosen is None else variant(chosen, f"multi-region-{self._mode}")
 
     def service(self, region: str) -> KeyManagementService:
         """The provider of ``region``."""

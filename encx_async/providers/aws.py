@@ -76,6 +76,7 @@ from encx_async._exceptions import (
     KMSRegionMismatchError,
     KMSUnavailableError,
 )
+from encx_async._keystore._default import aws_database
 from encx_async._pepper import Pepper
 from encx_async.providers import _redact
 from encx_async.providers._common import (
@@ -892,6 +893,51 @@ class KMSService(ProviderResource):
         if ttl > 0 and not self._closed and generation == self._alias_generation:
             self._alias_cache[target] = (arn, self._clock() + ttl)
         return arn
+
+    async def default_database(self, kek_alias: str) -> str:
+        """Where a Crypto given no database keeps this service's key versions:
+        ``aws-<account>-<region>[-<host_port>]/keys.db`` in the user's data
+        directory, the endpoint's host and port added for a custom
+        ``endpoint_url`` (moto, LocalStack, a VPC endpoint).
+
+        The account is the one in the key's ARN (``kek_alias`` itself, or what
+        it resolves to, which the alias cache keeps for the Crypto's own
+        lookup), so it costs no extra request; only an alias that does not
+        exist yet asks STS ``GetCallerIdentity``, which needs no permission.
+        """
+        arn = _parse_kms_arn(kek_alias)
+        if arn is None:
+            try:
+                arn = _parse_kms_arn(await self.get_key_id(kek_alias))
+            except KMSKeyNotFoundError:
+                arn = None
+        account = arn.account if arn is not None else await self._caller_account()
+        await self._ensure_client()
+        assert self._aws.region is not None
+        return aws_database(account, self._aws.region, self._aws.config.endpoint_url)
+
+    async def _caller_account(self) -> str:
+        await self._ensure_client()
+        config = self._aws.config
+        session = (
+            config.session if config.session is not None else AioSession(profile=config.profile)
+        )
+        try:
+            with anyio.fail_after(self._aws.call_timeout):
+                async with session.create_client(
+                    "sts",
+                    region_name=self._aws.region,
+                    endpoint_url=config.endpoint_url,
+                    config=self._aws.client_config,
+                ) as sts:
+                    identity = await sts.get_caller_identity()
+            return str(identity["Account"])
+        except (ClientError, BotoCoreError, TimeoutError, KeyError) as exc:
+            raise ConfigurationError(
+                "cannot tell which AWS account this KMSService uses, to pick its default "
+                f"key-version database (STS GetCallerIdentity failed: {type(exc).__name__}); "
+                "pass database= or set ENCX_DATABASE_URL"
+            ) from exc
 
     def invalidate_alias(self, alias: str | None = None) -> None:
         """Forget what ``alias`` resolved to (every alias when ``None``).

@@ -68,6 +68,7 @@ from encx_async._exceptions import (
     KMSKeyNotFoundError,
     KMSRegionMismatchError,
 )
+from encx_async._keystore._default import MEMORY, beside
 from encx_async.providers._common import (
     DECRYPT_FAILED,
     ProviderResource,
@@ -268,6 +269,12 @@ class LocalKMSService(ProviderResource):
     @property
     def path(self) -> Path | None:
         return self._path
+
+    async def default_database(self, kek_alias: str) -> str:
+        """Where a Crypto given no database keeps this service's key versions:
+        in memory when the keys are (they end together), else beside the key
+        file, as ``<key file>.versions.db``."""
+        return MEMORY if self._path is None else beside(self._path)
 
     def key_arn(self, key_id: str) -> str:
         """The ARN-like name of ``key_id`` in this service's region."""

@@ -23,6 +23,7 @@ from . import (
     KEKVersion,
     KeyState,
     NewKey,
+    migrations,
     now,
     redact_url,
     row_to_version,
@@ -82,6 +83,14 @@ class PostgresKeyStore:
                     raise DatabaseUnavailableError(
                         f"{self.url} has schema version {found}; this encx-async knows up "
                         f"to {SCHEMA_VERSION}: upgrade encx-async"
+                    )
+                elif found < SCHEMA_VERSION:
+                    # Under the schema lock, in the transaction that read the old
+                    # number: of many instances opening at once, one migrates.
+                    for statement in migrations(found):
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "UPDATE encx_schema SET version = $1 WHERE id = 1", SCHEMA_VERSION
                     )
         except DatabaseUnavailableError:
             await self.aclose()
@@ -144,9 +153,10 @@ class PostgresKeyStore:
                     stamp,
                 )
                 version = current.version + 1 if current else 1
-                row = (alias, version, key_id, "active", stamp, stamp)
+                row = (alias, version, key_id, "active", stamp, stamp, 1)
                 await conn.execute(
-                    f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                    f"INSERT INTO encx_kek_versions ({COLUMNS}) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     *row,
                 )
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, alias)

@@ -23,7 +23,17 @@ import anyio.to_thread
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
 
-from . import COLUMNS, SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, row_to_version, schema
+from . import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    KEKVersion,
+    KeyState,
+    NewKey,
+    migrations,
+    now,
+    row_to_version,
+    schema,
+)
 
 __all__ = ["SQLiteKeyStore"]
 
@@ -135,6 +145,14 @@ class SQLiteKeyStore:
                         f"{self.url} has schema version {found[0]}; this encx-async "
                         f"knows up to {SCHEMA_VERSION}: upgrade encx-async"
                     )
+                elif found[0] < SCHEMA_VERSION:
+                    # Inside the write transaction that read the old number: of many
+                    # instances opening at once, one migrates and the rest see it done.
+                    for statement in migrations(found[0]):
+                        await db.execute(statement)
+                    await db.execute(
+                        "UPDATE encx_schema SET version = ? WHERE id = 1", (SCHEMA_VERSION,)
+                    )
         except (sqlite3.Error, OSError) as exc:
             await self.aclose()
             raise DatabaseUnavailableError(f"cannot use {self.url}: {exc}") from exc
@@ -210,9 +228,9 @@ class SQLiteKeyStore:
 
     async def _insert(self, db: _Connection, alias: str, version: int, key_id: str) -> KEKVersion:
         stamp = now().isoformat()
-        row = (alias, version, key_id, "active", stamp, stamp)
+        row = (alias, version, key_id, "active", stamp, stamp, 1)
         await db.execute(
-            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row
         )
         return row_to_version(self.url, row)
 

@@ -116,10 +116,8 @@ def encode_context(context: Context | None) -> bytes:
     """The canonical bytes of a caller's ``context``; raises ConfigurationError if it
     is malformed or uses a reserved key."""
     last = _last
-    if type(context) is dict and context == last[1]:
-        hit = last  # runs per message: the repeat is answered without another call
-    else:
-        hit = _lookup(context)
+    # Runs per message: a repeat is answered without another call.
+    hit = last if type(context) is dict and context == last[1] else _lookup(context)
     if hit[2]:
         _refuse_reserved()
     return hit[0]

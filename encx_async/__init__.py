@@ -35,7 +35,7 @@ from ._keystore import KEKVersion
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
 from ._telemetry import CryptoMetrics
-from .kms import KeyManagementService, KeyRotationService, PartialWrapping
+from .kms import KeyDeletion, KeyManagementService, KeyRotationService, PartialWrapping
 
 __version__ = "0.1.0"
 
@@ -71,6 +71,7 @@ __all__ = [
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
     "KMSUnavailableError",
+    "KeyDeletion",
     "KeyManagementService",
     "KeyRotationService",
     "KeyVersionError",

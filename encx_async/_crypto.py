@@ -62,6 +62,7 @@ from ._exceptions import (
     ConfigurationError,
     DecryptionError,
     EncryptionError,
+    EncxError,
     ForkedError,
     KeyVersionError,
     KMSError,
@@ -72,8 +73,9 @@ from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, Secure
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
-from ._keystore import KEKVersion, open_keystore
+from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
 from ._models import EncryptedRecord
+from ._orphans import Unrecorded, create_and_learn_id, discard, to_the_end
 from ._pepper import Pepper
 from ._rewrap import ordered_map
 from ._stream import (
@@ -202,6 +204,8 @@ class Crypto(AsyncResource):
         self._thread_threshold = thread_threshold
         self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
+        # Keys of failed rotations that could not be cleaned up yet.
+        self._unrecorded: list[Unrecorded] = []
         self._forked = False  # closed by a fork: this process is the child
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
@@ -244,6 +248,7 @@ class Crypto(AsyncResource):
         rotation: Rotation = "new-key",
         version_check_interval: float = 30.0,
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> Crypto:
         """Validate the settings, open the key-version store, and return a Crypto.
 
@@ -273,6 +278,10 @@ class Crypto(AsyncResource):
             version another instance has rotated away from.
         :param thread_threshold: payloads of at least this many bytes go to a
             worker thread (and get a Cobblestone-256 body); at most 16 MiB.
+        :param store_timeout: seconds each step of a PostgreSQL key-store
+            operation may take (connecting, waiting for a pooled connection or
+            the rotation lock, a statement, giving the connection back); one
+            that runs out raises :class:`~encx_async.DatabaseUnavailableError`.
         """
         if not isinstance(kms, KeyManagementService):
             raise ConfigurationError("kms must implement encx_async.KeyManagementService")
@@ -288,13 +297,15 @@ class Crypto(AsyncResource):
             raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
         if not version_check_interval > 0:
             raise ConfigurationError("version_check_interval must be positive")
+        if not store_timeout > 0:
+            raise ConfigurationError("store_timeout must be positive")
         if not 1 <= thread_threshold <= MAX_BUFFERED_GCM_BODY:
             # Below the threshold, encrypt makes AES-GCM bodies, which can only be
             # checked whole: the bound keeps every envelope openable as a stream.
             raise ConfigurationError(
                 f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
             )
-        store = open_keystore(database)
+        store = open_keystore(database, timeout=store_timeout)
         await store.open()
         keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
         self: Crypto | None = None
@@ -325,7 +336,10 @@ class Crypto(AsyncResource):
                 ) from exc
             listen = getattr(store, "listen", None)
             if listen is not None:
-                await listen(lambda alias: keyring.check_soon() if alias == kek_alias else None)
+                # None: the listener was away, and may have missed this alias's news.
+                await listen(
+                    lambda alias: keyring.check_soon() if alias in (None, kek_alias) else None
+                )
         except BaseException:
             if self is not None:
                 self._closed = True  # never handed out: nothing to warn about
@@ -1076,6 +1090,9 @@ class Crypto(AsyncResource):
                 "use strategy='kms-managed' to rotate a key named by id or ARN"
             )
 
+        await self._discard_unrecorded_keys(None)
+        made: list[Unrecorded] = []
+
         async def new_key(current: KEKVersion | None) -> str:
             if current is None:  # pragma: no cover - the key ring always starts with a version
                 raise KeyVersionError(f"alias {alias!r} has no KEK version to rotate from")
@@ -1083,11 +1100,26 @@ class Crypto(AsyncResource):
                 await self._call_kms("rotate_key_material", kms.rotate_key_material(current.key_id))
                 return current.key_id
             description = f"encx-async KEK {alias} version {current.version + 1}"
-            key_id: str = await self._call_kms("create_key", self._kms.create_key(description))
+            try:
+                key_id = await create_and_learn_id(
+                    self._call_kms("create_key", self._kms.create_key(description))
+                )
+            except asyncio.CancelledError as exc:
+                created = getattr(exc, "created_key_id", None)
+                if created is not None:
+                    made.append(Unrecorded(created, current.key_id))
+                raise
+            made.append(Unrecorded(key_id, current.key_id, alias_moved=True))
             await self._call_kms("update_alias", kms.update_alias(alias, key_id))
             return key_id
 
-        created = await self._keyring.rotate(new_key)
+        try:
+            created = await self._keyring.rotate(new_key)
+        except BaseException as exc:
+            if made:
+                self._unrecorded.extend(made)
+                await to_the_end(self._discard_unrecorded_keys(exc))
+            raise
         logger.info(
             "KEK %s rotated (%s): version %d is %s",
             alias,
@@ -1096,6 +1128,24 @@ class Crypto(AsyncResource):
             created.key_id,
         )
         return created
+
+    async def _discard_unrecorded_keys(self, failure: BaseException | None) -> None:
+        """Clean up after the keys of failed rotations (see ``_orphans``); name
+        those that are left in ``failure``."""
+        if not self._unrecorded:
+            return
+        pending, self._unrecorded = self._unrecorded, []
+        for key in pending:
+            outcome = await discard(self._kms, self._keyring.store, self._kek_alias, key, failure)
+            if outcome == "kept":
+                self._unrecorded.append(key)
+        kept = tuple(key.key_id for key in self._unrecorded)
+        if kept and isinstance(failure, EncxError):
+            failure.orphan_key_ids = kept
+            failure.add_note(
+                f"KMS key(s) made but not recorded, and not scheduled for deletion: "
+                f"{', '.join(kept)}"
+            )
 
     async def retire_kek_version(self, version: int) -> KEKVersion:
         """Refuse, from now on, to decrypt data under ``version`` (rewrap it first).

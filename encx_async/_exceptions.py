@@ -59,6 +59,11 @@ __all__ = [
 class EncxError(Exception):
     """Base class of every encx-async error; never raised directly."""
 
+    #: KMS keys that the failed operation created and could not clean up
+    #: (see :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>`); they cost
+    #: money until deleted. Empty for nearly every error.
+    orphan_key_ids: tuple[str, ...] = ()
+
 
 class ConfigurationError(EncxError, ValueError):
     """A setting or argument is invalid: a pepper of the wrong size, a bad context..."""

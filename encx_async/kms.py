@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["KeyManagementService", "KeyRotationService", "PartialWrapping"]
+__all__ = ["KeyDeletion", "KeyManagementService", "KeyRotationService", "PartialWrapping"]
 
 
 @runtime_checkable
@@ -97,6 +97,26 @@ class KeyRotationService(Protocol):
         when a rewrap moves a DEK between KEK versions: each version's number
         is in the context its DEKs are wrapped with. The plaintext DEK never
         leaves the KMS.
+        """
+        ...
+
+
+@runtime_checkable
+class KeyDeletion(Protocol):
+    """What a provider adds so a failed new-key rotation can clean up after itself.
+
+    A separate protocol, so providers written before it still work: without
+    it, :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>` can only
+    report (log, and name in the error's ``orphan_key_ids``) a key it made but
+    could not record. All bundled providers implement it.
+
+    IAM: ``kms:ScheduleKeyDeletion``.
+    """
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Schedule ``key_id`` for deletion after ``pending_days`` (7 to 30 in AWS KMS).
+
+        Until then the key is disabled and its deletion can be cancelled.
         """
         ...
 

@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 __all__ = [
     "COLUMNS",
     "DEFAULT_DATABASE_ENV",
+    "DEFAULT_STORE_TIMEOUT",
     "SCHEMA_VERSION",
     "KEKVersion",
     "KeyState",
     "KeyStore",
+    "UncommittedError",
     "default_database_url",
     "migrations",
     "open_keystore",
@@ -48,8 +50,19 @@ KeyState = Literal["active", "deprecated", "retired"]
 STATES: tuple[KeyState, ...] = ("active", "deprecated", "retired")
 SCHEMA_VERSION = 2
 DEFAULT_DATABASE_ENV = "ENCX_DATABASE_URL"
+#: Seconds each step of a key-store operation may take (Crypto.create's store_timeout).
+DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
 NewKey = Callable[["KEKVersion | None"], Awaitable[str]]
+
+
+class UncommittedError(DatabaseUnavailableError):
+    """A write failed before anything of it could be committed.
+
+    What a store raises when it knows, for a rotation to clean up after
+    itself even though the store cannot be read; to callers it is a
+    DatabaseUnavailableError like any other.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +221,13 @@ def default_database_url() -> str:
     return "sqlite:///" + str(Path(base) / "encx-async" / "keys.db")
 
 
-def open_keystore(database: object) -> KeyStore:
-    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet opened)."""
+def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -> KeyStore:
+    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet opened).
+
+    ``timeout`` bounds each step of a PostgreSQL store's operations (see
+    PostgresKeyStore); SQLite waits for other processes' locks as its busy
+    timeout says.
+    """
     if database is None:
         database = default_database_url()
     if isinstance(database, str):
@@ -225,7 +243,7 @@ def open_keystore(database: object) -> KeyStore:
                 raise DatabaseUnavailableError(
                     f"{redact_url(database)} needs asyncpg: pip install 'encx-async[postgres]'"
                 ) from None
-            return PostgresKeyStore(dsn=database)
+            return PostgresKeyStore(dsn=database, timeout=timeout)
         raise DatabaseUnavailableError(
             f"unsupported database URL {redact_url(database)!r}: use sqlite:///path/keys.db "
             "or postgresql://user@host/db"
@@ -234,7 +252,7 @@ def open_keystore(database: object) -> KeyStore:
     if kind == "asyncpg":
         from ._postgres import PostgresKeyStore
 
-        return PostgresKeyStore(pool=cast("asyncpg.Pool", database))
+        return PostgresKeyStore(pool=cast("asyncpg.Pool", database), timeout=timeout)
     if kind == "aiosqlite":
         from ._sqlite import SQLiteKeyStore
 

@@ -10,6 +10,7 @@ at exit, and it runs under any anyio backend, trio included. An
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -29,6 +30,7 @@ from . import (
     KEKVersion,
     KeyState,
     NewKey,
+    UncommittedError,
     migrations,
     now,
     row_to_version,
@@ -106,6 +108,10 @@ class SQLiteKeyStore:
         self._owns_connection = connection is None
         # One connection serves every task: transactions must not interleave on it.
         self._lock = anyio.Lock()
+        # The file opened (device, inode): one deleted or replaced under a
+        # running instance is noticed, not written to in vain.
+        self._file: str | None = None
+        self._identity: tuple[int, int] | None = None
         self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
 
     @classmethod
@@ -126,6 +132,8 @@ class SQLiteKeyStore:
                 if target != ":memory:":
                     target = await anyio.to_thread.run_sync(_prepare_file, self._path)
                 self._connection = await _ThreadedConnection.connect(target)
+                if target != ":memory:":
+                    self._file = target
             db = self._connection
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
@@ -153,6 +161,8 @@ class SQLiteKeyStore:
                     await db.execute(
                         "UPDATE encx_schema SET version = ? WHERE id = 1", (SCHEMA_VERSION,)
                     )
+            if self._file is not None:
+                self._identity = await anyio.to_thread.run_sync(_identity, self._file)
         except (sqlite3.Error, OSError) as exc:
             await self.aclose()
             raise DatabaseUnavailableError(f"cannot use {self.url}: {exc}") from exc
@@ -167,6 +177,27 @@ class SQLiteKeyStore:
             raise DatabaseUnavailableError(f"{self.url} is not open")
         return self._connection
 
+    async def _check_file(self) -> None:
+        """UncommittedError if the database file is not the one opened any more.
+
+        SQLite keeps using a deleted file (its writes then fail as "readonly"),
+        and would never see a file put in its place: either way what it
+        writes, no other process reads.
+        """
+        if self._file is None or self._identity is None:
+            return
+        try:
+            found: tuple[int, int] | None = await anyio.to_thread.run_sync(_identity, self._file)
+        except FileNotFoundError:
+            found = None
+        if found == self._identity:
+            return
+        what = "deleted" if found is None else "replaced by another file"
+        raise UncommittedError(
+            f"cannot use {self.url}: the database file was {what} (or moved) while this "
+            "instance had it open; restore it, or restart with the right database"
+        )
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[_Connection]:
         """A transaction holding SQLite's write lock from its first statement."""
@@ -174,7 +205,9 @@ class SQLiteKeyStore:
             db = self._db()
             await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
+                await self._check_file()
                 yield db
+                await self._check_file()  # the work may have taken a while
             except BaseException:
                 # Shielded: under a cancelled scope the rollback must still run,
                 # or the connection stays inside the failed transaction.
@@ -182,6 +215,14 @@ class SQLiteKeyStore:
                     await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+
+    async def _failed(self, action: str, exc: sqlite3.Error) -> DatabaseUnavailableError:
+        """The error for a failed statement: the file's fate, if that is the reason."""
+        try:
+            await self._check_file()
+        except UncommittedError as gone:
+            return gone
+        return DatabaseUnavailableError(f"cannot {action} {self.url}: {exc}")
 
     async def _fetch(self, db: _Connection, alias: str) -> list[KEKVersion]:
         rows = await db.execute_fetchall(
@@ -193,9 +234,10 @@ class SQLiteKeyStore:
     async def versions(self, alias: str) -> list[KEKVersion]:
         try:
             async with self._lock:
+                await self._check_file()
                 return await self._fetch(self._db(), alias)
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot read {self.url}: {exc}") from exc
+            raise await self._failed("read", exc) from exc
 
     async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
         existing = await self.versions(alias)
@@ -208,7 +250,7 @@ class SQLiteKeyStore:
                     return existing[-1]
                 return await self._insert(db, alias, 1, await new_key(None))
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+            raise await self._failed("write", exc) from exc
 
     async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
         try:
@@ -224,7 +266,7 @@ class SQLiteKeyStore:
                 )
                 return await self._insert(db, alias, current.version + 1 if current else 1, key_id)
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+            raise await self._failed("write", exc) from exc
 
     async def _insert(self, db: _Connection, alias: str, version: int, key_id: str) -> KEKVersion:
         stamp = now().isoformat()
@@ -248,8 +290,13 @@ class SQLiteKeyStore:
                     if found.version == version:
                         return found
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+            raise await self._failed("write", exc) from exc
         raise KeyVersionNotFoundError(f"alias {alias!r} has no KEK version {version} in {self.url}")
+
+
+def _identity(path: str) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
 
 
 def _prepare_file(path: str) -> str:

@@ -84,7 +84,7 @@ from encx_async._exceptions import (
     KMSUnavailableError,
     RegionsUnavailableError,
 )
-from encx_async.kms import KeyManagementService, KeyRotationService
+from encx_async.kms import KeyDeletion, KeyManagementService, KeyRotationService
 from encx_async.providers._common import (
     DECRYPT_FAILED,
     ProviderResource,
@@ -1081,6 +1081,37 @@ class MultiRegionKMSService(ProviderResource):
             ),
         )
 
+    # -- KeyDeletion -------------------------------------------------------------
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Schedule the key's deletion in every region it is in; all must answer.
+
+        ``"every-region"``: each region's part. ``"replicas"``: the replicas
+        and the primary at once (KMS deletes the primary only after its
+        replicas; meanwhile it is ``PendingReplicaDeletion``).
+        """
+        key_ref = check_key_ref(key_id)
+        await self._ensure_open()
+        if self._mode == "every-region":
+            parts = self._parts(key_ref)
+            regions: Sequence[_Region] = self._served(parts, "schedule_key_deletion")
+
+            def ref(region: _Region) -> str:
+                return parts[region.name]
+        else:
+            regions = self._plan(key_ref, self._regions)
+
+            def ref(region: _Region) -> str:
+                return key_ref
+
+        await self._each(
+            "schedule_key_deletion",
+            regions,
+            lambda region: _deletion(region).schedule_key_deletion(
+                ref(region), pending_days=pending_days
+            ),
+        )
+
     async def re_encrypt_dek(
         self,
         ciphertext_dek: bytes,
@@ -1232,6 +1263,15 @@ def _rotation(region: _Region) -> KeyRotationService:
     if not isinstance(service, KeyRotationService):
         raise ConfigurationError(
             f"the service of region {region.name} does not implement KeyRotationService"
+        )
+    return service
+
+
+def _deletion(region: _Region) -> KeyDeletion:
+    service = region.service
+    if not isinstance(service, KeyDeletion):
+        raise ConfigurationError(
+            f"the service of region {region.name} does not implement KeyDeletion"
         )
     return service
 

@@ -85,6 +85,7 @@ from encx_async.providers._common import (
     check_alias_name,
     check_description,
     check_key_ref,
+    check_pending_days,
     check_plaintext,
     check_rotation_period,
     is_alias_ref,
@@ -1094,6 +1095,40 @@ class KMSService(ProviderResource):
             params["RotationPeriodInDays"] = days
         await self._call(
             "EnableKeyRotation", target, lambda client: client.enable_key_rotation(**params)
+        )
+
+    # -- KeyDeletion ---------------------------------------------------------
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Schedule the key's deletion after ``pending_days`` (KMS ``ScheduleKeyDeletion``).
+
+        7 to 30 days; meanwhile the key is disabled (``PendingDeletion``) and
+        ``CancelKeyDeletion`` can still save it. A key already pending
+        deletion is left as it is.
+        """
+        key_ref = check_key_ref(key_id)
+        days = check_pending_days(pending_days)
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        # The bare id (the ARN is of this region): moto resolves no ARN here.
+        bare = target.rsplit("/", 1)[-1]
+        try:
+            await self._call(
+                "ScheduleKeyDeletion",
+                target,
+                lambda client: client.schedule_key_deletion(KeyId=bare, PendingWindowInDays=days),
+            )
+        except KMSError as exc:
+            if exc.code != "KMSInvalidStateException" or not await self._pending_deletion(target):
+                raise
+
+    async def _pending_deletion(self, key_arn: str) -> bool:
+        response = await self._call(
+            "DescribeKey", key_arn, lambda client: client.describe_key(KeyId=key_arn)
+        )
+        return response["KeyMetadata"].get("KeyState") in (
+            "PendingDeletion",
+            "PendingReplicaDeletion",
         )
 
     async def re_encrypt_dek(

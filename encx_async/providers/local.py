@@ -75,6 +75,7 @@ from encx_async.providers._common import (
     check_alias_name,
     check_description,
     check_key_ref,
+    check_pending_days,
     check_plaintext,
     check_rotation_period,
     is_alias_name,
@@ -122,6 +123,8 @@ class _Key:
     rotation_period_days: int | None = None
     #: for a multi-region key, the region of its primary; None for other keys
     primary_region: str | None = None
+    #: when a scheduled deletion falls due (a Unix time); None if none is scheduled
+    deletion_date: float | None = None
 
     @classmethod
     def build(
@@ -133,6 +136,7 @@ class _Key:
         rotation_enabled: bool = False,
         rotation_period_days: int | None = None,
         primary_region: str | None = None,
+        deletion_date: float | None = None,
     ) -> _Key:
         return cls(
             materials,
@@ -142,6 +146,7 @@ class _Key:
             rotation_enabled,
             rotation_period_days,
             primary_region,
+            deletion_date,
         )
 
     def with_materials(self, materials: tuple[bytes, ...]) -> _Key:
@@ -378,6 +383,11 @@ class LocalKMSService(ProviderResource):
                         if key.primary_region is not None
                         else {}
                     ),
+                    **(
+                        {"deletion_date": key.deletion_date}
+                        if key.deletion_date is not None
+                        else {}
+                    ),
                 }
                 for key_id, key in keys.items()
             },
@@ -473,6 +483,18 @@ class LocalKMSService(ProviderResource):
             self._raise_if_closed()
             key_id = self._resolve_locked(key_ref)
             return key_id, self._keys[key_id]
+
+    def _usable_key(self, key_ref: str) -> tuple[str, _Key]:
+        """As :meth:`_key_for`, refusing a key pending deletion, as KMS does."""
+        key_id, key = self._key_for(key_ref)
+        self._check_usable(key_id, key)
+        return key_id, key
+
+    def _check_usable(self, key_id: str, key: _Key) -> None:
+        if key.deletion_date is not None:
+            raise KMSError(
+                f"key {self.key_arn(key_id)} is pending deletion", code="KMSInvalidStateException"
+            )
 
     # -- KeyManagementService ---------------------------------------------
 
@@ -627,7 +649,7 @@ class LocalKMSService(ProviderResource):
         plaintext = check_plaintext(plaintext_dek)
         encoded_context = encode_kms_context(context)
         await self._ensure_open()
-        resolved, key = self._key_for(key_id)
+        resolved, key = self._usable_key(key_id)
         wrapped = _seal(resolved, key, plaintext, encoded_context)
         _log.debug("local KMS Encrypt key=%s region=%s", resolved, self._region)
         return wrapped
@@ -639,7 +661,7 @@ class LocalKMSService(ProviderResource):
         blob = as_bytes(ciphertext_dek, "wrapped data key")
         encoded_context = encode_kms_context(context)
         await self._ensure_open()
-        resolved, key = self._key_for(key_id)
+        resolved, key = self._usable_key(key_id)
         plaintext = _unseal(resolved, key, blob, encoded_context)
         _log.debug("local KMS Decrypt key=%s region=%s", resolved, self._region)
         return plaintext
@@ -740,6 +762,30 @@ class LocalKMSService(ProviderResource):
             )
             return key_id
 
+    # -- KeyDeletion ---------------------------------------------------------
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Mark the key pending deletion in ``pending_days`` (7 to 30).
+
+        From then on it wraps and unwraps nothing (KMS's ``PendingDeletion``);
+        the local KMS never deletes a key on its own, so the mark, kept in the
+        key file, is all there is. A key marked already keeps its date.
+        """
+        check_key_ref(key_id)
+        days = check_pending_days(pending_days)
+        due = time.time() + days * 86400
+
+        def mark(key: _Key) -> _Key:
+            if key.deletion_date is not None:
+                return key
+            return dataclasses.replace(key, deletion_date=due)
+
+        await self._ensure_open()
+        resolved = await self._run(self._replace_key_sync, key_id, mark)
+        _log.debug(
+            "local KMS ScheduleKeyDeletion key=%s days=%d region=%s", resolved, days, self._region
+        )
+
     async def re_encrypt_dek(
         self,
         ciphertext_dek: bytes,
@@ -769,6 +815,8 @@ class LocalKMSService(ProviderResource):
             source = self._resolve_locked(source_key_id)
             destination = self._resolve_locked(destination_key_id)
             source_key, destination_key = self._keys[source], self._keys[destination]
+        self._check_usable(source, source_key)
+        self._check_usable(destination, destination_key)
         wrapped = _seal(
             destination,
             destination_key,
@@ -783,15 +831,16 @@ class LocalKMSService(ProviderResource):
     async def describe_key(self, key_ref: str) -> dict[str, object]:
         """What a health probe needs: ``key_id``, ``arn``, ``enabled``, ``key_state``.
 
-        Local keys are always enabled.
+        A local key is enabled until its deletion is scheduled.
         """
         await self._ensure_open()
-        key_id = self._key_for(key_ref)[0]
+        key_id, key = self._key_for(key_ref)
+        pending = key.deletion_date is not None
         return {
             "key_id": key_id,
             "arn": self.key_arn(key_id),
-            "enabled": True,
-            "key_state": "Enabled",
+            "enabled": not pending,
+            "key_state": "PendingDeletion" if pending else "Enabled",
         }
 
 
@@ -829,6 +878,11 @@ def _load_key(
     primary_region = entry.get("primary_region")
     if key_id.startswith(_MRK_PREFIX) != isinstance(primary_region, str):
         raise corrupt(f"bad multi-region settings for key {key_id!r}")
+    deletion_date = entry.get("deletion_date")
+    if deletion_date is not None and (
+        isinstance(deletion_date, bool) or not isinstance(deletion_date, int | float)
+    ):
+        raise corrupt(f"bad deletion date for key {key_id!r}")
     materials: list[bytes] = []
     for item in encoded:
         try:
@@ -845,4 +899,5 @@ def _load_key(
         rotation_enabled=enabled,
         rotation_period_days=period,
         primary_region=primary_region,
+        deletion_date=None if deletion_date is None else float(deletion_date),
     )

@@ -30,17 +30,29 @@ def relabel(blob: bytes, version: int) -> bytes:
     return blob[:4] + struct.pack(">I", version) + blob[8:]
 
 
+async def kms_managed(kms: KeyManagementService) -> Crypto:
+    await kms.create_key("binding", alias=ALIAS)
+    return await Crypto.create(
+        kms=kms, kek_alias=ALIAS, rotation="kms-managed", database="sqlite:///:memory:"
+    )
+
+
+async def retire_under(crypto: Crypto, rotations: int) -> bytes:
+    """An envelope of version 1, which is then retired after ``rotations`` rotations
+    of the one KMS key."""
+    old = await crypto.encrypt(b"retired data", context=CTX)
+    for _ in range(rotations):
+        await crypto.rotate_kek()
+    await crypto.retire_kek_version(1)
+    assert len({v.key_id for v in crypto.kek_versions()}) == 1
+    return old
+
+
 async def test_a_relabelled_retired_envelope_does_not_decrypt(
     kms: KeyManagementService,
 ) -> None:
-    await kms.create_key("binding", alias=ALIAS)
-    async with await Crypto.create(
-        kms=kms, kek_alias=ALIAS, rotation="kms-managed", database="sqlite:///:memory:"
-    ) as crypto:
-        old = await crypto.encrypt(b"retired data", context=CTX)
-        await crypto.rotate_kek()
-        await crypto.retire_kek_version(1)
-        assert len({v.key_id for v in crypto.kek_versions()}) == 1
+    async with await kms_managed(kms) as crypto:
+        old = await retire_under(crypto, 1)
         with pytest.raises(DecryptionError) as caught:
             await crypto.decrypt(relabel(old, 2), context=CTX)
         assert str(caught.value) == DecryptionError.MESSAGE
@@ -224,15 +236,8 @@ def _key(key_id: str) -> NewKey:
 async def test_rewrap_does_not_launder_a_relabelled_retired_envelope(
     kms: KeyManagementService,
 ) -> None:
-    await kms.create_key("binding", alias=ALIAS)
-    async with await Crypto.create(
-        kms=kms, kek_alias=ALIAS, rotation="kms-managed", database="sqlite:///:memory:"
-    ) as crypto:
-        retired = await crypto.encrypt(b"retired data", context=CTX)
-        await crypto.rotate_kek()
-        await crypto.rotate_kek()
-        await crypto.retire_kek_version(1)
-        assert len({v.key_id for v in crypto.kek_versions()}) == 1
+    async with await kms_managed(kms) as crypto:
+        retired = await retire_under(crypto, 2)
         calls = crypto.stats().kms_calls.get("re_encrypt_dek", 0)
         # Posing as the deprecated version 2, the DEK would move to version 3.
         with pytest.raises(DecryptionError):

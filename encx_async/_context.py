@@ -16,21 +16,38 @@ from collections.abc import Mapping
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Context", "ContextMemo", "decode_context", "encode_context", "normalize_context"]
+__all__ = [
+    "RESERVED_PREFIX",
+    "VERSION_KEY",
+    "Context",
+    "ContextMemo",
+    "decode_context",
+    "encode_context",
+    "encode_kms_context",
+    "normalize_context",
+]
 
 Context = Mapping[str, str]
+
+#: Context keys that only encx-async itself may send to the KMS.
+RESERVED_PREFIX = "encx:"
+#: The entry that binds a wrapped DEK to its KEK version (see docs/format.md).
+VERSION_KEY = RESERVED_PREFIX + "kek-version"
 
 MAX_CONTEXT_BYTES = 8192
 _U16 = struct.Struct(">H")
 
 
-def _encode(items: tuple[tuple[str, str], ...]) -> tuple[bytes, dict[str, str]]:
+def _encode(items: tuple[tuple[str, str], ...]) -> tuple[bytes, dict[str, str], bool]:
+    """The canonical bytes, the validated mapping, and whether a key is reserved."""
     pairs: list[tuple[bytes, bytes]] = []
+    reserved = False
     for key, value in items:
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigurationError("encryption context keys and values must be str")
         if not key:
             raise ConfigurationError("encryption context keys must not be empty")
+        reserved = reserved or key.startswith(RESERVED_PREFIX)
         try:
             pair = (key.encode(), value.encode())
         except UnicodeEncodeError:
@@ -48,7 +65,13 @@ def _encode(items: tuple[tuple[str, str], ...]) -> tuple[bytes, dict[str, str]]:
         raise ConfigurationError(
             f"encryption context is {len(out)} bytes encoded; the limit is {MAX_CONTEXT_BYTES}"
         )
-    return bytes(out), dict(items)
+    return bytes(out), dict(items), reserved
+
+
+def _refuse_reserved() -> None:
+    raise ConfigurationError(
+        f"encryption context keys starting with {RESERVED_PREFIX!r} are reserved for encx-async"
+    )
 
 
 def _items(context: Context | None) -> tuple[tuple[str, str], ...]:
@@ -60,12 +83,21 @@ def _items(context: Context | None) -> tuple[tuple[str, str], ...]:
 
 
 def encode_context(context: Context | None) -> bytes:
-    """The canonical bytes of ``context``; raises ConfigurationError if it is malformed."""
+    """The canonical bytes of a caller's ``context``; raises ConfigurationError if it
+    is malformed or uses a reserved key."""
+    encoded, _, reserved = _encode(_items(context))
+    if reserved:
+        _refuse_reserved()
+    return encoded
+
+
+def encode_kms_context(context: Context | None) -> bytes:
+    """The canonical bytes of a context as a KMS receives it: reserved keys allowed."""
     return _encode(_items(context))[0]
 
 
 def normalize_context(context: Context | None) -> dict[str, str]:
-    """A plain dict copy of a validated ``context``, as the KMS wants it."""
+    """A plain dict copy of a validated context, as the KMS wants it (reserved keys allowed)."""
     return _encode(_items(context))[1]
 
 
@@ -100,7 +132,8 @@ class ContextMemo:
 
     def encode(self, context: Context | None) -> tuple[bytes, Context | None]:
         """The canonical bytes of ``context``, and an equal mapping no caller can
-        change (None for None), for the fast path to compare later contexts with."""
+        change (None for None), for the fast path to compare later contexts with.
+        A caller's context: reserved keys are refused."""
         if not context:
             if context is not None and not isinstance(context, Mapping):
                 raise ConfigurationError("an encryption context must be a mapping of str to str")
@@ -111,7 +144,10 @@ class ContextMemo:
         except TypeError:  # an unhashable value: certainly not a str
             raise ConfigurationError("encryption context keys and values must be str") from None
         if known is None:
-            known = _encode(items)
+            encoded, validated, reserved = _encode(items)
+            if reserved:
+                _refuse_reserved()
+            known = encoded, validated
             if len(self._seen) >= self._limit:
                 self._seen.clear()
             self._seen[items] = known

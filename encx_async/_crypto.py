@@ -39,7 +39,7 @@ from ._aead import (
     seal_raw,
 )
 from ._cache import DEKCache, DEKCacheStats, _Side
-from ._context import Context, ContextMemo, decode_context, normalize_context
+from ._context import VERSION_KEY, Context, ContextMemo, decode_context, normalize_context
 from ._envelope import (
     BODY_GCM,
     MAX_WRAPPED_DEK,
@@ -599,7 +599,7 @@ class Crypto(AsyncResource):
     async def _new_sealer(self, version: int, key_id: str, ctx: bytes) -> Sealer:
         dek = DataKey.generate()
         try:
-            wrapped = await self._wrap(key_id, dek, decode_context(ctx))
+            wrapped = await self._wrap(version, key_id, dek, decode_context(ctx))
             if not 0 < len(wrapped) <= MAX_WRAPPED_DEK:
                 raise EncryptionError(
                     f"the KMS returned a wrapped key of {len(wrapped)} bytes; "
@@ -622,7 +622,7 @@ class Crypto(AsyncResource):
         binding, ctx = key
         version, wrapped, commitment = split_binding(binding)
         key_id = await self._keyring.key_id_for(version)
-        dek = await self._unwrap(key_id, wrapped, decode_context(ctx))
+        dek = await self._unwrap(version, key_id, wrapped, decode_context(ctx))
         try:
             sealer = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
         finally:
@@ -1181,7 +1181,6 @@ class Crypto(AsyncResource):
         kms = self._rotation_service()
         # (From the key to itself for a partial wrap: the provider adds what is missing.)
         source = await self._keyring.key_id_for(envelope.kek_version)
-        kms_context = normalize_context(context)
         key = (envelope.kek_version, envelope.wrapped_dek, self._contexts.encode(context)[0])
         moved = shared.get(key)
         if moved is None:
@@ -1189,7 +1188,8 @@ class Crypto(AsyncResource):
                 envelope.wrapped_dek,
                 source_key_id=source,
                 destination_key_id=destination,
-                context=kms_context,
+                context=self._kms_context(envelope.kek_version, context),
+                destination_context=self._kms_context(target, context),
             )
             moved = shared[key] = asyncio.ensure_future(self._call_kms("re_encrypt_dek", call))
             # Its waiters may all be cancelled (another item failed first):
@@ -1272,7 +1272,8 @@ class Crypto(AsyncResource):
         _check_dek(dek)
         self._contexts.encode(context)
         self._keyring.check_if_due()
-        return await self._wrap(self.key_id, dek, context)
+        version = self.kek_version
+        return await self._wrap(version, self._key_ids[version], dek, context)
 
     async def decrypt_dek(
         self,
@@ -1286,16 +1287,34 @@ class Crypto(AsyncResource):
         wrapped = bytes(_check_bytes("encrypted_dek", encrypted_dek))
         self._contexts.encode(context)
         version = self.kek_version if kek_version is None else kek_version
-        return await self._unwrap(await self._keyring.key_id_for(version), wrapped, context)
+        key_id = await self._keyring.key_id_for(version)
+        return await self._unwrap(version, key_id, wrapped, context)
 
     # -- the KMS, counted --------------------------------------------------------
 
-    async def _wrap(self, key_id: str, dek: DataKey, context: Context | None) -> bytes:
-        call = self._kms.encrypt_dek(key_id, bytes(dek), context=normalize_context(context))
+    def _kms_context(self, version: int, context: Context | None) -> dict[str, str]:
+        """What the KMS gets: the caller's context and, for a bound version, its number.
+
+        The number makes the KMS refuse a wrapped DEK presented under another
+        version, which matters where versions share a key (kms-managed rotation).
+        """
+        kms_context = normalize_context(context)
+        if self._keyring.binds(version):
+            kms_context[VERSION_KEY] = str(version)
+        return kms_context
+
+    async def _wrap(
+        self, version: int, key_id: str, dek: DataKey, context: Context | None
+    ) -> bytes:
+        call = self._kms.encrypt_dek(
+            key_id, bytes(dek), context=self._kms_context(version, context)
+        )
         return await self._call_kms("encrypt_dek", call)
 
-    async def _unwrap(self, key_id: str, wrapped: bytes, context: Context | None) -> DataKey:
-        call = self._kms.decrypt_dek(key_id, wrapped, context=normalize_context(context))
+    async def _unwrap(
+        self, version: int, key_id: str, wrapped: bytes, context: Context | None
+    ) -> DataKey:
+        call = self._kms.decrypt_dek(key_id, wrapped, context=self._kms_context(version, context))
         plaintext = await self._call_kms("decrypt_dek", call)
         if len(plaintext) != DEK_SIZE:
             raise DecryptionError("the KMS returned a data key of the wrong size")

@@ -157,6 +157,16 @@ class KeyRing:
             )
         return found.key_id
 
+    def binds(self, version: int) -> bool:
+        """Whether ``version``'s DEKs carry its number in their KMS encryption context.
+
+        Only a version the store records as unbound (from before the binding)
+        is not; one not known here counts as bound, so that an unwrap of it fails
+        rather than goes without the check.
+        """
+        found = self._versions.get(version)
+        return found is None or found.version_bound
+
     def versions(self) -> list[KEKVersion]:
         return sorted(self._versions.values(), key=lambda v: v.version)
 

@@ -88,10 +88,15 @@ class KeyRotationService(Protocol):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
-        """Move a wrapped DEK to another key (KMS ``ReEncrypt``), same context.
+        """Move a wrapped DEK to another key (KMS ``ReEncrypt``).
 
-        The plaintext DEK never leaves the KMS.
+        It is unwrapped with ``context`` and wrapped again with
+        ``destination_context`` (``None``: ``context`` again). The two differ
+        when a rewrap moves a DEK between KEK versions: each version's number
+        is in the context its DEKs are wrapped with. The plaintext DEK never
+        leaves the KMS.
         """
         ...
 

@@ -1,11 +1,15 @@
 """Where KEK versions live: one small protocol, a SQLite and a PostgreSQL store.
 
 A KEK version is a row ``(alias, version, key_id, state, created_at,
-updated_at)``. Versions of an alias count up from 1 with no gaps; exactly one is
-``active`` (the newest), older ones are ``deprecated`` (still decrypt) or
-``retired`` (refused). Writers serialise on a database lock (SQLite
+updated_at, version_bound)``. Versions of an alias count up from 1 with no gaps;
+exactly one is ``active`` (the newest), older ones are ``deprecated`` (still
+decrypt) or ``retired`` (refused). Writers serialise on a database lock (SQLite
 ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so a fleet of instances that
 start or rotate at once cannot create two version 1s or skip a number.
+
+``version_bound`` says whether the version's DEKs are wrapped with the version
+number in their KMS encryption context. Every version this code creates is;
+rows from schema 1 predate the binding and are migrated as unbound.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "KeyStore",
     "UncommittedError",
     "default_database_url",
+    "migrations",
     "open_keystore",
     "redact_url",
     "row_to_version",
@@ -44,7 +49,7 @@ __all__ = [
 
 KeyState = Literal["active", "deprecated", "retired"]
 STATES: tuple[KeyState, ...] = ("active", "deprecated", "retired")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Seconds each step of a key-store operation may take (Crypto.create's store_timeout).
 DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
@@ -70,6 +75,10 @@ class KEKVersion:
     state: KeyState
     created_at: datetime
     updated_at: datetime
+    #: whether this version's DEKs are wrapped with its number in the KMS
+    #: encryption context (``encx:kek-version``); False only for versions
+    #: recorded before encx-async did that (schema 1)
+    version_bound: bool = True
 
 
 class KeyStore(Protocol):
@@ -116,18 +125,36 @@ def schema(timestamp_type: str) -> list[str]:
             state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
             created_at {timestamp_type} NOT NULL,
             updated_at {timestamp_type} NOT NULL,
+            {_BOUND_COLUMN},
             PRIMARY KEY (alias, version)
         )""",
     ]
 
 
+# The default is for rows that an encx-async of schema 1 writes: it wraps without
+# the version in the context. This code always writes the column itself.
+_BOUND_COLUMN = "version_bound INTEGER NOT NULL DEFAULT 0 CHECK (version_bound IN (0, 1))"
+
+
+def migrations(found: int) -> list[str]:
+    """The statements that bring a database of schema version ``found`` up to date.
+
+    Run under the store's schema lock, in the transaction that then records
+    :data:`SCHEMA_VERSION`, so they run once however many instances start at once.
+    """
+    steps: list[str] = []
+    if found < 2:
+        steps.append(f"ALTER TABLE encx_kek_versions ADD COLUMN {_BOUND_COLUMN}")
+    return steps
+
+
 #: The columns of a version row, in the order row_to_version reads them.
-COLUMNS = "alias, version, key_id, state, created_at, updated_at"
+COLUMNS = "alias, version, key_id, state, created_at, updated_at, version_bound"
 
 
 def row_to_version(url: str, row: Any) -> KEKVersion:
     """Validate a database row; a corrupt one is a KeyStoreCorruptError, never a crash."""
-    alias, version, key_id, state, created, updated = tuple(row)
+    alias, version, key_id, state, created, updated, bound = tuple(row)
     where = f"KEK version row (alias {alias!r}, version {version!r}) in {url}"
     if not isinstance(version, int) or version < 1:
         raise KeyStoreCorruptError(f"{where} is corrupt: bad version number")
@@ -139,7 +166,11 @@ def row_to_version(url: str, row: Any) -> KEKVersion:
         created_at, updated_at = _timestamp(created), _timestamp(updated)
     except (TypeError, ValueError):
         raise KeyStoreCorruptError(f"{where} is corrupt: bad timestamp") from None
-    return KEKVersion(str(alias), version, key_id, state, created_at, updated_at)
+    if bound not in (0, 1):  # (True and False among them)
+        raise KeyStoreCorruptError(f"{where} is corrupt: bad version_bound")
+    return KEKVersion(
+        str(alias), version, key_id, state, created_at, updated_at, version_bound=bound == 1
+    )
 
 
 def _timestamp(value: object) -> datetime:

@@ -26,6 +26,7 @@ from . import (
     KEKVersion,
     KeyState,
     NewKey,
+    migrations,
     now,
     redact_url,
     row_to_version,
@@ -170,6 +171,17 @@ class PostgresKeyStore:
                         f"{self.url} has schema version {found}; this encx-async knows up "
                         f"to {SCHEMA_VERSION}: upgrade encx-async"
                     )
+                elif found < SCHEMA_VERSION:
+                    # Under the schema lock, in the transaction that read the old
+                    # number: of many instances opening at once, one migrates.
+                    for statement in migrations(found):
+                        await self._bounded("open: migrate", conn.execute(statement))
+                    await self._bounded(
+                        "open: migrate",
+                        conn.execute(
+                            "UPDATE encx_schema SET version = $1 WHERE id = 1", SCHEMA_VERSION
+                        ),
+                    )
         except DatabaseUnavailableError:
             await self.aclose()
             raise
@@ -245,12 +257,12 @@ class PostgresKeyStore:
                     ),
                 )
                 version = current.version + 1 if current else 1
-                row = (alias, version, key_id, "active", stamp, stamp)
+                row = (alias, version, key_id, "active", stamp, stamp, 1)
                 await self._bounded(
                     "write",
                     conn.execute(
                         f"INSERT INTO encx_kek_versions ({COLUMNS}) "
-                        "VALUES ($1, $2, $3, $4, $5, $6)",
+                        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
                         *row,
                     ),
                 )

@@ -31,6 +31,7 @@ from . import (
     KeyState,
     NewKey,
     UncommittedError,
+    migrations,
     now,
     row_to_version,
     schema,
@@ -169,6 +170,14 @@ class SQLiteKeyStore:
                         f"{self.url} has schema version {found[0]}; this encx-async "
                         f"knows up to {SCHEMA_VERSION}: upgrade encx-async"
                     )
+                elif found[0] < SCHEMA_VERSION:
+                    # Inside the write transaction that read the old number: of many
+                    # instances opening at once, one migrates and the rest see it done.
+                    for statement in migrations(found[0]):
+                        await db.execute(statement)
+                    await db.execute(
+                        "UPDATE encx_schema SET version = ? WHERE id = 1", (SCHEMA_VERSION,)
+                    )
             if self._file is not None:
                 self._identity = await anyio.to_thread.run_sync(_identity, self._file)
         except (sqlite3.Error, OSError) as exc:
@@ -275,16 +284,9 @@ class SQLiteKeyStore:
         existing = await self.versions(alias)
         if existing:
             return existing[-1]
-        if self._connection is None and self._deferred:
-            # The first version of a file that does not exist yet: get its key
-            # before making the file, so that a failure here leaves no empty
-            # database behind. Under the lock, another instance may still win.
-            first = await new_key(None)
-
-            async def known(current: KEKVersion | None) -> str:
-                return first if current is None else await new_key(current)
-
-            new_key = known
+        # The key of version 1 is asked for under the write lock, so that of
+        # instances starting together exactly one makes it (create_key_if_missing).
+        made_file = self._connection is None and self._deferred
         try:
             async with self._write() as db:
                 existing = await self._fetch(db, alias)
@@ -293,6 +295,28 @@ class SQLiteKeyStore:
                 return await self._insert(db, alias, 1, await new_key(None))
         except sqlite3.Error as exc:
             raise await self._failed("write", exc) from exc
+        except BaseException:
+            if made_file:
+                # A first start that failed (an unknown alias, say) leaves no
+                # empty database behind to confuse the next one.
+                with anyio.CancelScope(shield=True):
+                    await self._remove_if_empty()
+            raise
+
+    async def _remove_if_empty(self) -> None:
+        async with self._lock:
+            db, path = self._connection, self._file
+            if db is None or path is None or not self._owns_connection:
+                return
+            try:
+                rows = await db.execute_fetchall("SELECT count(*) FROM encx_kek_versions")
+                if next(iter(rows))[0]:
+                    return
+                await self._close_connection()
+                await anyio.to_thread.run_sync(_unlink, path)
+            except (sqlite3.Error, OSError):
+                return  # best effort: an empty file is only untidy
+            self._deferred, self._file, self._identity = True, None, None
 
     async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
         try:
@@ -312,9 +336,9 @@ class SQLiteKeyStore:
 
     async def _insert(self, db: _Connection, alias: str, version: int, key_id: str) -> KEKVersion:
         stamp = now().isoformat()
-        row = (alias, version, key_id, "active", stamp, stamp)
+        row = (alias, version, key_id, "active", stamp, stamp, 1)
         await db.execute(
-            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row
         )
         return row_to_version(self.url, row)
 
@@ -339,6 +363,10 @@ class SQLiteKeyStore:
 def _identity(path: str) -> tuple[int, int]:
     found = os.stat(path)
     return found.st_dev, found.st_ino
+
+
+def _unlink(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
 
 
 def _file_exists(path: str) -> bool:

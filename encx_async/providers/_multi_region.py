@@ -1131,8 +1131,12 @@ class MultiRegionKMSService(ProviderResource):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
         """Move a wrapped data key to another key inside the KMS (``ReEncrypt``).
+
+        It is unwrapped with ``context`` and wrapped again with
+        ``destination_context`` (by default ``context``), in every region alike.
 
         ``"replicas"``: in the nearest region that has both keys and answers.
         ``"every-region"``: each region's copy moves to that region's part of
@@ -1149,6 +1153,9 @@ class MultiRegionKMSService(ProviderResource):
         source = check_key_ref(source_key_id)
         destination = check_key_ref(destination_key_id)
         context = normalize_context(context)
+        target_context = (
+            context if destination_context is None else normalize_context(destination_context)
+        )
         await self._ensure_open()
         if self._mode == "replicas":
             usable = self._plan(destination, self._regions)
@@ -1162,7 +1169,11 @@ class MultiRegionKMSService(ProviderResource):
                 "re_encrypt_dek",
                 order,
                 lambda region: _rotation(region).re_encrypt_dek(
-                    blob, source_key_id=source, destination_key_id=destination, context=context
+                    blob,
+                    source_key_id=source,
+                    destination_key_id=destination,
+                    context=context,
+                    destination_context=target_context,
                 ),
             )
         sources, destinations = self._parts(source), self._parts(destination)
@@ -1184,6 +1195,7 @@ class MultiRegionKMSService(ProviderResource):
                     source_key_id=sources[region.name],
                     destination_key_id=destinations[region.name],
                     context=context,
+                    destination_context=target_context,
                 ),
             )
         missing = [r for r in self._regions if r.name in destinations and r not in moving]
@@ -1199,7 +1211,7 @@ class MultiRegionKMSService(ProviderResource):
                 "re_encrypt_dek",
                 missing,
                 lambda region: region.service.encrypt_dek(
-                    destinations[region.name], plaintext, context=context
+                    destinations[region.name], plaintext, context=target_context
                 ),
             )
         names = [name for name, _ in copies if name in out]

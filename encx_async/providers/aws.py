@@ -1184,18 +1184,24 @@ class KMSService(ProviderResource):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
         """Move a wrapped data key to ``destination_key_id`` with KMS ``ReEncrypt``.
 
-        KMS unwraps it under ``source_key_id`` and wraps it again, both with
-        ``context``; the plaintext never leaves KMS. A ciphertext that does not
-        unwrap raises :class:`~encx_async.DecryptionError`, as in
-        :meth:`decrypt_dek`.
+        KMS unwraps it under ``source_key_id`` with ``context`` and wraps it
+        again with ``destination_context`` (by default ``context``); the
+        plaintext never leaves KMS. A ciphertext that does not unwrap raises
+        :class:`~encx_async.DecryptionError`, as in :meth:`decrypt_dek`.
         """
         ciphertext = _check_wrapped(ciphertext_dek)
         source_ref = check_key_ref(source_key_id)
         destination_ref = check_key_ref(destination_key_id)
         encryption_context = normalize_context(context)
+        target_context = (
+            encryption_context
+            if destination_context is None
+            else normalize_context(destination_context)
+        )
         await self._ensure_client()
         source = self._route(source_ref)
         destination = self._route(destination_ref)
@@ -1206,7 +1212,8 @@ class KMSService(ProviderResource):
         }
         if encryption_context:
             params["SourceEncryptionContext"] = encryption_context
-            params["DestinationEncryptionContext"] = encryption_context
+        if target_context:
+            params["DestinationEncryptionContext"] = target_context
         response = await self._call(
             "ReEncrypt", (source, destination), lambda client: client.re_encrypt(**params)
         )

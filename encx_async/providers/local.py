@@ -32,7 +32,7 @@ Wrapped data key layout (all integers big-endian)::
 
 The AES-GCM associated data is a fixed label, everything before the nonce
 (version, key id, material index), then the canonical encoding of the
-encryption context (:func:`encx_async._context.encode_context`).
+encryption context (:func:`encx_async._context.encode_kms_context`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from typing import Any, Final, Self, TypeVar, TypeVarTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encx_async._context import encode_context
+from encx_async._context import encode_kms_context
 from encx_async._exceptions import (
     ConfigurationError,
     DecryptionError,
@@ -654,7 +654,7 @@ class LocalKMSService(ProviderResource):
     ) -> bytes:
         """Wrap ``plaintext_dek`` under the newest material of ``key_id``, with AES-256-GCM."""
         plaintext = check_plaintext(plaintext_dek)
-        encoded_context = encode_context(context)
+        encoded_context = encode_kms_context(context)
         await self._ensure_open()
         resolved, key = self._usable_key(key_id)
         wrapped = _seal(resolved, key, plaintext, encoded_context)
@@ -666,7 +666,7 @@ class LocalKMSService(ProviderResource):
     ) -> bytes:
         """Unwrap a data key wrapped by :meth:`encrypt_dek` under ``key_id``, any material."""
         blob = as_bytes(ciphertext_dek, "wrapped data key")
-        encoded_context = encode_context(context)
+        encoded_context = encode_kms_context(context)
         await self._ensure_open()
         resolved, key = self._usable_key(key_id)
         plaintext = _unseal(resolved, key, blob, encoded_context)
@@ -800,13 +800,20 @@ class LocalKMSService(ProviderResource):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
-        """Unwrap under ``source_key_id`` and wrap under ``destination_key_id``, same context.
+        """Unwrap under ``source_key_id`` with ``context``, and wrap under
+        ``destination_key_id`` with ``destination_context`` (by default ``context``).
 
         Both happen inside the service; the plaintext data key is not returned.
         """
         blob = as_bytes(ciphertext_dek, "wrapped data key")
-        encoded_context = encode_context(context)
+        encoded_context = encode_kms_context(context)
+        target_context = (
+            encoded_context
+            if destination_context is None
+            else encode_kms_context(destination_context)
+        )
         check_key_ref(source_key_id)
         check_key_ref(destination_key_id)
         await self._ensure_open()
@@ -821,7 +828,7 @@ class LocalKMSService(ProviderResource):
             destination,
             destination_key,
             _unseal(source, source_key, blob, encoded_context),
-            encoded_context,
+            target_context,
         )
         _log.debug("local KMS ReEncrypt from=%s to=%s region=%s", source, destination, self._region)
         return wrapped

@@ -163,70 +163,11 @@ class Crypto(AsyncResource):
     its cached keys and raises :class:`~encx_async.ForkedError` when used.
     """
 
+    #: the KEK versions known, once open
+    _keyring: KeyRing
+
     def __init__(
         self,
-        *,
-        kms: KeyManagementService,
-        kek_alias: str,
-        keyring: KeyRing,
-        pepper: Pepper | None,
-        argon2: Argon2Params,
-        dek_cache: DEKCache | None,
-        thread_threshold: int,
-        rotation: Rotation,
-    ) -> None:
-        # Use Crypto.create(): it validates the settings and opens the key store.
-        self._kms = kms
-        # Asked once per wrapped key (never per message) when the provider can
-        # wrap a key only in part (a region was down).
-        self._partial_wrap = kms.partial_wrap if isinstance(kms, PartialWrapping) else None
-        self._kek_alias = kek_alias
-        self._keyring = keyring
-        self._key_ids = keyring.key_ids
-        self._basic: BasicHasher | None = None
-        self._secure: SecureHasher | None = None
-        if pepper is not None:
-            self._basic = BasicHasher(pepper.secret, pepper.version)
-            self._secure = SecureHasher(pepper.secret, pepper.version, argon2)
-        self._cache = dek_cache
-        self._thread_threshold = thread_threshold
-        self._rotation: Rotation = rotation
-        self._kms_calls: Counter[str] = Counter()
-        # Keys of failed rotations that could not be cleaned up yet.
-        self._unrecorded: list[Unrecorded] = []
-        self._forked = False  # closed by a fork: this process is the child
-        self._encrypt_side: _Side[Sealer] | None = None
-        self._decrypt_side: _Side[Sealer] | None = None
-        self._max_cached_bytes = self._max_cached_uses = 0
-        #: messages below this size are sealed inline with a cached key
-        self._small_cached = 0
-        self._contexts = ContextMemo()
-        #: the cached key used last, reused at once (see _fastpath); with a cache only
-        self._fast: FastPath | None = None
-        if dek_cache is not None:
-            self._encrypt_side, self._decrypt_side = dek_cache._bind(
-                self,
-                self._load_for_encrypt,  # type: ignore[arg-type]
-                self._open_sealer,  # type: ignore[arg-type]
-            )
-            self._max_cached_bytes = dek_cache.max_bytes_per_dek
-            self._max_cached_uses = dek_cache.max_messages_per_dek
-            self._fast = FastPath(
-                self._encrypt_side,
-                self._decrypt_side,
-                keyring,
-                small=thread_threshold,
-                shortest_body=_MIN_RAW,
-            )
-            keyring.on_change = self._fast.forget  # it names KEK versions
-            self._small_cached = min(thread_threshold, dek_cache.max_bytes_per_dek + 1)
-        # Last: an instance whose construction failed counts as closed (see __del__).
-        self._closed = False
-        forget_in_child(self)
-
-    @classmethod
-    async def create(
-        cls,
         *,
         kms: KeyManagementService,
         kek_alias: str,
@@ -239,8 +180,11 @@ class Crypto(AsyncResource):
         version_check_interval: float = 30.0,
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
-    ) -> Crypto:
-        """Validate the settings, open the key-version store, and return a Crypto.
+    ) -> None:
+        """Check the settings; the key-version store opens with ``async with``.
+
+        Nothing is connected or asked of the KMS until then. Code that cannot
+        use ``async with`` calls :meth:`create` instead, and :meth:`aclose` later.
 
         :param kms: a :class:`~encx_async.KeyManagementService`, already open.
         :param kek_alias: ``alias/...`` (recommended), a key id or a key ARN.
@@ -277,6 +221,10 @@ class Crypto(AsyncResource):
             the rotation lock, a statement, giving the connection back); one
             that runs out raises :class:`~encx_async.DatabaseUnavailableError`.
         """
+        # Not open until _start() succeeds: closed, as far as every call and
+        # __del__ can tell, so one that is never opened does not warn.
+        self._closed = True
+        self._opened = False
         if not isinstance(kms, KeyManagementService):
             raise ConfigurationError("kms must implement encx_async.KeyManagementService")
         if not isinstance(kek_alias, str) or not kek_alias:
@@ -299,26 +247,111 @@ class Crypto(AsyncResource):
             raise ConfigurationError(
                 f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
             )
-        store = open_keystore(
-            await resolve_database(database, kms, kek_alias), timeout=store_timeout
+        self._kms = kms
+        # Asked once per wrapped key (never per message) when the provider can
+        # wrap a key only in part (a region was down).
+        self._partial_wrap = kms.partial_wrap if isinstance(kms, PartialWrapping) else None
+        self._kek_alias = kek_alias
+        self._database = database
+        self._create_key_if_missing = create_key_if_missing
+        self._version_check_interval = version_check_interval
+        self._store_timeout = store_timeout
+        self._key_ids: dict[int, str] = {}
+        self._basic: BasicHasher | None = None
+        self._secure: SecureHasher | None = None
+        if pepper is not None:
+            self._basic = BasicHasher(pepper.secret, pepper.version)
+            self._secure = SecureHasher(pepper.secret, pepper.version, argon2 or Argon2Params())
+        self._cache = dek_cache
+        self._thread_threshold = thread_threshold
+        self._rotation: Rotation = rotation
+        self._kms_calls: Counter[str] = Counter()
+        # Keys of failed rotations that could not be cleaned up yet.
+        self._unrecorded: list[Unrecorded] = []
+        self._forked = False  # closed by a fork: this process is the child
+        self._encrypt_side: _Side[Sealer] | None = None
+        self._decrypt_side: _Side[Sealer] | None = None
+        self._max_cached_bytes = self._max_cached_uses = 0
+        #: messages below this size are sealed inline with a cached key
+        self._small_cached = 0
+        self._contexts = ContextMemo()
+        #: the cached key used last, reused at once (see _fastpath); with a cache only
+        self._fast: FastPath | None = None
+        if dek_cache is not None:
+            self._encrypt_side, self._decrypt_side = dek_cache._bind(
+                self,
+                self._load_for_encrypt,  # type: ignore[arg-type]
+                self._open_sealer,  # type: ignore[arg-type]
+            )
+            self._max_cached_bytes = dek_cache.max_bytes_per_dek
+            self._max_cached_uses = dek_cache.max_messages_per_dek
+            self._small_cached = min(thread_threshold, dek_cache.max_bytes_per_dek + 1)
+        forget_in_child(self)
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        kms: KeyManagementService,
+        kek_alias: str,
+        pepper: Pepper | Bytes | None = None,
+        argon2: Argon2Params | None = None,
+        dek_cache: DEKCache | None = None,
+        database: object = None,
+        create_key_if_missing: bool = False,
+        rotation: Rotation = "new-key",
+        version_check_interval: float = 30.0,
+        thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
+    ) -> Crypto:
+        """An open Crypto, for code that cannot use ``async with Crypto(...)``.
+
+        Takes the same arguments as :class:`Crypto`; close it with :meth:`aclose`.
+        """
+        crypto = cls(
+            kms=kms,
+            kek_alias=kek_alias,
+            pepper=pepper,
+            argon2=argon2,
+            dek_cache=dek_cache,
+            database=database,
+            create_key_if_missing=create_key_if_missing,
+            rotation=rotation,
+            version_check_interval=version_check_interval,
+            thread_threshold=thread_threshold,
+            store_timeout=store_timeout,
         )
+        await crypto._start()
+        return crypto
+
+    async def _start(self) -> None:
+        """Open the key-version store and read (or make) the versions of the alias."""
+        if self._opened:
+            raise ConfigurationError("this Crypto was opened already: open it once")
+        self._opened = True
+        kms, kek_alias = self._kms, self._kek_alias
+        database = await resolve_database(self._database, kms, kek_alias)
+        store = open_keystore(database, timeout=self._store_timeout)
         await store.open()
         # One clock per Crypto, so the fast path reads it once per message.
-        clock = dek_cache.clock if dek_cache is not None else time.monotonic
-        keyring = KeyRing(store, kek_alias, check_interval=version_check_interval, clock=clock)
-        self: Crypto | None = None
-        try:
-            self = cls(
-                kms=kms,
-                kek_alias=kek_alias,
-                keyring=keyring,
-                pepper=pepper,
-                argon2=argon2 or Argon2Params(),
-                dek_cache=dek_cache,
-                thread_threshold=thread_threshold,
-                rotation=rotation,
+        clock = self._cache.clock if self._cache is not None else time.monotonic
+        keyring = KeyRing(
+            store, kek_alias, check_interval=self._version_check_interval, clock=clock
+        )
+        self._keyring = keyring
+        self._key_ids = keyring.key_ids
+        if self._encrypt_side is not None and self._decrypt_side is not None:
+            self._fast = FastPath(
+                self._encrypt_side,
+                self._decrypt_side,
+                keyring,
+                small=self._thread_threshold,
+                shortest_body=_MIN_RAW,
             )
-            current = await keyring.start(partial(self._first_key, create_key_if_missing))
+            keyring.on_change = self._fast.forget  # it names KEK versions
+        try:
+            first_key = partial(self._first_key, self._create_key_if_missing)
+            current = await keyring.start(first_key)
             # Fail now, not at the first encrypt, if the database names a key the
             # KMS does not have (another account or region, a deleted key).
             try:
@@ -341,10 +374,9 @@ class Crypto(AsyncResource):
                     lambda alias: keyring.check_soon() if alias in (None, kek_alias) else None
                 )
         except BaseException:
-            if self is not None:
-                self._closed = True  # never handed out: nothing to warn about
             await keyring.aclose()
             raise
+        self._closed = False
         logger.info(
             "Crypto ready: KEK %s version %d is %s (versions in %s)",
             kek_alias,
@@ -352,7 +384,6 @@ class Crypto(AsyncResource):
             current.key_id,
             store.url,
         )
-        return self
 
     async def _first_key(self, create_if_missing: bool, current: KEKVersion | None) -> str:
         """The key of version 1: the alias's key, or a new one if asked."""
@@ -391,7 +422,9 @@ class Crypto(AsyncResource):
         await self._keyring.aclose()
 
     async def __aenter__(self) -> Self:
-        self._check_open()
+        if not self._opened:
+            await self._start()  # async with Crypto(...)
+        self._check_open()  # async with await Crypto.create(...)
         return self
 
     def __del__(self) -> None:
@@ -427,6 +460,11 @@ class Crypto(AsyncResource):
                 "this Crypto was created before os.fork() and cannot be used in the child "
                 "process: create a Crypto in each process, after the fork"
             )
+        if not self._opened:
+            return ClosedError(
+                "this Crypto is not open: use 'async with Crypto(...) as crypto', "
+                "or 'crypto = await Crypto.create(...)'"
+            )
         return ClosedError("this Crypto is closed")
 
     def _check_open(self) -> None:
@@ -434,10 +472,12 @@ class Crypto(AsyncResource):
             raise self._closed_error()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "open" if not self._closed else "closed" if self._opened else "not open"
         cache = "on" if self._cache is not None else "off"
+        keyring = getattr(self, "_keyring", None)
+        version = keyring.current if keyring is not None else None
         return (
-            f"<Crypto kek_alias={self._kek_alias!r} kek_version={self.kek_version} "
+            f"<Crypto kek_alias={self._kek_alias!r} kek_version={version} "
             f"dek_cache={cache} {state}>"
         )
 
@@ -455,12 +495,19 @@ class Crypto(AsyncResource):
     @property
     def kek_version(self) -> int:
         """The KEK version new data is encrypted under."""
-        return self._keyring.current
+        return self._opened_keyring().current
 
     @property
     def key_id(self) -> str:
         """The KMS key id of the current KEK version."""
-        return self._key_ids[self._keyring.current]
+        return self._key_ids[self._opened_keyring().current]
+
+    def _opened_keyring(self) -> KeyRing:
+        """The key ring, which an unopened Crypto does not have yet (ClosedError)."""
+        keyring: KeyRing | None = getattr(self, "_keyring", None)
+        if keyring is None:
+            raise self._closed_error()
+        return keyring
 
     def stats(self) -> CryptoStats:
         cache = self._cache.stats() if self._cache is not None else None
@@ -488,7 +535,7 @@ class Crypto(AsyncResource):
 
     def kek_versions(self) -> list[KEKVersion]:
         """Every KEK version of the alias this Crypto knows, oldest first."""
-        return self._keyring.versions()
+        return self._opened_keyring().versions()
 
     # -- high-level API ----------------------------------------------------------
 

@@ -33,7 +33,7 @@ from ._exceptions import (
 from ._hashing import Argon2Params
 from ._health import HealthReport
 from ._keys import DataKey
-from ._keystore import KEKVersion
+from ._keystore import KEKVersion, KeyState, KeyStore
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
 from ._telemetry import CryptoMetrics
@@ -76,6 +76,8 @@ __all__ = [
     "KeyDeletion",
     "KeyManagementService",
     "KeyRotationService",
+    "KeyState",
+    "KeyStore",
     "KeyStoreCorruptError",
     "KeyStoreError",
     "KeyVersionError",

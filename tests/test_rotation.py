@@ -6,6 +6,8 @@ import asyncio
 import gc
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,17 @@ from encx_async import (
     DatabaseUnavailableError,
     DecryptionError,
     DEKCache,
+    KEKVersion,
     KeyManagementService,
+    KeyState,
+    KeyStore,
     KeyStoreCorruptError,
     KeyVersionError,
     KeyVersionNotFoundError,
     KMSKeyNotFoundError,
 )
 from encx_async._envelope import parse
+from encx_async._keystore import NewKey
 from encx_async.providers.local import LocalKMSService
 from tests.conftest import KeyFactory
 from tests.support import FakeClock
@@ -405,3 +411,66 @@ async def test_strategy_is_the_deprecated_name_of_rotation(local: LocalKMSServic
         assert rotated.key_id == (await crypto.rotate_kek(rotation="kms-managed")).key_id
         with pytest.raises(ConfigurationError, match="rotation must be one of"):
             await crypto.rotate_kek(rotation="sideways")  # type: ignore[arg-type]
+
+
+class DictKeyStore:
+    """A KeyStore of one's own: versions in a dict, one lock for writers."""
+
+    url = "memory (a test's dict)"
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[KEKVersion]] = {}
+        self.lock = asyncio.Lock()
+        self.opened = self.closed = 0
+
+    async def open(self) -> None:
+        self.opened += 1
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+    async def versions(self, alias: str) -> list[KEKVersion]:
+        return list(self.rows.get(alias, []))
+
+    async def _add(self, alias: str, key_id: str) -> KEKVersion:
+        now = datetime.now(UTC)
+        rows = self.rows.setdefault(alias, [])
+        rows[:] = [replace(v, state="deprecated") if v.state == "active" else v for v in rows]
+        version = KEKVersion(alias, len(rows) + 1, key_id, "active", now, now)
+        rows.append(version)
+        return version
+
+    async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        async with self.lock:
+            if self.rows.get(alias):
+                return self.rows[alias][-1]
+            return await self._add(alias, await new_key(None))
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        async with self.lock:
+            return await self._add(alias, await new_key(self.rows[alias][-1]))
+
+    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion:
+        async with self.lock:
+            rows = self.rows[alias]
+            found = rows[version - 1]
+            if not (found.state == "active" and state == "retired"):
+                rows[version - 1] = found = replace(found, state=state)
+            return found
+
+
+async def test_a_key_store_of_ones_own_is_a_database(local: LocalKMSService) -> None:
+    store = DictKeyStore()
+    assert isinstance(store, KeyStore)
+    async with Crypto(kms=local, kek_alias=ALIAS, database=store) as crypto:
+        assert crypto.database_url == store.url
+        old = await crypto.encrypt(b"old", context=CTX)
+        await crypto.rotate_kek()
+        new = await crypto.encrypt(b"new", context=CTX)
+        assert [version_of(old), version_of(new)] == [1, 2]
+        assert await crypto.decrypt(old, context=CTX) == b"old"
+        await crypto.retire_kek_version(1)
+        with pytest.raises(KeyVersionError, match="retired"):
+            await crypto.decrypt(old, context=CTX)
+    assert [v.state for v in store.rows[ALIAS]] == ["retired", "active"]
+    assert (store.opened, store.closed) == (1, 1)

@@ -19,16 +19,12 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyStoreCorruptError
 
 from ._default import DEFAULT_DATABASE_ENV, shared_database
-
-if TYPE_CHECKING:
-    import aiosqlite
-    import asyncpg
 
 __all__ = [
     "COLUMNS",
@@ -81,7 +77,21 @@ class KEKVersion:
     version_bound: bool = True
 
 
+@runtime_checkable
 class KeyStore(Protocol):
+    """Where the KEK versions of an alias are kept: what ``Crypto(database=...)``
+    needs of a store. The SQLite and PostgreSQL stores are the bundled ones; an
+    object with these methods may be passed as ``database=`` too. The Crypto
+    opens it and closes it, as it does the stores it makes from a URL.
+
+    Every writer must hold one lock across instances while it reads and writes
+    (a database lock, a lease), so that instances starting or rotating together
+    never number two versions alike. A store may also have
+    ``async listen(callback)``, calling ``callback(alias)`` when another
+    instance changes an alias (``callback(None)``: anything may have changed),
+    so that instances need not wait for their next periodic check.
+    """
+
     #: the database, with any password removed: safe to log
     url: str
 
@@ -216,7 +226,8 @@ def default_database_url() -> str:
 
 
 def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -> KeyStore:
-    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet opened).
+    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet
+    opened), or the KeyStore given.
 
     ``timeout`` bounds each step of a PostgreSQL store's operations (see
     PostgresKeyStore); SQLite waits for other processes' locks as its busy
@@ -242,16 +253,28 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
             f"unsupported database URL {redact_url(database)!r}: use sqlite:///path/keys.db "
             "or postgresql://user@host/db"
         )
-    kind = type(database).__module__.split(".")[0]
-    if kind == "asyncpg":
-        from ._postgres import PostgresKeyStore
+    if isinstance(database, KeyStore):
+        return database
+    # Imported only to recognise what was passed: neither is a core dependency.
+    try:
+        import asyncpg
+    except ImportError:
+        pass
+    else:
+        if isinstance(database, asyncpg.Pool):
+            from ._postgres import PostgresKeyStore
 
-        return PostgresKeyStore(pool=cast("asyncpg.Pool", database), timeout=timeout)
-    if kind == "aiosqlite":
-        from ._sqlite import SQLiteKeyStore
+            return PostgresKeyStore(pool=database, timeout=timeout)
+    try:
+        import aiosqlite
+    except ImportError:
+        pass
+    else:
+        if isinstance(database, aiosqlite.Connection):
+            from ._sqlite import SQLiteKeyStore
 
-        return SQLiteKeyStore(connection=cast("aiosqlite.Connection", database))
+            return SQLiteKeyStore(connection=database)
     raise DatabaseUnavailableError(
-        f"database must be a URL, an asyncpg pool or an aiosqlite connection, "
+        f"database must be a URL, a KeyStore, an asyncpg pool or an aiosqlite connection, "
         f"not {type(database).__name__}"
     )

@@ -44,12 +44,17 @@ _NOTHING = object()  # equal to no context a caller can pass
 _NO_HEADER = b"no envelope starts like this"
 
 
+def _never(*args: object) -> bytes:
+    raise AssertionError("the fast path used a key it does not have")
+
+
 class FastPath:
     __slots__ = (
         "_clock",
         "_decrypt",
         "_encrypt",
         "_keyring",
+        "_open_at",
         "_open_context",
         "_open_entry",
         "_open_header",
@@ -59,6 +64,7 @@ class FastPath:
         "_quiet_messages",
         "_seal_context",
         "_seal_entry",
+        "_seal_small",
         "_seal_until",
         "_small",
     )
@@ -91,6 +97,9 @@ class FastPath:
         self._open_context: object = _NOTHING
         self._open_entry: _Entry[Sealer] | None = None
         self._open_until = -math.inf
+        # (Never called while no entry is remembered; they hold no sealer either.)
+        self._seal_small: Callable[[bytes, bytes | None], bytes] = _never
+        self._open_at: Callable[[bytes, int, bytes | None], bytes] = _never
 
     def sealers(self) -> list[Sealer]:
         """The sealers remembered (a forked child wipes them)."""
@@ -119,7 +128,7 @@ class FastPath:
         ):
             entry.messages, entry.bytes = messages, nbytes
             self._encrypt.hits += 1
-            return entry.value.seal_small(plaintext, aad)
+            return self._seal_small(plaintext, aad)
         return None
 
     def remember_seal(self, context: Context | None, key: tuple[str, int, bytes]) -> None:
@@ -129,6 +138,8 @@ class FastPath:
         entry = self._encrypt.entries.get(key)
         if entry is not None:
             self._seal_context, self._seal_entry = context, entry
+            # The entry's sealer, bound once: this runs per message.
+            self._seal_small = entry.value.seal_small
             # (The next check only moves later, so this bound never overshoots it.)
             self._seal_until = min(entry.refresh_at, self._keyring.next_check)
 
@@ -152,7 +163,7 @@ class FastPath:
             return None
         entry.messages += 1
         self._decrypt.hits += 1
-        return entry.value.open_at(blob, len(header), aad)
+        return self._open_at(blob, len(header), aad)
 
     def remember_open(
         self, context: Context | None, key: tuple[bytes, bytes], kek_version: int
@@ -164,4 +175,5 @@ class FastPath:
         if entry is not None:
             self._open_header = entry.value.header
             self._open_context, self._open_entry = context, entry
+            self._open_at = entry.value.open_at
             self._open_until = min(entry.refresh_at, self._keyring.next_check)

@@ -19,7 +19,7 @@ import asyncpg
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
 
-from . import (
+from ._rows import (
     COLUMNS,
     DEFAULT_STORE_TIMEOUT,
     SCHEMA_VERSION,

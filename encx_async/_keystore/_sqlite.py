@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
 
-from . import (
+from ._rows import (
     COLUMNS,
     SCHEMA_VERSION,
     KEKVersion,

@@ -20,7 +20,7 @@ import pytest_asyncio
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from encx_async import _exceptions as errors
-from encx_async.providers import aws
+from encx_async.providers import _aws_client
 from encx_async.providers.aws import Config, KMSService, SecretsManagerPepperSource
 from tests.faultproxy import FaultProxy
 
@@ -129,7 +129,7 @@ async def test_default_deadline_bounds_a_queue_for_the_pool(
 def test_default_deadline_is_derived_from_the_client_limits() -> None:
     def derived(**options: Any) -> float:
         settings = Config(**options)
-        return aws._call_timeout(settings, settings.build_client_config())
+        return _aws_client.call_timeout(settings, settings.build_client_config())
 
     assert derived() == 3 * (5 + 10) + 1 + 2
     assert derived(max_attempts=1, connect_timeout=1, read_timeout=2) == 3

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 
 from encx_async import _exceptions as errors
 from encx_async._pepper import MAX_PEPPER_VERSION, PEPPER_SIZE, Pepper
-from encx_async.providers import aws
+from encx_async.providers import _secrets_manager
 from encx_async.providers.aws import Config, KMSService, SecretsManagerPepperSource
 
 if TYPE_CHECKING:
@@ -701,7 +701,7 @@ async def test_read_back_waits_for_the_created_secret(
 
 
 async def test_read_back_gives_up(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aws, "_READ_BACK_DELAYS", (0.0, 0.01))
+    monkeypatch.setattr(_secrets_manager, "_READ_BACK_DELAYS", (0.0, 0.01))
     session, calls = not_yet_visible(after_create=100)
     config = Config(region=REGION, endpoint_url=moto_endpoint, session=session)
     async with SecretsManagerPepperSource(config) as source:

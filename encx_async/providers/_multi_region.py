@@ -97,7 +97,7 @@ from encx_async.providers._common import (
 from encx_async.providers.local import LocalKMSService
 
 if TYPE_CHECKING:
-    from encx_async.providers.aws import Config
+    from encx_async.providers._aws_client import Config
 
 __all__ = [
     "BreakerState",
@@ -529,7 +529,8 @@ class MultiRegionKMSService(ProviderResource):
         """
         from aiobotocore.session import AioSession
 
-        from encx_async.providers.aws import Config, KMSService
+        from encx_async.providers._aws_client import Config
+        from encx_async.providers._kms import KMSService
 
         base = config if config is not None else Config()
         if isinstance(regions, str):

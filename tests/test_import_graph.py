@@ -21,7 +21,11 @@ PACKAGE = Path(encx_async.__file__).parent
 KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
     {
         frozenset(
-            {"encx_async._keystore", "encx_async._keystore._postgres", "encx_async._keystore._sqlite"}
+            {
+                "encx_async._keystore",
+                "encx_async._keystore._postgres",
+                "encx_async._keystore._sqlite",
+            }
         )
     }
 )
@@ -122,9 +126,7 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
     assert "encx_async.providers._kms" in graph["encx_async.providers._multi_region"]
     # _telemetry names Crypto for the type checker only.
     assert "encx_async._crypto" not in graph["encx_async._telemetry"]
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [
-        frozenset({"a", "b", "c"})
-    ]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset({"a", "b", "c"})]
 
 
 def test_no_import_cycles() -> None:

@@ -132,3 +132,24 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
 def test_no_import_cycles() -> None:
     unexpected = [sorted(cycle) for cycle in cycles(import_graph()) if cycle not in KNOWN_CYCLES]
     assert unexpected == []
+
+
+def test_multi_region_special_cases_no_provider() -> None:
+    graph = import_graph()
+    multi_region = [
+        "encx_async.providers._breaker",
+        "encx_async.providers._mode_every_region",
+        "encx_async.providers._mode_replicas",
+        "encx_async.providers._multi_region",
+        "encx_async.providers._regions",
+    ]
+    for module in multi_region:
+        assert "encx_async.providers.local" not in graph[module], module
+    # What it asked of the local provider by name is a capability now.
+    from encx_async.providers._replication import ReplicatesByRegion, ReplicatesIntoServices
+    from encx_async.providers.aws import KMSService
+    from encx_async.providers.local import LocalKMSService
+
+    assert isinstance(LocalKMSService(), ReplicatesIntoServices)
+    assert not isinstance(KMSService(), ReplicatesIntoServices)
+    assert isinstance(KMSService(), ReplicatesByRegion)

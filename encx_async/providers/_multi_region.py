@@ -49,6 +49,15 @@ then uses the region or gives up on it. A region is not probed early within
 region every ``attempt_timeout`` seconds, not one per call. An early probe
 that fails leaves the open period as it was; one that succeeds closes the
 breaker.
+
+This module checks the arguments and hands each call to its mode:
+:mod:`~encx_async.providers._mode_replicas` or
+:mod:`~encx_async.providers._mode_every_region`, both built on the regions,
+attempts and failover of :mod:`~encx_async.providers._regions` and the
+breakers of :mod:`~encx_async.providers._breaker`. What a mode needs of a
+provider beyond :class:`~encx_async.kms.KeyManagementService` (making and
+replicating multi-region keys) is a protocol of
+:mod:`~encx_async.providers._replication`, never a provider's class.
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ _CREDENTIAL_HINT: Final = (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    """How :class:`KMSService` reaches AWS KMS.
+    """How :class:`~encx_async.providers.aws.KMSService` reaches AWS KMS (and
+    :class:`~encx_async.providers.aws.SecretsManagerPepperSource` Secrets Manager).
 
     Every field is optional. The client options are resolved in this order:
     a field set here, then the same option set on ``client_config``, then these
@@ -161,7 +162,8 @@ class Config:
     (it is not closed by the service), and excludes ``profile``.
     ``endpoint_url`` points at a VPC endpoint, LocalStack or moto.
 
-    ``alias_cache_ttl`` is how many seconds :meth:`KMSService.get_key_id`
+    ``alias_cache_ttl`` is how many seconds
+    :meth:`KMSService.get_key_id <encx_async.providers.aws.KMSService.get_key_id>`
     remembers what an alias resolved to; 0 disables the cache.
     """
 

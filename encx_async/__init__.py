@@ -18,6 +18,8 @@ from ._exceptions import (
     ForkedError,
     InvalidHashError,
     InvalidValueError,
+    KeyStoreCorruptError,
+    KeyStoreError,
     KeyVersionError,
     KeyVersionNotFoundError,
     KMSAccessDeniedError,
@@ -36,11 +38,11 @@ from ._exceptions import (
 from ._hashing import Argon2Params
 from ._health import HealthReport
 from ._keys import DataKey
-from ._keystore import KEKVersion
+from ._keystore import KEKVersion, KeyState, KeyStore
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
 from ._telemetry import CryptoMetrics
-from .kms import KeyManagementService, KeyRotationService, PartialWrapping
+from .kms import KeyDeletion, KeyManagementService, KeyRotationService, PartialWrapping
 
 __version__ = "0.1.0"
 
@@ -76,8 +78,13 @@ __all__ = [
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
     "KMSUnavailableError",
+    "KeyDeletion",
     "KeyManagementService",
     "KeyRotationService",
+    "KeyState",
+    "KeyStore",
+    "KeyStoreCorruptError",
+    "KeyStoreError",
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",

@@ -46,18 +46,12 @@ _UNBOUNDED = 1 << 64  # above any count a process can reach
 
 
 class _Value(Protocol):
-    """What the cache needs of a cached key (a Sealer): wiping, an allowance, and
-    how long it may be kept (``None``: the ttl)."""
+    """What the cache needs of a cached key (a Sealer): wiping, and how long it
+    may be kept (``None``: the ttl)."""
 
     lifetime: float | None
 
     def wipe(self) -> None: ...
-
-    def allow(self, uses: int, nbytes: int, until: float, clock: Callable[[], float]) -> None: ...
-
-    def allowance_left(self) -> tuple[int, int]: ...
-
-    def revoke(self) -> tuple[int, int]: ...
 
 
 V = TypeVar("V", bound=_Value)
@@ -161,20 +155,9 @@ class _Side(Generic[V]):
     evictions: int = 0
     expirations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_REASONS, 0))
 
-    #: the entry whose key holds an allowance (see ``Sealer.allow``): the one
-    #: handed out last, if it is far from every limit. Its uses and bytes are
-    #: counted in ``entry.messages``/``entry.bytes`` only once :meth:`_settle`
-    #: takes the allowance back, which everything that reads or retires entries
-    #: does first. Invariant: it is the last entry of ``entries`` in LRU order.
-    armed: _Entry[V] | None = None
-    granted: tuple[int, int] = (0, 0)
-    last_hit: _Entry[V] | None = None
-    #: odd while ``armed``, ``granted`` and ``hits`` change together: stats()
-    #: called from another thread (an OpenTelemetry reader) waits for an even
-    #: value that did not change while it read, so it never sees half an update
-    changing: int = 0
-    #: uses below these need no bookkeeping beyond a count (limits and refresh-ahead)
-    #: (ints: an int compared with a float costs more, on every message)
+    #: a use that leaves an entry's counts below these needs no bookkeeping but
+    #: the counts: it reaches no limit and starts no refresh-ahead (what the
+    #: Crypto's fast path checks; ints, compared with ints on every message)
     quiet_messages: int = field(init=False)
     quiet_bytes: int = field(init=False)
 
@@ -192,7 +175,7 @@ class _Side(Generic[V]):
 
     def stats(self) -> CacheSideStats:
         return CacheSideStats(
-            hits=self._hits_so_far(),
+            hits=self.hits,
             misses=self.misses,
             coalesced=self.coalesced,
             refreshes=self.refreshes,
@@ -202,18 +185,6 @@ class _Side(Generic[V]):
             entries=len(self.entries),
         )
 
-    def _hits_so_far(self) -> int:
-        """The hits so far, the uses of the allowance still out included (it stays out)."""
-        while True:
-            changing = self.changing
-            if not changing & 1:
-                hits, armed, (uses, _) = self.hits, self.armed, self.granted
-                if armed is not None:
-                    hits += uses - armed.value.allowance_left()[0]
-                if self.changing == changing:
-                    return hits
-            time.sleep(0)  # another thread is mid-update (never this one): let it finish
-
     def take(self, key: Hashable, cost: int | None, uses: int = 1) -> V | None:
         """The cached value for ``key`` with ``uses`` uses counted, or None on a miss.
 
@@ -221,37 +192,8 @@ class _Side(Generic[V]):
         is the size of the messages about to use the key, ``uses`` their number
         (the fields of one record share a key).
         """
-        if self.armed is not None:
-            self._settle()
         if self.closed:
             raise ClosedError("the DEK cache is closed")
-        # The common hit, spelled out: this runs for every message the allowance
-        # of the most recent key does not cover.
-        entry = self.entries.get(key)
-        if entry is not None and not entry.dead:
-            now = self.clock()
-            if now < entry.expires_at:
-                limits = self.limits
-                if cost is None:
-                    ok = True
-                    entry.messages += 1  # counted for refresh-ahead on the decrypt side
-                else:
-                    messages, size = entry.messages + uses, entry.bytes + cost
-                    # Not the last use (that one retires the key, below).
-                    ok = messages < limits.max_messages and size < limits.max_bytes  # type: ignore[operator]
-                    if ok:
-                        entry.messages, entry.bytes = messages, size
-                if ok:
-                    self.entries.move_to_end(key)
-                    self._arm(entry, now)
-                    self.hits += 1
-                    if (
-                        not entry.refreshing
-                        and (now >= entry.refresh_at or limits.refresh_ahead_uses)
-                        and limits.near_end(entry, now)
-                    ):
-                        self._refresh(key, entry)
-                    return entry.value
         while True:
             entry = self.entries.get(key)
             if entry is not None:
@@ -261,8 +203,6 @@ class _Side(Generic[V]):
                 else:
                     self.entries.move_to_end(key)
                 if not entry.dead and self._reserve(key, entry, cost, uses):
-                    if not entry.dead:  # last in LRU order: it was just moved
-                        self._arm(entry, now)
                     self.hits += 1
                     if not entry.refreshing and self.limits.near_end(entry, now):
                         self._refresh(key, entry)
@@ -271,35 +211,6 @@ class _Side(Generic[V]):
             if successor is None:
                 return None
             self._install(key, successor)  # fetched ahead: takes over without a KMS call
-
-    def _arm(self, entry: _Entry[V], now: float) -> None:
-        """Give ``entry``'s key the uses that need no bookkeeping (see ``armed``)."""
-        if entry is not self.last_hit:
-            # Only a key asked for twice in a row: when contexts take turns, an
-            # allowance would be given and taken back on every message.
-            self.last_hit = entry
-            return
-        # A use is quiet while the counts after it stay below the quiet limits,
-        # so from counts m and b that leaves quiet - m - 1 uses and quiet - b - 1 bytes.
-        uses = self.quiet_messages - entry.messages - 1
-        nbytes = self.quiet_bytes - entry.bytes - 1
-        if uses > 0 and nbytes > 0 and now < entry.refresh_at:
-            self.changing += 1
-            entry.value.allow(uses, nbytes, entry.refresh_at, self.clock)
-            self.armed, self.granted = entry, (uses, nbytes)
-            self.changing += 1
-
-    def _settle(self) -> None:
-        """Take the allowance back and count what was used of it."""
-        entry, (uses, nbytes) = self.armed, self.granted
-        assert entry is not None
-        self.changing += 1
-        uses_left, bytes_left = entry.value.revoke()
-        entry.messages += uses - uses_left
-        entry.bytes += nbytes - bytes_left
-        self.hits += uses - uses_left
-        self.armed = None
-        self.changing += 1
 
     async def get(self, key: Hashable, cost: int | None, uses: int = 1) -> V:
         """Like :meth:`take`, but a miss loads the value: once, however many callers ask."""
@@ -366,8 +277,6 @@ class _Side(Generic[V]):
         return entry
 
     def _install(self, key: Hashable, entry: _Entry[V]) -> None:
-        if self.armed is not None:  # no longer last in LRU order
-            self._settle()
         old = self.entries.pop(key, None)
         if old is not None:
             _retire(old)
@@ -405,8 +314,6 @@ class _Side(Generic[V]):
         self.inflight[key] = self._spawn(self._load(key, ahead=True))
 
     def _reserve(self, key: Hashable, entry: _Entry[V], cost: int | None, uses: int = 1) -> bool:
-        if self.armed is not None:  # the counts must be whole before they are checked
-            self._settle()
         if entry.dead:
             return False
         limits = self.limits
@@ -429,8 +336,6 @@ class _Side(Generic[V]):
         return True
 
     def _drop(self, key: Hashable, entry: _Entry[V], reason: str) -> None:
-        if self.armed is entry:
-            self._settle()
         if self.entries.get(key) is entry:
             del self.entries[key]
             self.expirations[reason] += 1
@@ -450,12 +355,9 @@ class _Side(Generic[V]):
         self.successors.clear()
         self.inflight.clear()
         self.tasks.clear()
-        self.armed = self.last_hit = None
 
     async def aclose(self) -> None:
         self.closed = True
-        if self.armed is not None:
-            self._settle()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -564,6 +466,11 @@ class DEKCache:
         self._encrypt.loader = encrypt_loader
         self._decrypt.loader = decrypt_loader
         return self._encrypt, self._decrypt  # type: ignore[return-value]
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock of the ttl and refresh-ahead (its Crypto's key ring follows it too)."""
+        return self._encrypt.clock
 
     def accepts(self, size: int) -> bool:
         """Whether a message of ``size`` bytes may use a cached key at all."""

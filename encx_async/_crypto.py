@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -39,13 +39,7 @@ from ._aead import (
     seal_raw,
 )
 from ._cache import DEKCache, DEKCacheStats, _Side
-from ._context import (
-    Context,
-    decode_context,
-    encode_and_keep,
-    encode_context,
-    normalize_context,
-)
+from ._context import VERSION_KEY, Context, ContextMemo, decode_context, normalize_context
 from ._envelope import (
     BODY_GCM,
     MAX_WRAPPED_DEK,
@@ -62,20 +56,24 @@ from ._exceptions import (
     ConfigurationError,
     DecryptionError,
     EncryptionError,
+    EncxError,
     ForkedError,
-    KeyVersionError,
+    KeyStoreCorruptError,
     KMSError,
     KMSKeyNotFoundError,
 )
+from ._fastpath import FastPath
 from ._fork import forget_in_child
 from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, SecureHasher
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
-from ._keystore import KEKVersion, open_keystore
+from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
+from ._keystore._default import resolve_database
 from ._models import EncryptedRecord
+from ._ordered import check_concurrency, ordered_map
+from ._orphans import Unrecorded, create_and_learn_id, discard, to_the_end
 from ._pepper import Pepper
-from ._rewrap import ordered_map
 from ._stream import (
     MAX_BUFFERED_GCM_BODY,
     GcmBody,
@@ -103,18 +101,11 @@ logger = logging.getLogger("encx_async")
 DEFAULT_THREAD_THRESHOLD = 128 * 1024
 #: a raw ciphertext, like an envelope's AES-GCM body, is at least a nonce and a tag
 _MIN_RAW = NONCE_SIZE + TAG_SIZE
-#: what the decrypt hint holds before any decrypt: no envelope starts with it
-_NO_HEADER = b"no envelope yet"
-_NO_CONTEXT = object()  # equal to no context a caller can pass
 Rotation = Literal["new-key", "kms-managed"]
 ROTATIONS: tuple[Rotation, ...] = ("new-key", "kms-managed")
 T = TypeVar("T")
 EncryptKey = tuple[str, int, bytes]  # KEK id, KEK version, encoded context
 DecryptKey = tuple[bytes, bytes]  # envelope binding, encoded context
-SealMemo = tuple[object, EncryptKey, Sealer | None]
-OpenHint = tuple[bytes, object, DecryptKey, int, int, Sealer | None]
-_NO_MEMO: SealMemo = (_NO_CONTEXT, ("", 0, b""), None)
-_NO_HINT: OpenHint = (_NO_HEADER, _NO_CONTEXT, (b"", b""), 0, 0, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,51 +152,120 @@ class Crypto(AsyncResource):
     its cached keys and raises :class:`~encx_async.ForkedError` when used.
     """
 
+    #: the KEK versions known, once open
+    _keyring: KeyRing
+
     def __init__(
         self,
         *,
         kms: KeyManagementService,
         kek_alias: str,
-        keyring: KeyRing,
-        pepper: Pepper | None,
-        argon2: Argon2Params,
-        dek_cache: DEKCache | None,
-        thread_threshold: int,
-        rotation: Rotation,
+        pepper: Pepper | Bytes | None = None,
+        argon2: Argon2Params | None = None,
+        dek_cache: DEKCache | None = None,
+        database: object = None,
+        create_key_if_missing: bool = False,
+        rotation: Rotation = "new-key",
+        version_check_interval: float = 30.0,
+        thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> None:
-        # Use Crypto.create(): it validates the settings and opens the key store.
+        """Check the settings; the key-version store opens with ``async with``.
+
+        Nothing is connected or asked of the KMS until then. Code that cannot
+        use ``async with`` calls :meth:`create` instead, and :meth:`aclose` later.
+
+        :param kms: a :class:`~encx_async.KeyManagementService`, already open.
+        :param kek_alias: ``alias/...`` (recommended), a key id or a key ARN.
+        :param pepper: the secret key of the keyed hashes (:meth:`hash_basic`,
+            :meth:`hash_secure`): a :class:`~encx_async.Pepper` (from the
+            environment, a file or AWS Secrets Manager), or 32 random bytes, not
+            all zero, taken as pepper version 1.
+        :param argon2: the :class:`~encx_async.Argon2Params` of :meth:`hash_secure`
+            and the bounds :meth:`verify_secure` accepts; OWASP's by default,
+            with bounds of four times their cost.
+        :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
+            wraps a new DEK and every decrypt unwraps through the KMS.
+        :param database: where KEK versions live: ``sqlite:///path/keys.db``,
+            ``postgresql://...``, an asyncpg pool or an aiosqlite connection. By
+            default ``$ENCX_DATABASE_URL``, else the provider's own: in memory
+            for an in-memory LocalKMSService, ``<key file>.versions.db`` for one
+            with a key file, a file per AWS account, region and endpoint under
+            ``~/.local/share/encx-async/`` for KMSService (see
+            :attr:`database_url`). A pool or connection you pass stays yours
+            to close.
+        :param create_key_if_missing: create the KMS key and alias when the alias
+            does not exist yet (once, whatever the number of instances starting).
+        :param rotation: how :meth:`rotate_kek` rotates: ``"new-key"`` (a new KMS
+            key, the alias moved to it) or ``"kms-managed"`` (new key material
+            inside the same KMS key, ``RotateKeyOnDemand``).
+        :param version_check_interval: seconds between background re-reads of the
+            versions: the bound on how long an instance keeps encrypting under a
+            version another instance has rotated away from. Measured by the DEK
+            cache's clock when there is a cache (a fake one in tests drives both).
+        :param thread_threshold: payloads of at least this many bytes go to a
+            worker thread (and get a Cobblestone-256 body); at most 16 MiB.
+        :param store_timeout: seconds each step of a PostgreSQL key-store
+            operation may take (connecting, waiting for a pooled connection or
+            the rotation lock, a statement, giving the connection back); one
+            that runs out raises :class:`~encx_async.DatabaseUnavailableError`.
+        """
+        # Not open until _start() succeeds: closed, as far as every call and
+        # __del__ can tell, so one that is never opened does not warn.
+        self._closed = True
+        self._opened = False
+        if not isinstance(kms, KeyManagementService):
+            raise ConfigurationError("kms must implement encx_async.KeyManagementService")
+        if not isinstance(kek_alias, str) or not kek_alias:
+            raise ConfigurationError("kek_alias must be a non-empty str such as 'alias/my-key'")
+        if pepper is not None and not isinstance(pepper, Pepper):
+            pepper = Pepper(pepper)  # checks size, type and zeros; version 1
+        if argon2 is not None and not isinstance(argon2, Argon2Params):
+            raise ConfigurationError("argon2 must be an encx_async.Argon2Params")
+        if dek_cache is not None and not isinstance(dek_cache, DEKCache):
+            raise ConfigurationError("dek_cache must be an encx_async.DEKCache")
+        if rotation not in ROTATIONS:
+            raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
+        if not version_check_interval > 0:
+            raise ConfigurationError("version_check_interval must be positive")
+        if not store_timeout > 0:
+            raise ConfigurationError("store_timeout must be positive")
+        if not 1 <= thread_threshold <= MAX_BUFFERED_GCM_BODY:
+            # Below the threshold, encrypt makes AES-GCM bodies, which can only be
+            # checked whole: the bound keeps every envelope openable as a stream.
+            raise ConfigurationError(
+                f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
+            )
         self._kms = kms
         # Asked once per wrapped key (never per message) when the provider can
         # wrap a key only in part (a region was down).
         self._partial_wrap = kms.partial_wrap if isinstance(kms, PartialWrapping) else None
         self._kek_alias = kek_alias
-        self._keyring = keyring
-        self._key_ids = keyring.key_ids
+        self._database = database
+        self._create_key_if_missing = create_key_if_missing
+        self._version_check_interval = version_check_interval
+        self._store_timeout = store_timeout
+        self._key_ids: dict[int, str] = {}
         self._basic: BasicHasher | None = None
         self._secure: SecureHasher | None = None
         if pepper is not None:
             self._basic = BasicHasher(pepper.secret, pepper.version)
-            self._secure = SecureHasher(pepper.secret, pepper.version, argon2)
+            self._secure = SecureHasher(pepper.secret, pepper.version, argon2 or Argon2Params())
         self._cache = dek_cache
         self._thread_threshold = thread_threshold
         self._rotation: Rotation = rotation
         self._kms_calls: Counter[str] = Counter()
+        # Keys of failed rotations that could not be cleaned up yet.
+        self._unrecorded: list[Unrecorded] = []
         self._forked = False  # closed by a fork: this process is the child
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
-        # A copy of the context of the last encrypt, its cache key and the cached
-        # sealer it got: while the same context and version are asked for again,
-        # the context needs no encoding, and the sealer's allowance from the cache
-        # (see Sealer.allow) serves the message in one call.
-        self._seal_memo: SealMemo = _NO_MEMO
-        # The last small AES-GCM envelope decrypted: a blob with that same header
-        # needs no parsing. Its header, context (a copy), cache key, the lengths a
-        # blob with that header must have to take the fast path, and the cached
-        # sealer that opened it.
-        self._open_hint: OpenHint = _NO_HINT
-        # Both memos name KEK versions: a rotation or retirement makes them stale.
-        keyring.on_change = self._forget_memos
+        #: messages below this size are sealed inline with a cached key
+        self._small_cached = 0
+        self._contexts = ContextMemo()
+        #: the cached key used last, reused at once (see _fastpath); with a cache only
+        self._fast: FastPath | None = None
         if dek_cache is not None:
             self._encrypt_side, self._decrypt_side = dek_cache._bind(
                 self,
@@ -214,8 +274,7 @@ class Crypto(AsyncResource):
             )
             self._max_cached_bytes = dek_cache.max_bytes_per_dek
             self._max_cached_uses = dek_cache.max_messages_per_dek
-        # Last: an instance whose construction failed counts as closed (see __del__).
-        self._closed = False
+            self._small_cached = min(thread_threshold, dek_cache.max_bytes_per_dek + 1)
         forget_in_child(self)
 
     @classmethod
@@ -232,93 +291,81 @@ class Crypto(AsyncResource):
         rotation: Rotation = "new-key",
         version_check_interval: float = 30.0,
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> Crypto:
-        """Validate the settings, open the key-version store, and return a Crypto.
+        """An open Crypto, for code that cannot use ``async with Crypto(...)``.
 
-        :param kms: a :class:`~encx_async.KeyManagementService`, already open.
-        :param kek_alias: ``alias/...`` (recommended), a key id or a key ARN.
-        :param pepper: the secret key of the keyed hashes (:meth:`hash_basic`,
-            :meth:`hash_secure`): a :class:`~encx_async.Pepper` (from the
-            environment, a file or AWS Secrets Manager), or 32 random bytes, not
-            all zero, taken as pepper version 1.
-        :param argon2: the :class:`~encx_async.Argon2Params` of :meth:`hash_secure`
-            and the bounds :meth:`verify_secure` accepts; OWASP's by default,
-            with bounds of four times their cost.
-        :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
-            wraps a new DEK and every decrypt unwraps through the KMS.
-        :param database: where KEK versions live: ``sqlite:///path/keys.db``,
-            ``postgresql://...``, an asyncpg pool or an aiosqlite connection. By
-            default ``$ENCX_DATABASE_URL``, else a SQLite file in the user's data
-            directory (``~/.local/share/encx-async/keys.db``). A pool or
-            connection you pass stays yours to close.
-        :param create_key_if_missing: create the KMS key and alias when the alias
-            does not exist yet (once, whatever the number of instances starting).
-        :param rotation: how :meth:`rotate_kek` rotates: ``"new-key"`` (a new KMS
-            key, the alias moved to it) or ``"kms-managed"`` (new key material
-            inside the same KMS key, ``RotateKeyOnDemand``).
-        :param version_check_interval: seconds between background re-reads of the
-            versions: the bound on how long an instance keeps encrypting under a
-            version another instance has rotated away from.
-        :param thread_threshold: payloads of at least this many bytes go to a
-            worker thread (and get a Cobblestone-256 body); at most 16 MiB.
+        Takes the same arguments as :class:`Crypto`; close it with :meth:`aclose`.
         """
-        if not isinstance(kms, KeyManagementService):
-            raise ConfigurationError("kms must implement encx_async.KeyManagementService")
-        if not isinstance(kek_alias, str) or not kek_alias:
-            raise ConfigurationError("kek_alias must be a non-empty str such as 'alias/my-key'")
-        if pepper is not None and not isinstance(pepper, Pepper):
-            pepper = Pepper(pepper)  # checks size, type and zeros; version 1
-        if argon2 is not None and not isinstance(argon2, Argon2Params):
-            raise ConfigurationError("argon2 must be an encx_async.Argon2Params")
-        if dek_cache is not None and not isinstance(dek_cache, DEKCache):
-            raise ConfigurationError("dek_cache must be an encx_async.DEKCache")
-        if rotation not in ROTATIONS:
-            raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
-        if not version_check_interval > 0:
-            raise ConfigurationError("version_check_interval must be positive")
-        if not 1 <= thread_threshold <= MAX_BUFFERED_GCM_BODY:
-            # Below the threshold, encrypt makes AES-GCM bodies, which can only be
-            # checked whole: the bound keeps every envelope openable as a stream.
-            raise ConfigurationError(
-                f"thread_threshold must be 1 to {MAX_BUFFERED_GCM_BODY} bytes (16 MiB)"
-            )
-        store = open_keystore(database)
+        crypto = cls(
+            kms=kms,
+            kek_alias=kek_alias,
+            pepper=pepper,
+            argon2=argon2,
+            dek_cache=dek_cache,
+            database=database,
+            create_key_if_missing=create_key_if_missing,
+            rotation=rotation,
+            version_check_interval=version_check_interval,
+            thread_threshold=thread_threshold,
+            store_timeout=store_timeout,
+        )
+        await crypto._start()
+        return crypto
+
+    async def _start(self) -> None:
+        """Open the key-version store and read (or make) the versions of the alias."""
+        if self._opened:
+            raise ConfigurationError("this Crypto was opened already: open it once")
+        self._opened = True
+        kms, kek_alias = self._kms, self._kek_alias
+        database = await resolve_database(self._database, kms, kek_alias)
+        store = open_keystore(database, timeout=self._store_timeout)
         await store.open()
-        keyring = KeyRing(store, kek_alias, check_interval=version_check_interval)
-        self: Crypto | None = None
-        try:
-            self = cls(
-                kms=kms,
-                kek_alias=kek_alias,
-                keyring=keyring,
-                pepper=pepper,
-                argon2=argon2 or Argon2Params(),
-                dek_cache=dek_cache,
-                thread_threshold=thread_threshold,
-                rotation=rotation,
+        # One clock per Crypto, so the fast path reads it once per message.
+        clock = self._cache.clock if self._cache is not None else time.monotonic
+        keyring = KeyRing(
+            store, kek_alias, check_interval=self._version_check_interval, clock=clock
+        )
+        self._keyring = keyring
+        self._key_ids = keyring.key_ids
+        if self._encrypt_side is not None and self._decrypt_side is not None:
+            self._fast = FastPath(
+                self._encrypt_side,
+                self._decrypt_side,
+                keyring,
+                small=self._thread_threshold,
+                shortest_body=_MIN_RAW,
             )
-            current = await keyring.start(partial(self._first_key, create_key_if_missing))
+            keyring.on_change = self._fast.forget  # it names KEK versions
+        try:
+            first_key = partial(self._first_key, self._create_key_if_missing)
+            current = await keyring.start(first_key)
             # Fail now, not at the first encrypt, if the database names a key the
             # KMS does not have (another account or region, a deleted key).
             try:
                 await self._call_kms("get_key_id", kms.get_key_id(current.key_id))
             except KMSKeyNotFoundError as exc:
                 raise KMSKeyNotFoundError(
-                    f"{store.url} says KEK version {current.version} of {kek_alias!r} is key "
-                    f"{current.key_id}, which this KMS does not have. The database belongs to "
-                    "another KMS, account or region; an in-memory LocalKMSService forgets its "
-                    "keys when the process ends (give it a path=, or use "
-                    "database='sqlite:///:memory:')",
+                    f"the key-version database {store.url} says KEK version {current.version} "
+                    f"of {kek_alias!r} is key {current.key_id}, which this KMS does not have: "
+                    "the database was written with another KMS (account, region or local key "
+                    "file), or the key was deleted. Pass the database= that belongs to this "
+                    "KMS, or leave database= and ENCX_DATABASE_URL unset to get this "
+                    "provider's own",
                     code=exc.code,
+                    database=store.url,
                 ) from exc
             listen = getattr(store, "listen", None)
             if listen is not None:
-                await listen(lambda alias: keyring.check_soon() if alias == kek_alias else None)
+                # None: the listener was away, and may have missed this alias's news.
+                await listen(
+                    lambda alias: keyring.check_soon() if alias in (None, kek_alias) else None
+                )
         except BaseException:
-            if self is not None:
-                self._closed = True  # never handed out: nothing to warn about
             await keyring.aclose()
             raise
+        self._closed = False
         logger.info(
             "Crypto ready: KEK %s version %d is %s (versions in %s)",
             kek_alias,
@@ -326,7 +373,6 @@ class Crypto(AsyncResource):
             current.key_id,
             store.url,
         )
-        return self
 
     async def _first_key(self, create_if_missing: bool, current: KEKVersion | None) -> str:
         """The key of version 1: the alias's key, or a new one if asked."""
@@ -365,7 +411,9 @@ class Crypto(AsyncResource):
         await self._keyring.aclose()
 
     async def __aenter__(self) -> Self:
-        self._check_open()
+        if not self._opened:
+            await self._start()  # async with Crypto(...)
+        self._check_open()  # async with await Crypto.create(...)
         return self
 
     def __del__(self) -> None:
@@ -379,9 +427,6 @@ class Crypto(AsyncResource):
                 stacklevel=1,
             )
 
-    def _forget_memos(self) -> None:
-        self._seal_memo, self._open_hint = _NO_MEMO, _NO_HINT
-
     def _after_fork_in_child(self) -> None:
         # The hot sealers are the parent's keys (their cache forgets them too; a
         # retired one may be waiting for a wipe the parent's loop will never run
@@ -389,10 +434,10 @@ class Crypto(AsyncResource):
         # parent's event loop: closed as far as this process goes, so aclose()
         # leaves the parent's connections and threads alone, and the first use
         # raises ForkedError, from the checks every call makes anyway.
-        for hot in (self._seal_memo[2], self._open_hint[5]):
-            if hot is not None:
+        if self._fast is not None:
+            for hot in self._fast.sealers():
                 hot.wipe()
-        self._forget_memos()
+            self._fast.forget()
         self._forked = not self._closed  # one closed before the fork stays merely closed
         self._closed = True
         self._basic = self._secure = None
@@ -404,6 +449,11 @@ class Crypto(AsyncResource):
                 "this Crypto was created before os.fork() and cannot be used in the child "
                 "process: create a Crypto in each process, after the fork"
             )
+        if not self._opened:
+            return ClosedError(
+                "this Crypto is not open: use 'async with Crypto(...) as crypto', "
+                "or 'crypto = await Crypto.create(...)'"
+            )
         return ClosedError("this Crypto is closed")
 
     def _check_open(self) -> None:
@@ -411,10 +461,12 @@ class Crypto(AsyncResource):
             raise self._closed_error()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "open" if not self._closed else "closed" if self._opened else "not open"
         cache = "on" if self._cache is not None else "off"
+        keyring = getattr(self, "_keyring", None)
+        version = keyring.current if keyring is not None else None
         return (
-            f"<Crypto kek_alias={self._kek_alias!r} kek_version={self.kek_version} "
+            f"<Crypto kek_alias={self._kek_alias!r} kek_version={version} "
             f"dek_cache={cache} {state}>"
         )
 
@@ -425,14 +477,26 @@ class Crypto(AsyncResource):
         return self._kek_alias
 
     @property
+    def database_url(self) -> str:
+        """The key-version database in use, any password removed: safe to log."""
+        return self._keyring.store.url
+
+    @property
     def kek_version(self) -> int:
         """The KEK version new data is encrypted under."""
-        return self._keyring.current
+        return self._opened_keyring().current
 
     @property
     def key_id(self) -> str:
         """The KMS key id of the current KEK version."""
-        return self._key_ids[self._keyring.current]
+        return self._key_ids[self._opened_keyring().current]
+
+    def _opened_keyring(self) -> KeyRing:
+        """The key ring, which an unopened Crypto does not have yet (ClosedError)."""
+        keyring: KeyRing | None = getattr(self, "_keyring", None)
+        if keyring is None:
+            raise self._closed_error()
+        return keyring
 
     def stats(self) -> CryptoStats:
         cache = self._cache.stats() if self._cache is not None else None
@@ -460,7 +524,7 @@ class Crypto(AsyncResource):
 
     def kek_versions(self) -> list[KEKVersion]:
         """Every KEK version of the alias this Crypto knows, oldest first."""
-        return self._keyring.versions()
+        return self._opened_keyring().versions()
 
     # -- high-level API ----------------------------------------------------------
 
@@ -483,36 +547,26 @@ class Crypto(AsyncResource):
             plaintext = bytes(_check_bytes("plaintext", plaintext))
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        keyring = self._keyring
-        if keyring.due:
-            keyring.check_soon()  # another instance may have rotated: look, in the background
-        last_context, key, hot = self._seal_memo  # forgotten when the versions change
-        if (type(context) is not dict and context is not None) or context != last_context:
-            # (A dict subclass could answer == as it likes: only plain dicts match.)
-            version = keyring.current
-            ctx, last_context = encode_and_keep(context)
-            key = (self._key_ids[version], version, ctx)
-            self._seal_memo = (last_context, key, None)
-        elif hot is not None and len(plaintext) < self._thread_threshold:
-            blob = hot.seal_allowed(plaintext, aad)
+        fast = self._fast
+        if fast is not None:
+            blob = fast.seal(plaintext, context, aad)
             if blob is not None:
                 return blob
+        keyring = self._keyring
+        keyring.check_if_due()  # another instance may have rotated: look, in the background
+        version = keyring.current
+        ctx, kept = self._contexts.encode(context)
+        key = (self._key_ids[version], version, ctx)
         size = len(plaintext)
         side = self._encrypt_side
-        if side is not None and size <= self._max_cached_bytes:
+        if fast is not None and side is not None and size < self._small_cached:
             sealer = side.take(key, size) or await side.get(key, size)
-            if size < self._thread_threshold:
-                if key[1] == keyring.current:  # no rotation while the KMS was asked
-                    self._seal_memo = (last_context, key, sealer)
-                return sealer.seal_small(plaintext, aad)
-            return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        sealer = await self._new_sealer(key[1], key[0], key[2])
-        try:
+            fast.remember_seal(kept, key)
+            return sealer.seal_small(plaintext, aad)
+        async with self._encrypt_lease(key, size) as sealer:
             if size < self._thread_threshold:
                 return sealer.seal_small(plaintext, aad)
             return await anyio.to_thread.run_sync(sealer.seal_large_job(plaintext, aad))
-        finally:
-            sealer.wipe()
 
     async def decrypt(
         self, blob: Bytes, *, context: Context | None = None, aad: Bytes | None = None
@@ -526,32 +580,13 @@ class Crypto(AsyncResource):
             raise self._closed_error()
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        keyring = self._keyring
-        if keyring.due:
-            keyring.check_soon()  # retirements reach instances that only decrypt, too
-        side = self._decrypt_side
-        # (Forgotten when the versions change, so its version is never a retired one.)
-        header, last_context, key, shortest, too_long, hot = self._open_hint
-        if (
-            type(blob) is bytes
-            and shortest <= len(blob) < too_long
-            and blob.startswith(header)
-            and (type(context) is dict or context is None)
-            and context == last_context
-            and hot is not None
-            and side is not None
-        ):
-            # The same DEK as the last message, the usual case with a cache: the
-            # header is byte for byte one we parsed and checked already.
-            plaintext = hot.open_allowed(blob, len(header), aad)
+        fast = self._fast
+        if fast is not None:
+            plaintext = fast.open(blob, context, aad)
             if plaintext is not None:
                 return plaintext
-            sealer = side.take(key, None)
-            if sealer is not None:
-                if sealer is not hot:
-                    self._open_hint = (*self._open_hint[:5], sealer)
-                return sealer.open_at(blob, len(header), aad)
-        ctx, memo = encode_and_keep(context)
+        self._keyring.check_if_due()  # retirements reach instances that only decrypt, too
+        ctx, kept = self._contexts.encode(context)
         envelope = parse(blob)
         if envelope.kek_version not in self._key_ids:
             # Unknown here (a newer version, or a forged number) or retired: ask the store.
@@ -559,27 +594,39 @@ class Crypto(AsyncResource):
         # Keyed by the envelope's binding (KEK version, wrapped DEK, commitment):
         # a sealer is only ever made for a binding whose commitment matched its DEK.
         key = (envelope.binding, ctx)
-        if side is not None:
+        side = self._decrypt_side
+        if (
+            fast is not None
+            and side is not None
+            and envelope.body_kind == BODY_GCM
+            and len(envelope.blob) < self._thread_threshold
+        ):
             sealer = side.take(key, None) or await side.get(key, None)
-            if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
-                plaintext = sealer.open_small(envelope, aad)
-                header = sealer.header
-                shortest = len(header) + _MIN_RAW
-                too_long = self._thread_threshold
-                if envelope.kek_version in self._key_ids:  # not retired while we waited
-                    self._open_hint = (header, memo, key, shortest, too_long, sealer)
-                return plaintext
+            plaintext = sealer.open_small(envelope, aad)
+            fast.remember_open(kept, key, envelope.kek_version)
+            return plaintext
+        async with self._decrypt_lease(key) as sealer:
             return await self._open(sealer, envelope, aad)
-        sealer = await self._open_sealer(key)
-        try:
-            return await self._open(sealer, envelope, aad)
-        finally:
-            sealer.wipe()
 
     async def _open(self, sealer: Sealer, envelope: Envelope, aad: bytes | None) -> bytes:
         if envelope.body_kind == BODY_GCM and len(envelope.blob) < self._thread_threshold:
             return sealer.open_small(envelope, aad)
         return await anyio.to_thread.run_sync(sealer.open_job(envelope, aad))
+
+    def _encrypt_lease(self, key: EncryptKey, size: int, uses: int = 1) -> _Lease:
+        """The sealer for ``uses`` messages of ``size`` bytes in all under ``key``:
+        the cache's when it may serve them, else a new DEK, wiped after use."""
+        side = self._encrypt_side
+        if side is not None and size <= self._max_cached_bytes and uses <= self._max_cached_uses:
+            return _Lease(partial(side.get, key, size, uses), owned=False)
+        return _Lease(partial(self._load_for_encrypt, key), owned=True)
+
+    def _decrypt_lease(self, key: DecryptKey) -> _Lease:
+        """The sealer for an envelope's binding and context, as :meth:`_encrypt_lease`."""
+        side = self._decrypt_side
+        if side is not None:
+            return _Lease(partial(side.get, key, None), owned=False)
+        return _Lease(partial(self._open_sealer, key), owned=True)
 
     async def _load_for_encrypt(self, key: EncryptKey) -> Sealer:
         key_id, version, ctx = key
@@ -588,7 +635,7 @@ class Crypto(AsyncResource):
     async def _new_sealer(self, version: int, key_id: str, ctx: bytes) -> Sealer:
         dek = DataKey.generate()
         try:
-            wrapped = await self._wrap(key_id, dek, decode_context(ctx))
+            wrapped = await self._wrap(version, key_id, dek, decode_context(ctx))
             if not 0 < len(wrapped) <= MAX_WRAPPED_DEK:
                 raise EncryptionError(
                     f"the KMS returned a wrapped key of {len(wrapped)} bytes; "
@@ -611,7 +658,7 @@ class Crypto(AsyncResource):
         binding, ctx = key
         version, wrapped, commitment = split_binding(binding)
         key_id = await self._keyring.key_id_for(version)
-        dek = await self._unwrap(key_id, wrapped, decode_context(ctx))
+        dek = await self._unwrap(version, key_id, wrapped, decode_context(ctx))
         try:
             sealer = Sealer(EnvelopeCipher(dek), version, wrapped, ctx)
         finally:
@@ -641,17 +688,12 @@ class Crypto(AsyncResource):
         ctx, extra = self._stream_inputs(context, aad)
         return self._seal_stream(check_source(source), ctx, extra)
 
-    def _look_for_rotations(self) -> None:
-        keyring = self._keyring
-        if keyring.due:
-            keyring.check_soon()  # another instance may have rotated or retired a version
-
     def _stream_inputs(
         self, context: Context | None, aad: Bytes | None
     ) -> tuple[bytes, bytes | None]:
         """The encoded context and aad of a streaming call, checked before anything runs."""
         self._check_open()
-        return encode_context(context), None if aad is None else _aad_bytes(aad)
+        return self._contexts.encode(context)[0], None if aad is None else _aad_bytes(aad)
 
     async def _seal_stream(
         self, chunks: AsyncGenerator[Bytes, None], ctx: bytes, aad: bytes | None
@@ -669,7 +711,7 @@ class Crypto(AsyncResource):
         # when it starts, so it cannot be charged against a cached DEK's byte
         # limit, and one KMS call is nothing next to a large payload.
         self._check_open()
-        self._look_for_rotations()
+        self._keyring.check_if_due()  # another instance may have rotated
         version = self._keyring.current
         sealer = await self._new_sealer(version, self._key_ids[version], ctx)
         try:
@@ -697,27 +739,19 @@ class Crypto(AsyncResource):
     ) -> AsyncGenerator[bytes, None]:
         async with aclosing(chunks):
             envelope, first = await read_header(chunks)
-            sealer, owned = await self._sealer_for(envelope, ctx)
-            try:
+            async with await self._stream_lease(envelope, ctx) as sealer:
                 decryptor = self._body_opener(sealer, envelope, aad)
                 async for out in open_body(decryptor, first, chunks):
                     self._check_open()  # aclose() ends streams in flight too
                     yield out
-            finally:
-                if owned:
-                    sealer.wipe()
 
-    async def _sealer_for(self, envelope: Envelope, ctx: bytes) -> tuple[Sealer, bool]:
-        """The sealer of ``envelope``'s DEK, and whether the caller must wipe it."""
+    async def _stream_lease(self, envelope: Envelope, ctx: bytes) -> _Lease:
+        """The lease of ``envelope``'s DEK, once its version is known usable."""
         self._check_open()
-        self._look_for_rotations()
+        self._keyring.check_if_due()  # another instance may have retired a version
         if envelope.kek_version not in self._key_ids:
             await self._keyring.key_id_for(envelope.kek_version)
-        key = (envelope.binding, ctx)
-        side = self._decrypt_side
-        if side is not None:
-            return side.take(key, None) or await side.get(key, None), False
-        return await self._open_sealer(key), True
+        return self._decrypt_lease((envelope.binding, ctx))
 
     @staticmethod
     def _body_opener(sealer: Sealer, envelope: Envelope, aad: bytes | None) -> StreamTransform:
@@ -762,16 +796,12 @@ class Crypto(AsyncResource):
         ctx, extra = self._stream_inputs(context, aad)
         source, target = await anyio.to_thread.run_sync(check_paths, src, dst)
         envelope = await anyio.to_thread.run_sync(read_file_header, source)
-        sealer, owned = await self._sealer_for(envelope, ctx)
-        try:
+        async with await self._stream_lease(envelope, ctx) as sealer:
             opener = self._body_opener(sealer, envelope, extra)
             job = partial(
                 transform_file, source, target, skip=envelope.body_at, prefix=b"", transform=opener
             )
             return envelope.body_at + await run_file_job(job)
-        finally:
-            if owned:
-                sealer.wipe()
 
     async def rewrap_file(
         self,
@@ -976,26 +1006,14 @@ class Crypto(AsyncResource):
         }
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        ctx = encode_context(context)
+        ctx = self._contexts.encode(context)[0]
+        self._keyring.check_if_due()
         version = self._keyring.current
-        key_id = self._key_ids[version]
+        key = (self._key_ids[version], version, ctx)
         size, uses = sum(len(v) for v in plaintexts.values()), max(1, len(plaintexts))
-        side = self._encrypt_side
-        if side is not None and size <= self._max_cached_bytes and uses <= self._max_cached_uses:
-            key = (key_id, version, ctx)
-            sealer = side.take(key, size, uses) or await side.get(key, size, uses)
-            return SealedRecord(
-                sealer.header,
-                await self._run_fields(sealer.fields_job(plaintexts, aad, seal=True), size),
-            )
-        sealer = await self._new_sealer(version, key_id, ctx)
-        try:
-            return SealedRecord(
-                sealer.header,
-                await self._run_fields(sealer.fields_job(plaintexts, aad, seal=True), size),
-            )
-        finally:
-            sealer.wipe()
+        async with self._encrypt_lease(key, size, uses) as sealer:
+            job = sealer.fields_job(plaintexts, aad, seal=True)  # the key taken before any hop
+            return SealedRecord(sealer.header, await self._run_fields(job, size))
 
     async def open_record(
         self,
@@ -1018,21 +1036,15 @@ class Crypto(AsyncResource):
         }
         if aad is not None and type(aad) is not bytes:
             aad = _aad_bytes(aad)
-        ctx = encode_context(context)
+        ctx = self._contexts.encode(context)[0]
         envelope = parse_record_header(header)
+        self._keyring.check_if_due()
         if envelope.kek_version not in self._key_ids:
             await self._keyring.key_id_for(envelope.kek_version)
-        key = (envelope.binding, ctx)
         size = sum(len(v) for v in bodies.values())
-        side = self._decrypt_side
-        if side is not None:
-            sealer = side.take(key, None) or await side.get(key, None)
-            return await self._run_fields(sealer.fields_job(bodies, aad, seal=False), size)
-        sealer = await self._open_sealer(key)
-        try:
-            return await self._run_fields(sealer.fields_job(bodies, aad, seal=False), size)
-        finally:
-            sealer.wipe()
+        async with self._decrypt_lease((envelope.binding, ctx)) as sealer:
+            job = sealer.fields_job(bodies, aad, seal=False)
+            return await self._run_fields(job, size)
 
     async def _run_fields(self, job: Callable[[], dict[str, bytes]], size: int) -> dict[str, bytes]:
         """Run a fields job inline when small, in a worker thread when large."""
@@ -1042,40 +1054,70 @@ class Crypto(AsyncResource):
 
     # -- rotation --------------------------------------------------------------
 
-    async def rotate_kek(self, *, strategy: Rotation | None = None) -> KEKVersion:
+    async def rotate_kek(
+        self, *, rotation: Rotation | None = None, strategy: Rotation | None = None
+    ) -> KEKVersion:
         """Rotate the KEK and record the new version; new data is encrypted under it.
 
+        ``rotation`` (by default the one given to :meth:`create`):
         ``"new-key"`` creates a KMS key and moves the alias to it;
         ``"kms-managed"`` has the KMS give the same key new material
         (``RotateKeyOnDemand``). Either way older data still decrypts, and the
         version is recorded under the database's write lock, so concurrent
         rotations from many instances number their versions without gaps.
         Other instances switch within ``version_check_interval``.
+
+        ``strategy`` is the former name of ``rotation``, deprecated.
         """
         self._check_open()
+        if strategy is not None:
+            warnings.warn(
+                "rotate_kek(rotation=...) is deprecated: use rotate_kek(rotation=...)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            rotation = rotation or strategy
         kms = self._rotation_service()
-        strategy = strategy or self._rotation
+        strategy = rotation or self._rotation
         if strategy not in ROTATIONS:
-            raise ConfigurationError(f"strategy must be one of {', '.join(ROTATIONS)}")
+            raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
         alias = self._kek_alias
         if strategy == "new-key" and not alias.startswith("alias/"):
             raise ConfigurationError(
                 "new-key rotation moves an alias, so kek_alias must be 'alias/...'; "
-                "use strategy='kms-managed' to rotate a key named by id or ARN"
+                "use rotation='kms-managed' to rotate a key named by id or ARN"
             )
+
+        await self._discard_unrecorded_keys(None)
+        made: list[Unrecorded] = []
 
         async def new_key(current: KEKVersion | None) -> str:
             if current is None:  # pragma: no cover - the key ring always starts with a version
-                raise KeyVersionError(f"alias {alias!r} has no KEK version to rotate from")
+                raise KeyStoreCorruptError(f"alias {alias!r} has no KEK version to rotate from")
             if strategy == "kms-managed":
                 await self._call_kms("rotate_key_material", kms.rotate_key_material(current.key_id))
                 return current.key_id
             description = f"encx-async KEK {alias} version {current.version + 1}"
-            key_id: str = await self._call_kms("create_key", self._kms.create_key(description))
+            try:
+                key_id = await create_and_learn_id(
+                    self._call_kms("create_key", self._kms.create_key(description))
+                )
+            except asyncio.CancelledError as exc:
+                created = getattr(exc, "created_key_id", None)
+                if created is not None:
+                    made.append(Unrecorded(created, current.key_id))
+                raise
+            made.append(Unrecorded(key_id, current.key_id, alias_moved=True))
             await self._call_kms("update_alias", kms.update_alias(alias, key_id))
             return key_id
 
-        created = await self._keyring.rotate(new_key)
+        try:
+            created = await self._keyring.rotate(new_key)
+        except BaseException as exc:
+            if made:
+                self._unrecorded.extend(made)
+                await to_the_end(self._discard_unrecorded_keys(exc))
+            raise
         logger.info(
             "KEK %s rotated (%s): version %d is %s",
             alias,
@@ -1084,6 +1126,24 @@ class Crypto(AsyncResource):
             created.key_id,
         )
         return created
+
+    async def _discard_unrecorded_keys(self, failure: BaseException | None) -> None:
+        """Clean up after the keys of failed rotations (see ``_orphans``); name
+        those that are left in ``failure``."""
+        if not self._unrecorded:
+            return
+        pending, self._unrecorded = self._unrecorded, []
+        for key in pending:
+            outcome = await discard(self._kms, self._keyring.store, self._kek_alias, key, failure)
+            if outcome == "kept":
+                self._unrecorded.append(key)
+        kept = tuple(key.key_id for key in self._unrecorded)
+        if kept and isinstance(failure, EncxError):
+            failure.orphan_key_ids = kept
+            failure.add_note(
+                f"KMS key(s) made but not recorded, and not scheduled for deletion: "
+                f"{', '.join(kept)}"
+            )
 
     async def retire_kek_version(self, version: int) -> KEKVersion:
         """Refuse, from now on, to decrypt data under ``version`` (rewrap it first).
@@ -1117,7 +1177,7 @@ class Crypto(AsyncResource):
         context: Context | None = None,
         concurrency: int = 16,
         progress: Callable[[int], object] | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """:meth:`rewrap` a stream of envelopes; yields the results in input order.
 
         An item is a blob (under ``context``) or a ``(blob, context)`` pair.
@@ -1126,8 +1186,7 @@ class Crypto(AsyncResource):
         once; ``progress(n)`` hears how many results have been yielded.
         """
         self._check_open()
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
+        check_concurrency(concurrency)
         shared: dict[tuple[int, bytes, bytes], asyncio.Future[bytes]] = {}
 
         async def one(item: Bytes | tuple[Bytes, Context | None]) -> bytes:
@@ -1158,15 +1217,15 @@ class Crypto(AsyncResource):
         kms = self._rotation_service()
         # (From the key to itself for a partial wrap: the provider adds what is missing.)
         source = await self._keyring.key_id_for(envelope.kek_version)
-        kms_context = normalize_context(context)
-        key = (envelope.kek_version, envelope.wrapped_dek, encode_context(context))
+        key = (envelope.kek_version, envelope.wrapped_dek, self._contexts.encode(context)[0])
         moved = shared.get(key)
         if moved is None:
             call = kms.re_encrypt_dek(
                 envelope.wrapped_dek,
                 source_key_id=source,
                 destination_key_id=destination,
-                context=kms_context,
+                context=self._kms_context(envelope.kek_version, context),
+                destination_context=self._kms_context(target, context),
             )
             moved = shared[key] = asyncio.ensure_future(self._call_kms("re_encrypt_dek", call))
             # Its waiters may all be cancelled (another item failed first):
@@ -1247,10 +1306,10 @@ class Crypto(AsyncResource):
         """Wrap ``dek`` under the current KEK version (see :attr:`kek_version`)."""
         self._check_open()
         _check_dek(dek)
-        encode_context(context)
-        if self._keyring.due:
-            self._keyring.check_soon()
-        return await self._wrap(self.key_id, dek, context)
+        self._contexts.encode(context)
+        self._keyring.check_if_due()
+        version = self.kek_version
+        return await self._wrap(version, self._key_ids[version], dek, context)
 
     async def decrypt_dek(
         self,
@@ -1262,18 +1321,36 @@ class Crypto(AsyncResource):
         """Unwrap a DEK wrapped by :meth:`encrypt_dek` under ``kek_version`` (default current)."""
         self._check_open()
         wrapped = bytes(_check_bytes("encrypted_dek", encrypted_dek))
-        encode_context(context)
+        self._contexts.encode(context)
         version = self.kek_version if kek_version is None else kek_version
-        return await self._unwrap(await self._keyring.key_id_for(version), wrapped, context)
+        key_id = await self._keyring.key_id_for(version)
+        return await self._unwrap(version, key_id, wrapped, context)
 
     # -- the KMS, counted --------------------------------------------------------
 
-    async def _wrap(self, key_id: str, dek: DataKey, context: Context | None) -> bytes:
-        call = self._kms.encrypt_dek(key_id, bytes(dek), context=normalize_context(context))
+    def _kms_context(self, version: int, context: Context | None) -> dict[str, str]:
+        """What the KMS gets: the caller's context and, for a bound version, its number.
+
+        The number makes the KMS refuse a wrapped DEK presented under another
+        version, which matters where versions share a key (kms-managed rotation).
+        """
+        kms_context = normalize_context(context)
+        if self._keyring.binds(version):
+            kms_context[VERSION_KEY] = str(version)
+        return kms_context
+
+    async def _wrap(
+        self, version: int, key_id: str, dek: DataKey, context: Context | None
+    ) -> bytes:
+        call = self._kms.encrypt_dek(
+            key_id, bytes(dek), context=self._kms_context(version, context)
+        )
         return await self._call_kms("encrypt_dek", call)
 
-    async def _unwrap(self, key_id: str, wrapped: bytes, context: Context | None) -> DataKey:
-        call = self._kms.decrypt_dek(key_id, wrapped, context=normalize_context(context))
+    async def _unwrap(
+        self, version: int, key_id: str, wrapped: bytes, context: Context | None
+    ) -> DataKey:
+        call = self._kms.decrypt_dek(key_id, wrapped, context=self._kms_context(version, context))
         plaintext = await self._call_kms("decrypt_dek", call)
         if len(plaintext) != DEK_SIZE:
             raise DecryptionError("the KMS returned a data key of the wrong size")
@@ -1293,3 +1370,22 @@ def _retrieve_exception(future: asyncio.Future[Any]) -> None:
 def _check_dek(dek: object) -> None:
     if not isinstance(dek, DataKey):
         raise TypeError(f"dek must be a DataKey (from generate_dek), not {type(dek).__name__}")
+
+
+class _Lease:
+    """``async with`` a sealer for one call: the DEK cache's, which stays cached,
+    or one made for the call alone, wiped when the call ends."""
+
+    __slots__ = ("_get", "_owned", "_sealer")
+
+    def __init__(self, get: Callable[[], Awaitable[Sealer]], *, owned: bool) -> None:
+        self._get, self._owned = get, owned
+        self._sealer: Sealer | None = None
+
+    async def __aenter__(self) -> Sealer:
+        self._sealer = await self._get()
+        return self._sealer
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._owned and self._sealer is not None:
+            self._sealer.wipe()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hmac
 import os
 import struct
-import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import NamedTuple
@@ -209,15 +208,11 @@ class Sealer:
 
     __slots__ = (
         "_aad_prefix",
-        "_bytes_left",
-        "_clock",
         "_commitment",
         "_context",
         "_field_prefix",
         "_gcm",
         "_header",
-        "_until",
-        "_uses_left",
         "cipher",
         "kek_version",
         "lifetime",
@@ -236,69 +231,13 @@ class Sealer:
         self._header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
         self._aad_prefix = associated_data(BODY_GCM, cipher.commitment, context, None)
         self._field_prefix = associated_data(RECORD_FIELD, cipher.commitment, context, None)
-        self._uses_left = self._bytes_left = 0
-        self._until = 0.0
-        self._clock: Callable[[], float] = time.monotonic
         #: seconds the DEK cache may reuse this key at most; None: its ttl
         #: (a wrapped key the KMS made only in part is reused only briefly)
         self.lifetime: float | None = None
 
     def wipe(self) -> None:
-        self.revoke()
         self._gcm = _WIPED
         self.cipher.wipe()
-
-    # -- the allowance: uses the DEK cache approved in advance ---------------------
-    #
-    # A message under the cache's most recent key would otherwise cost two calls,
-    # one to the cache to count the use and one here to seal; each Python call is
-    # about 60 ns against ~1 us for the AES-GCM itself. So the cache hands its most
-    # recent key an allowance, taken from what the key's limits leave, and the key
-    # counts its own uses against it. The cache takes the allowance back (revoke)
-    # before it counts or retires the key, so no limit is ever passed.
-
-    def allow(self, uses: int, nbytes: int, until: float, clock: Callable[[], float]) -> None:
-        """Let :meth:`seal_allowed` and :meth:`open_allowed` serve ``uses`` messages
-        of at most ``nbytes`` bytes in all, while ``clock()`` is below ``until``."""
-        self._uses_left, self._bytes_left, self._until, self._clock = uses, nbytes, until, clock
-
-    def allowance_left(self) -> tuple[int, int]:
-        """The uses and bytes of the allowance not used yet."""
-        return self._uses_left, self._bytes_left
-
-    def revoke(self) -> tuple[int, int]:
-        """End the allowance; return what was left of it, as :meth:`allowance_left`."""
-        left = self._uses_left, self._bytes_left
-        self._uses_left = self._bytes_left = 0
-        return left
-
-    def seal_allowed(self, plaintext: bytes, aad: bytes | None) -> bytes | None:
-        """:meth:`seal_small` as one use of the allowance; None, having done nothing,
-        when the allowance does not cover it."""
-        size = len(plaintext)
-        if self._uses_left and size <= self._bytes_left and self._clock() < self._until:
-            self._uses_left -= 1
-            self._bytes_left -= size
-            # seal_small's three lines, not a call to it: this is the per-message path.
-            nonce = os.urandom(NONCE_SIZE)
-            full_aad = self._aad_prefix + aad if aad else self._aad_prefix
-            return b"".join((self._header, nonce, self._gcm.encrypt(nonce, plaintext, full_aad)))
-        return None
-
-    def open_allowed(self, blob: bytes, at: int, aad: bytes | None) -> bytes | None:
-        """:meth:`open_at` as one use of the allowance (whatever the outcome); None,
-        having done nothing, when the allowance does not cover it."""
-        if self._uses_left and self._clock() < self._until:
-            self._uses_left -= 1
-            # open_at's lines, not a call to it, as in seal_allowed.
-            full_aad = self._aad_prefix + aad if aad else self._aad_prefix
-            try:
-                return self._gcm.decrypt(
-                    blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad
-                )
-            except InvalidTag:
-                raise DecryptionError(_OPEN_FAILED) from None
-        return None
 
     def seal_small(self, plaintext: Bytes, aad: bytes | None) -> bytes:
         nonce = os.urandom(NONCE_SIZE)

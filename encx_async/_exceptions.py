@@ -21,7 +21,9 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     │       ├── SecretsManagerUnavailableError (also KMSUnavailableError)
     │       └── SecretsManagerAccessDeniedError (also KMSAccessDeniedError)
     │           └── SecretsManagerCredentialsError (also KMSCredentialsError)
-    ├── DatabaseUnavailableError
+    ├── KeyStoreError
+    │   ├── DatabaseUnavailableError
+    │   └── KeyStoreCorruptError
     ├── EncryptionError
     └── DecryptionError
         └── KeyVersionError
@@ -60,6 +62,8 @@ __all__ = [
     "KMSKeyNotFoundError",
     "KMSRegionMismatchError",
     "KMSUnavailableError",
+    "KeyStoreCorruptError",
+    "KeyStoreError",
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
@@ -73,6 +77,11 @@ __all__ = [
 
 class EncxError(Exception):
     """Base class of every encx-async error; never raised directly."""
+
+    #: KMS keys that the failed operation created and could not clean up
+    #: (see :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>`); they cost
+    #: money until deleted. Empty for nearly every error.
+    orphan_key_ids: tuple[str, ...] = ()
 
 
 class ConfigurationError(EncxError, ValueError):
@@ -167,7 +176,18 @@ class KMSCredentialsError(KMSAccessDeniedError):
 
 
 class KMSKeyNotFoundError(KMSError):
-    """The key or alias does not exist in this account and region."""
+    """The key or alias does not exist in this account and region.
+
+    ``database`` is set (a URL without its password) when the key is one a
+    key-version database names: that database belongs to another KMS, or the
+    key is gone. It is None when the alias itself was not found.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, database: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.database = database
 
 
 class KMSRegionMismatchError(KMSError, ValueError):
@@ -198,12 +218,22 @@ class SecretsManagerCredentialsError(SecretsManagerAccessDeniedError, KMSCredent
     """No usable AWS credentials were found to sign a Secrets Manager request."""
 
 
-class DatabaseUnavailableError(EncxError):
-    """The key-version database cannot be used: a malformed or unsupported URL,
-    a server that cannot be reached, or a schema this version does not know.
+class KeyStoreError(EncxError):
+    """The key-version store failed; never raised directly.
 
-    The message names the database by its URL with any password removed.
+    Messages name the database by its URL with any password removed.
     """
+
+
+class DatabaseUnavailableError(KeyStoreError):
+    """The key-version database cannot be used: a malformed or unsupported URL,
+    a server that cannot be reached, or a schema this version does not know."""
+
+
+class KeyStoreCorruptError(KeyStoreError):
+    """The key-version database holds rows no encx-async writes (a bad version
+    number, an unknown state, an alias with no active version): repair them by
+    hand. Nothing is changed or lost meanwhile."""
 
 
 class EncryptionError(EncxError):
@@ -237,8 +267,8 @@ class DecryptionError(EncxError):
 
 
 class KeyVersionError(DecryptionError):
-    """A ciphertext's KEK version cannot be used: it is retired, or its database
-    row is corrupt. A decryption failure like any other, with a precise cause.
+    """A ciphertext's KEK version cannot be used: it is retired. A decryption
+    failure like any other, with a precise cause.
 
     Unlike its parent, its message is precise: it names only the KEK version
     (written in clear in every header) and the database's own state, which an

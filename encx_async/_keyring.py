@@ -5,16 +5,24 @@ first message after each ``check_interval`` starts a background re-read of the
 versions (and a PostgreSQL change announcement starts one at once), so every
 busy instance of a fleet moves to a new version within that bound, and a
 database outage never stops work on the versions already known. An idle
-instance reads nothing.
+instance reads nothing: the interval is measured by an injectable clock that
+only messages read, not by a timer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 
-from encx_async._exceptions import ConfigurationError, KeyVersionError, KeyVersionNotFoundError
+from encx_async._exceptions import (
+    ConfigurationError,
+    KeyStoreCorruptError,
+    KeyVersionError,
+    KeyVersionNotFoundError,
+)
 from encx_async._keystore import KEKVersion, KeyState, KeyStore, NewKey
 
 __all__ = ["KeyRing"]
@@ -37,19 +45,19 @@ class KeyRing:
         alias: str,
         *,
         check_interval: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.alias = alias
         self._check_interval = check_interval
+        #: a monotonic clock in seconds (a fake one in tests)
+        self.clock = clock
         self._versions: dict[int, KEKVersion] = {}
         #: usable (not retired) versions → key id: what the hot path reads
         self.key_ids: dict[int, str] = {}
         self.current = 0
-        #: time to look for another instance's changes: what every message asks,
-        #: so it is a flag a timer raises, not a clock read per message
-        self.due = True
-        self._ticker: asyncio.Task[None] | None = None
-        self._ticket = 0  # which ticker may raise ``due``: the latest one
+        #: when, by ``clock``, to look for another instance's changes next
+        self.next_check = -math.inf
         #: called when the usable versions or the current one change
         self.on_change: Callable[[], None] = _nothing
         self._reload: asyncio.Task[None] | None = None  # background re-read
@@ -78,7 +86,7 @@ class KeyRing:
     def install(self, versions: list[KEKVersion]) -> None:
         active = [v for v in versions if v.state == "active"]
         if not active:
-            raise KeyVersionError(
+            raise KeyStoreCorruptError(
                 f"alias {self.alias!r} has no active KEK version in {self.store.url}"
             )
         self._versions = {v.version: v for v in versions}
@@ -95,6 +103,11 @@ class KeyRing:
             self.on_change()
         self._wait_for_next_check()
 
+    def check_if_due(self) -> None:
+        """Start a background re-read if ``check_interval`` has passed since the last."""
+        if self.clock() >= self.next_check:
+            self.check_soon()
+
     def check_soon(self) -> None:
         """Start a background re-read unless one is running (cheap to call often)."""
         self._wait_for_next_check()
@@ -102,25 +115,7 @@ class KeyRing:
             self._reload = asyncio.ensure_future(self._background_reload())
 
     def _wait_for_next_check(self) -> None:
-        self.due = False
-        self._stop_ticker()
-        self._ticker = asyncio.ensure_future(self._tick(self._ticket))
-
-    def _stop_ticker(self) -> None:
-        self._ticket += 1
-        if self._ticker is not None:
-            self._ticker.cancel()
-
-    async def _tick(self, ticket: int) -> None:
-        # A task rather than a loop timer: when its event loop shuts down
-        # (asyncio.run returning) the task is cancelled, and raising ``due`` then
-        # makes the next message, on whatever loop runs it, start a re-read and
-        # a ticker of its own. A timer would just vanish with its loop.
-        try:
-            await asyncio.sleep(self._check_interval)
-        finally:
-            if ticket == self._ticket:  # not replaced or stopped on purpose
-                self.due = True
+        self.next_check = self.clock() + self._check_interval
 
     async def _background_reload(self) -> None:
         try:
@@ -162,6 +157,16 @@ class KeyRing:
             )
         return found.key_id
 
+    def binds(self, version: int) -> bool:
+        """Whether ``version``'s DEKs carry its number in their KMS encryption context.
+
+        Only a version the store records as unbound (from before the binding)
+        is not; one not known here counts as bound, so that an unwrap of it fails
+        rather than goes without the check.
+        """
+        found = self._versions.get(version)
+        return found is None or found.version_bound
+
     def versions(self) -> list[KEKVersion]:
         return sorted(self._versions.values(), key=lambda v: v.version)
 
@@ -187,5 +192,4 @@ class KeyRing:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._stop_ticker()  # after the re-reads: their install() starts one again
         await self.store.aclose()

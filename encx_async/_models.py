@@ -31,7 +31,6 @@ Decisions worth knowing (the docs say the same):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import dataclasses
@@ -42,7 +41,7 @@ import sys
 import types
 import typing
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
@@ -57,6 +56,7 @@ from ._exceptions import (
     ModelDefinitionError,
 )
 from ._hashing import Domain, domain_purpose
+from ._ordered import ordered_list
 from ._values import SUPPORTED_TYPES, decode_value, encode_value
 
 if TYPE_CHECKING:
@@ -970,36 +970,6 @@ def _build(spec: _ModelSpec, model: type[T], values: dict[str, object]) -> T:
 # -- batches -------------------------------------------------------------------------------
 
 
-async def _bounded_map(
-    items: Sequence[A], work: Callable[[A], Awaitable[R]], concurrency: int
-) -> list[R]:
-    """``work`` over ``items``, at most ``concurrency`` at once, results in order.
-
-    The first failure cancels the work under way and is raised as itself.
-    """
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise InvalidValueError("concurrency must be an int of at least 1")
-    results: list[Any] = [None] * len(items)
-    queue = iter(enumerate(items))
-
-    async def worker() -> None:
-        for index, item in queue:  # shared: each item is taken by exactly one worker
-            results[index] = await work(item)
-
-    tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(items)))]
-    try:
-        if tasks:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in tasks:
-                if task in done and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return results
-
-
 async def encrypt_models(
     crypto: Crypto,
     objs: Iterable[object],
@@ -1021,7 +991,7 @@ async def encrypt_models(
         rid = None if record_id is None else record_id(obj)
         return await encrypt_model(crypto, obj, context=context, record_id=rid)
 
-    return await _bounded_map(items, one, concurrency)
+    return await ordered_list(items, one, concurrency=concurrency)
 
 
 async def decrypt_models(
@@ -1047,4 +1017,4 @@ async def decrypt_models(
         rid = None if record_id is None else record_id(record)
         return await decrypt_model(crypto, record, model, context=context, record_id=rid)
 
-    return await _bounded_map(items, one, concurrency)
+    return await ordered_list(items, one, concurrency=concurrency)

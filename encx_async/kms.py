@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["KeyManagementService", "KeyRotationService", "PartialWrapping"]
+__all__ = ["KeyDeletion", "KeyManagementService", "KeyRotationService", "PartialWrapping"]
 
 
 @runtime_checkable
@@ -88,10 +88,35 @@ class KeyRotationService(Protocol):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
-        """Move a wrapped DEK to another key (KMS ``ReEncrypt``), same context.
+        """Move a wrapped DEK to another key (KMS ``ReEncrypt``).
 
-        The plaintext DEK never leaves the KMS.
+        It is unwrapped with ``context`` and wrapped again with
+        ``destination_context`` (``None``: ``context`` again). The two differ
+        when a rewrap moves a DEK between KEK versions: each version's number
+        is in the context its DEKs are wrapped with. The plaintext DEK never
+        leaves the KMS.
+        """
+        ...
+
+
+@runtime_checkable
+class KeyDeletion(Protocol):
+    """What a provider adds so a failed new-key rotation can clean up after itself.
+
+    A separate protocol, so providers written before it still work: without
+    it, :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>` can only
+    report (log, and name in the error's ``orphan_key_ids``) a key it made but
+    could not record. All bundled providers implement it.
+
+    IAM: ``kms:ScheduleKeyDeletion``.
+    """
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Schedule ``key_id`` for deletion after ``pending_days`` (7 to 30 in AWS KMS).
+
+        Until then the key is disabled and its deletion can be cancelled.
         """
         ...
 

@@ -221,12 +221,18 @@ async def postgres_url() -> AsyncIterator[str]:
     If it cannot be reached the test is skipped, or fails when
     ``ENCX_REQUIRE_POSTGRES=1`` (as CI sets it). The tables persist from run to
     run: use a fresh alias per test (see ``postgres_alias``), never drop them.
+
+    They live in a schema named for the key-store schema version
+    (``encx_test_v2``, through a ``search_path`` in the URL): a checkout of
+    another version migrates, or refuses, tables of its own, never these.
     """
     import os
 
-    from encx_async._keystore import redact_url
+    from encx_async._keystore import SCHEMA_VERSION, redact_url
 
-    url = os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL
+    base = os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL
+    schema = f"encx_test_v{SCHEMA_VERSION}"
+    url = f"{base}{'&' if '?' in base else '?'}search_path={schema}"
     problem: str | None = None
     try:
         import asyncpg
@@ -238,7 +244,12 @@ async def postgres_url() -> AsyncIterator[str]:
         except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
             problem = f"cannot connect to {redact_url(url)}: {type(exc).__name__}: {exc}"
         else:
-            await connection.close()
+            try:
+                await connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            except asyncpg.UniqueViolationError:
+                pass  # another test process created it at the same moment
+            finally:
+                await connection.close()
     if problem is not None:
         reason = f"PostgreSQL is needed for this test: {problem} (set {POSTGRES_URL_ENV})"
         if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":

@@ -35,6 +35,12 @@ is decided when it has been read whole, so :attr:`latency` adds to every mode.
 waits until ``n`` requests have been read (for instance, until a call is
 stalled). :meth:`aclose` closes every connection and waits for their tasks, so
 nothing is left pending.
+
+:class:`TCPFaultProxy` does the same for any TCP protocol (PostgreSQL), below
+the level of requests: it relays bytes both ways and, while :meth:`~TCPFaultProxy.stall`
+is in force, holds them back with every connection left open, as a server that
+stopped answering (or a network path that went dark) does;
+:meth:`~TCPFaultProxy.pass_through` delivers what was held and relays again.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from dataclasses import dataclass
 from typing import Literal, Self
 from urllib.parse import urlsplit
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "TCPFaultProxy"]
 
 Mode = Literal["pass", "stall", "reset", "respond"]
 
@@ -268,3 +274,93 @@ def _content_length(head: bytes) -> int | None:
 
 def _closes(head: bytes) -> bool:
     return _headers(head).get("connection", "").lower() == "close"
+
+
+class TCPFaultProxy:
+    """A TCP relay on 127.0.0.1 to ``host:port`` (loopback) that can stall."""
+
+    def __init__(self, host: str, port: int) -> None:
+        if host not in ("127.0.0.1", "localhost"):
+            raise ValueError(f"the upstream must be on loopback, not {host!r}")
+        self._upstream = (host, port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+        """Connections accepted so far."""
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the proxy is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def stall(self) -> None:
+        """Hold back every byte, both ways, on every connection (new ones too)."""
+        self._flowing.clear()
+
+    def pass_through(self) -> None:
+        """Deliver what was held back and relay again."""
+        self._flowing.set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def aclose(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            await self._flowing.wait()
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+            self._writers.add(up_writer)
+            pumps = [
+                asyncio.ensure_future(self._pump(reader, up_writer)),
+                asyncio.ensure_future(self._pump(up_reader, writer)),
+            ]
+            self._tasks.update(pumps)
+            try:
+                # Either side closing ends the relay (after what was held is sent).
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+                self._tasks.difference_update(pumps)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for end in (writer, up_writer):
+                if end is not None:
+                    self._writers.discard(end)
+                    end.transport.abort()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                await self._flowing.wait()
+                sink.write(data)
+                await sink.drain()

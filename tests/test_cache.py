@@ -20,9 +20,7 @@ from encx_async import (
     KeyManagementService,
     KMSUnavailableError,
 )
-from encx_async._aead import EnvelopeCipher
-from encx_async._envelope import Sealer, parse
-from encx_async._keys import DataKey
+from encx_async._envelope import parse
 from encx_async.providers.local import LocalKMSService
 
 from .support import FakeClock, GatedKMS
@@ -473,41 +471,36 @@ async def test_repeated_header_of_a_retired_version_is_refused(local: LocalKMSSe
     crypto = await make(local, DEKCache())
     old = await crypto.encrypt(b"old", context=CTX)
     assert await crypto.decrypt(old, context=CTX) == b"old"
-    await crypto.rotate_kek(strategy="kms-managed")
+    await crypto.rotate_kek(rotation="kms-managed")
     await crypto.retire_kek_version(1)
     with pytest.raises(DecryptionError, match="retired"):
         await crypto.decrypt(old, context=CTX)
 
 
-# -- the allowance: the cache's most recent key counts its own uses -------------
+# -- the fast path: the key used last, counted on its cache entry ------------------
 
 
-def test_a_sealer_serves_only_what_its_allowance_covers() -> None:
+async def test_the_fast_path_counts_every_use_on_the_cache_entry(local: LocalKMSService) -> None:
     clock = FakeClock()
-    sealer = Sealer(EnvelopeCipher(DataKey.generate()), 1, b"wrapped", b"")
-    assert sealer.seal_allowed(b"x", None) is None  # no allowance yet
-    sealer.allow(3, 10, clock.now + 5, clock)
-    blob = sealer.seal_allowed(b"12345678", None)
-    assert blob is not None
-    assert sealer.open_allowed(blob, len(sealer.header), None) == b"12345678"
-    assert sealer.allowance_left() == (1, 2)
-    assert sealer.seal_allowed(b"123", None) is None  # over the bytes left: nothing counted
-    assert sealer.allowance_left() == (1, 2)
-    clock.advance(5)
-    assert sealer.seal_allowed(b"1", None) is None  # past the deadline
-    assert sealer.open_allowed(blob, len(sealer.header), None) is None
-    clock.advance(-1)
-    assert sealer.seal_allowed(b"1", None) is not None
-    assert sealer.seal_allowed(b"1", None) is None  # no uses left
-    sealer.allow(5, 5, clock.now + 5, clock)
-    assert sealer.revoke() == (5, 5)
-    assert sealer.seal_allowed(b"1", None) is None
-    sealer.allow(5, 5, clock.now + 5, clock)
-    sealer.wipe()
-    assert sealer.allowance_left() == (0, 0)  # a wiped key has no allowance either
+    cache = DEKCache(max_messages_per_dek=10, refresh_ahead=30, ttl=300, clock=clock)
+    crypto = await make(local, cache)
+    side = crypto._encrypt_side
+    assert side is not None
+    for n in range(1, 10):
+        await crypto.encrypt(b"12345", context=CTX)
+        (entry,) = side.entries.values()
+        assert (entry.messages, entry.bytes) == (n, 5 * n)  # no use goes uncounted
+    await crypto.encrypt(b"12345", context=CTX)  # the 10th use retires the key, through the cache
+    assert not side.entries
+    assert cache.stats().encrypt.expirations["messages"] == 1
+    await crypto.encrypt(b"x", context=CTX)
+    await crypto.encrypt(b"x", context=CTX)
+    clock.advance(270)  # the refresh point: this use goes through the cache, which refreshes
+    await crypto.encrypt(b"x", context=CTX)
+    assert cache.stats().encrypt.refreshes == 1
 
 
-async def test_the_allowance_never_passes_a_byte_limit(local: LocalKMSService) -> None:
+async def test_the_fast_path_never_passes_a_byte_limit(local: LocalKMSService) -> None:
     crypto = await make(local, DEKCache(max_bytes_per_dek=1000, max_messages_per_dek=10**6))
     sizes = [(i * 37) % 300 for i in range(400)]
     blobs = [await crypto.encrypt(bytes(size), context=CTX) for size in sizes]
@@ -525,12 +518,12 @@ async def test_the_allowance_never_passes_a_byte_limit(local: LocalKMSService) -
         assert await crypto.decrypt(blob, context=CTX) == bytes(size)
 
 
-async def test_stats_count_the_uses_an_allowance_served(local: LocalKMSService) -> None:
+async def test_stats_count_the_uses_the_fast_path_served(local: LocalKMSService) -> None:
     crypto = await make(local, DEKCache())
     blobs = []
     for n in range(1, 51):
         blobs.append(await crypto.encrypt(b"m", context=CTX))
-        stats = crypto.stats().cache  # read while the allowance is out: it must not end it
+        stats = crypto.stats().cache
         assert stats is not None
         assert (stats.encrypt.hits, stats.encrypt.misses) == (n - 1, 1)
     reader = await make(local, DEKCache())
@@ -546,7 +539,7 @@ async def test_alternating_contexts_keep_exact_limits(local: LocalKMSService) ->
     crypto = await make(local, DEKCache(max_messages_per_dek=5))
     seen: dict[str, list[bytes]] = {"a": [], "b": []}
     for _ in range(10):
-        for tenant in seen:  # the allowance moves from one key to the other each time
+        for tenant in seen:  # the fast path moves from one key to the other each time
             seen[tenant].append(wrapped_of(await crypto.encrypt(b"m", context={"tenant": tenant})))
     for wrapped in seen.values():
         assert [wrapped.count(w) for w in dict.fromkeys(wrapped)] == [5, 5]
@@ -566,7 +559,7 @@ async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
     gated.gate.clear()
     pending = asyncio.ensure_future(writer.encrypt(b"a", context=CTX))
     await gated.entered.wait()
-    await admin.rotate_kek(strategy="kms-managed")
+    await admin.rotate_kek(rotation="kms-managed")
     await writer._keyring.reload()  # what the background check does, here while the KMS waits
     gated.gate.set()
     assert parse(await pending).kek_version == 1  # begun before the rotation
@@ -576,7 +569,7 @@ async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
 
 async def test_stats_read_from_another_thread_never_go_back(local: LocalKMSService) -> None:
     # An OpenTelemetry reader calls stats() from its own thread while the loop
-    # hands allowances out and takes them back.
+    # serves messages from the fast path and through the cache in turn.
     crypto = await make(local, DEKCache(max_messages_per_dek=100_000))
     contexts = [{"tenant": "a"}, {"tenant": "b"}]
     done = threading.Event()
@@ -628,7 +621,7 @@ async def test_a_partial_wrap_is_reused_only_as_long_as_the_provider_says() -> N
         def wraps() -> int:
             return crypto.stats().kms_calls["encrypt_dek"]
 
-        for _ in range(3):  # the allowance of the memoised key, too, ends with the entry
+        for _ in range(3):  # the fast path, too, lets the entry end
             await crypto.encrypt(b"x", context=CTX)
         clock.advance(4.9)
         await crypto.encrypt(b"x", context=CTX)

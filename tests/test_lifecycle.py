@@ -3,15 +3,19 @@ key store runs under any anyio backend."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import anyio
 import pytest
 
+from encx_async import ClosedError, ConfigurationError, Crypto, DEKCache
 from encx_async._keystore._sqlite import SQLiteKeyStore
+from encx_async.providers.local import LocalKMSService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,3 +146,38 @@ async def test_a_cancelled_write_rolls_back_and_leaves_the_store_usable(tmp_path
         assert (created.version, created.key_id) == (2, "key-2")
     finally:
         await store.aclose()
+
+
+async def test_async_with_crypto_opens_and_closes_it() -> None:
+    async with LocalKMSService() as kms:
+        await kms.create_key("lifecycle", alias="alias/lifecycle")
+        with pytest.raises(ConfigurationError, match="kek_alias"):
+            Crypto(kms=kms, kek_alias="")  # the settings are checked at once, before any I/O
+        crypto = Crypto(kms=kms, kek_alias="alias/lifecycle", dek_cache=DEKCache())
+        assert "not open" in repr(crypto)
+        with pytest.raises(ClosedError, match="not open"):
+            await crypto.encrypt(b"too early")
+        with pytest.raises(ClosedError, match="not open"):
+            _ = crypto.kek_version
+        async with crypto as opened:
+            assert opened is crypto
+            blob = await crypto.encrypt(b"inside", context={"t": "1"})
+            assert await crypto.decrypt(blob, context={"t": "1"}) == b"inside"
+            assert crypto.kek_version == 1
+        with pytest.raises(ClosedError, match="closed"):
+            await crypto.encrypt(b"after")
+        with pytest.raises(ClosedError, match="closed"):
+            async with crypto:  # once closed, closed for good
+                pass
+        # create() is the same thing for code without a context manager.
+        created = await Crypto.create(kms=kms, kek_alias="alias/lifecycle")
+        async with created:
+            assert await created.decrypt(await created.encrypt(b"x")) == b"x"
+
+
+def test_a_crypto_never_opened_does_not_warn() -> None:
+    crypto = Crypto(kms=LocalKMSService(), kek_alias="alias/never")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del crypto
+        gc.collect()

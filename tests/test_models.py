@@ -1070,7 +1070,7 @@ async def test_batch_failure_cancels_the_rest_and_propagates(crypto: Crypto) -> 
     records = await encrypt_models(crypto, rows[:10], record_id=lambda r: r.id)
     with pytest.raises(DecryptionError):
         await decrypt_models(crypto, records, Row)  # no record ids: every one fails
-    with pytest.raises(InvalidValueError, match="concurrency"):
+    with pytest.raises(ConfigurationError, match="concurrency"):
         await encrypt_models(crypto, rows[:1], concurrency=0)
 
 

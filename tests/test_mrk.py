@@ -388,7 +388,7 @@ async def test_replicas_rotation_paths(east: LocalKMSService, west: LocalKMSServ
             old = await crypto.encrypt(b"before", context=CONTEXT)
             await crypto.rotate_kek()  # material rotates in the primary and reaches west
             assert crypto.kek_version == 2
-            await crypto.rotate_kek(strategy="new-key")  # a new MRK, replicated, alias moved
+            await crypto.rotate_kek(rotation="new-key")  # a new MRK, replicated, alias moved
             assert crypto.kek_version == 3
             new_key = crypto.key_id
             assert MRK_ID_RE.fullmatch(new_key)

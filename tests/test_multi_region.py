@@ -584,7 +584,7 @@ async def test_every_region_rotation_and_rewrap(
         moved = await crypto.rewrap(old, context=CONTEXT)
         for blob in (old, moved):
             assert await crypto.decrypt(blob, context=CONTEXT) == b"written before"
-        await crypto.rotate_kek(strategy="kms-managed")
+        await crypto.rotate_kek(rotation="kms-managed")
         await service.enable_key_rotation(crypto.key_id, period_days=180)
         assert await crypto.decrypt(moved, context=CONTEXT) == b"written before"
 

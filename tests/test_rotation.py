@@ -6,6 +6,8 @@ import asyncio
 import gc
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,20 @@ from encx_async import (
     DatabaseUnavailableError,
     DecryptionError,
     DEKCache,
+    KEKVersion,
     KeyManagementService,
+    KeyState,
+    KeyStore,
+    KeyStoreCorruptError,
     KeyVersionError,
     KeyVersionNotFoundError,
     KMSKeyNotFoundError,
 )
 from encx_async._envelope import parse
+from encx_async._keystore import NewKey
 from encx_async.providers.local import LocalKMSService
 from tests.conftest import KeyFactory
+from tests.support import FakeClock
 
 ALIAS = "alias/rotation-test"
 CTX = {"tenant": "acme"}
@@ -40,14 +48,15 @@ def version_of(blob: bytes) -> int:
     return parse(blob).kek_version
 
 
-async def test_default_database_is_sqlite_in_the_data_directory(
+async def test_default_database_of_an_in_memory_kms_is_in_memory(
     local: LocalKMSService, tmp_path: Path
 ) -> None:
     async with await Crypto.create(kms=local, kek_alias=ALIAS) as crypto:
+        assert crypto.database_url == "sqlite:///:memory:"
         assert [v.version for v in crypto.kek_versions()] == [1]
         assert crypto.kek_versions()[0].key_id == await local.get_key_id(ALIAS)
     # conftest points XDG_DATA_HOME at tmp_path / "xdg-data" for every test
-    assert (tmp_path / "xdg-data" / "encx-async" / "keys.db").is_file()
+    assert not (tmp_path / "xdg-data").exists()
 
 
 async def test_versions_survive_a_restart(tmp_path: Path) -> None:
@@ -195,17 +204,24 @@ async def test_an_instance_sees_another_instances_rotation_within_the_interval(
     local: LocalKMSService, tmp_path: Path
 ) -> None:
     db = f"sqlite:///{tmp_path / 'shared.db'}"
+    clock = FakeClock()  # the DEK cache's clock times the version re-reads too
     a = await Crypto.create(kms=local, kek_alias=ALIAS, database=db)
-    b = await Crypto.create(kms=local, kek_alias=ALIAS, database=db, version_check_interval=0.05)
+    b = await Crypto.create(
+        kms=local, kek_alias=ALIAS, database=db, dek_cache=DEKCache(clock=clock)
+    )
     await a.rotate_kek()
-    assert b.kek_version == 1
-    for _ in range(100):
-        await b.encrypt(b"tick")  # an encrypt after the interval starts a re-read
+    for _ in range(3):
+        await b.encrypt(b"tick", context=CTX)
+    await asyncio.sleep(0.1)  # a re-read, had one started, would be done by now
+    assert b.kek_version == 1  # within the interval, nothing is read
+    clock.advance(30.0)  # the default version_check_interval
+    await b.encrypt(b"tick", context=CTX)  # the first message after it starts a re-read
+    for _ in range(200):
         if b.kek_version == 2:
             break
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
     assert b.kek_version == 2
-    assert version_of(await b.encrypt(b"now")) == 2
+    assert version_of(await b.encrypt(b"now", context=CTX)) == 2
     # And b reads what a writes under a version b has never seen before.
     await a.rotate_kek()
     assert await b.decrypt(await a.encrypt(b"v3")) == b"v3"
@@ -231,7 +247,7 @@ def test_the_version_check_survives_its_event_loop(tmp_path: Path) -> None:
         return kms, worker, admin
 
     kms, worker, admin = asyncio.run(start())
-    asyncio.run(admin.rotate_kek(strategy="kms-managed"))
+    asyncio.run(admin.rotate_kek(rotation="kms-managed"))
 
     async def later() -> list[int]:
         versions = []
@@ -325,8 +341,9 @@ async def test_a_corrupt_version_row_is_a_typed_error_and_loses_nothing(
             )
 
     corrupt("bogus")
-    with pytest.raises(KeyVersionError, match="corrupt") as info:
+    with pytest.raises(KeyStoreCorruptError, match="corrupt") as info:
         await Crypto.create(kms=local, kek_alias=ALIAS, database=db)
+    assert not isinstance(info.value, DecryptionError)  # a store problem, not a ciphertext's
     assert "version 1" in str(info.value)
     corrupt("deprecated")  # repaired: everything is still there
     async with await Crypto.create(kms=local, kek_alias=ALIAS, database=db) as crypto:
@@ -383,3 +400,77 @@ async def test_a_failed_rewrap_many_leaves_no_error_unread(
         assert unread == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_strategy_is_the_deprecated_name_of_rotation(local: LocalKMSService) -> None:
+    async with await Crypto.create(
+        kms=local, kek_alias=ALIAS, database="sqlite:///:memory:"
+    ) as crypto:
+        with pytest.warns(DeprecationWarning, match="rotation="):
+            rotated = await crypto.rotate_kek(strategy="kms-managed")
+        assert rotated.key_id == (await crypto.rotate_kek(rotation="kms-managed")).key_id
+        with pytest.raises(ConfigurationError, match="rotation must be one of"):
+            await crypto.rotate_kek(rotation="sideways")  # type: ignore[arg-type]
+
+
+class DictKeyStore:
+    """A KeyStore of one's own: versions in a dict, one lock for writers."""
+
+    url = "memory (a test's dict)"
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[KEKVersion]] = {}
+        self.lock = asyncio.Lock()
+        self.opened = self.closed = 0
+
+    async def open(self) -> None:
+        self.opened += 1
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+    async def versions(self, alias: str) -> list[KEKVersion]:
+        return list(self.rows.get(alias, []))
+
+    async def _add(self, alias: str, key_id: str) -> KEKVersion:
+        now = datetime.now(UTC)
+        rows = self.rows.setdefault(alias, [])
+        rows[:] = [replace(v, state="deprecated") if v.state == "active" else v for v in rows]
+        version = KEKVersion(alias, len(rows) + 1, key_id, "active", now, now)
+        rows.append(version)
+        return version
+
+    async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        async with self.lock:
+            if self.rows.get(alias):
+                return self.rows[alias][-1]
+            return await self._add(alias, await new_key(None))
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        async with self.lock:
+            return await self._add(alias, await new_key(self.rows[alias][-1]))
+
+    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion:
+        async with self.lock:
+            rows = self.rows[alias]
+            found = rows[version - 1]
+            if not (found.state == "active" and state == "retired"):
+                rows[version - 1] = found = replace(found, state=state)
+            return found
+
+
+async def test_a_key_store_of_ones_own_is_a_database(local: LocalKMSService) -> None:
+    store = DictKeyStore()
+    assert isinstance(store, KeyStore)
+    async with Crypto(kms=local, kek_alias=ALIAS, database=store) as crypto:
+        assert crypto.database_url == store.url
+        old = await crypto.encrypt(b"old", context=CTX)
+        await crypto.rotate_kek()
+        new = await crypto.encrypt(b"new", context=CTX)
+        assert [version_of(old), version_of(new)] == [1, 2]
+        assert await crypto.decrypt(old, context=CTX) == b"old"
+        await crypto.retire_kek_version(1)
+        with pytest.raises(KeyVersionError, match="retired"):
+            await crypto.decrypt(old, context=CTX)
+    assert [v.state for v in store.rows[ALIAS]] == ["retired", "active"]
+    assert (store.opened, store.closed) == (1, 1)

@@ -12,21 +12,22 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from encx_async._crypto import Crypto
 from encx_async._keystore import KEKVersion
+from encx_async._ordered import ordered_map
 from encx_async._progress import Progress, format_bytes
-from encx_async._rewrap import ordered_map
 from encx_async._stream import read_file_header
 from encx_async._table import table
 
@@ -47,7 +48,7 @@ from ._io import (
     write_chunks,
     write_stdout,
 )
-from ._kms import Target, describe_key, open_crypto, open_kms
+from ._kms import NoKeyError, Target, describe_key, open_crypto, open_kms
 from ._output import Report
 
 __all__ = [
@@ -78,8 +79,8 @@ async def _crypto(
     alias = settings.alias()
     async with open_kms(settings) as target:
         create = create or target.kind == "moto"
-        async with await open_crypto(target, alias, create=create) as crypto:
-            yield target, crypto
+        async with await open_crypto(target, alias, settings, create=create) as crypto:
+            yield dataclasses.replace(target, database=crypto.database_url), crypto
 
 
 def _version_json(version: KEKVersion, current: int) -> dict[str, Any]:
@@ -152,7 +153,7 @@ async def keys_describe(args: argparse.Namespace, settings: Settings) -> Report:
 async def keys_rotate(args: argparse.Namespace, settings: Settings) -> Report:
     async with _crypto(settings) as (target, crypto):
         previous = crypto.kek_version
-        rotated = await crypto.rotate_kek(strategy=args.strategy)
+        rotated = await crypto.rotate_kek(rotation=args.strategy)
         data = {
             "alias": crypto.kek_alias,
             "strategy": args.strategy,
@@ -171,15 +172,20 @@ async def keys_rotate(args: argparse.Namespace, settings: Settings) -> Report:
 
 
 async def keys_list_versions(args: argparse.Namespace, settings: Settings) -> Report:
-    async with _crypto(settings) as (target, crypto):
-        current = crypto.kek_version
-        versions = crypto.kek_versions()
-        data = {
-            "alias": crypto.kek_alias,
-            "kek_version": current,
-            "versions": [_version_json(v, current) for v in versions],
-            **target.as_json(),
-        }
+    try:
+        async with _crypto(settings) as (target, crypto):
+            current = crypto.kek_version
+            versions = crypto.kek_versions()
+            data = {
+                "alias": crypto.kek_alias,
+                "kek_version": current,
+                "versions": [_version_json(v, current) for v in versions],
+                **target.as_json(),
+            }
+    except NoKeyError as exc:
+        # An empty list is an answer, not a failure; the next step goes with it.
+        data = {"alias": exc.alias, "kek_version": None, "versions": [], "database": exc.database}
+        return Report(data, f"no KEK versions of {exc.alias} in {exc.database}\n{exc.hint}")
     rows = [
         [
             f"{v.version}{' *' if v.version == current else ''}",
@@ -381,10 +387,7 @@ async def _rewrap_files(
             async def one(path: str) -> bool:
                 return await _rewrap_one(crypto, path, context)
 
-            # ordered_map is an async generator (typed as an iterator): close it.
-            changes = cast(
-                "AsyncGenerator[bool, None]", ordered_map(files, one, concurrency=concurrency)
-            )
+            changes = ordered_map(files, one, concurrency=concurrency)
             async with aclosing(changes):
                 async for changed in changes:
                     results.append({"path": files[len(results)], "rewrapped": changed})
@@ -439,10 +442,7 @@ async def _rewrap_lines(
     pending_size = 0
     async with _crypto(settings) as (_target, crypto):
         with Progress("rewrap", None, enabled=settings.progress) as progress:
-            results = cast(
-                "AsyncGenerator[bytes, None]",
-                crypto.rewrap_many(blobs(), context=context, concurrency=concurrency),
-            )
+            results = crypto.rewrap_many(blobs(), context=context, concurrency=concurrency)
             try:
                 async with aclosing(results):
                     async for blob in results:

@@ -13,15 +13,15 @@ import argparse
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any, cast
+from typing import Any
 
 from encx_async._cache import DEKCache
 from encx_async._crypto import Crypto, CryptoStats
 from encx_async._exceptions import DecryptionError
+from encx_async._ordered import ordered_map
 from encx_async._progress import Progress
-from encx_async._rewrap import ordered_map
 from encx_async.kms import KeyManagementService
 
 from ._args import Settings
@@ -82,7 +82,7 @@ async def _each(
     results: list[bytes] = []
     with Progress(label, count, enabled=progress) as bar:
         mapped = ordered_map(range(count), work, concurrency=_CONCURRENCY)
-        async with aclosing(cast("AsyncGenerator[bytes, None]", mapped)) as done:
+        async with aclosing(mapped) as done:
             async for result in done:
                 results.append(result)
                 bar.advance()
@@ -219,7 +219,7 @@ async def demo(args: argparse.Namespace, settings: Settings) -> Report:
             rotated = await crypto.rotate_kek()
             rewrapped: list[bytes] = []
             moving = crypto.rewrap_many(blobs, context=_CONTEXT)
-            async with aclosing(cast("AsyncGenerator[bytes, None]", moving)) as moved:
+            async with aclosing(moving) as moved:
                 async for blob in moved:
                     rewrapped.append(blob)
             ok = await crypto.decrypt(rewrapped[-1], context=_CONTEXT, aad=_record_id(count - 1))

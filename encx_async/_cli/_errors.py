@@ -71,8 +71,8 @@ _DECRYPT_HINT = (
 _SERVICE_HINTS: tuple[tuple[type[Exception], str], ...] = (
     (
         KMSKeyNotFoundError,
-        "check --kek-alias, --region and --endpoint-url (or --local-keys); "
-        "create a key with 'encx-async keys create --kek-alias alias/NAME'",
+        "check --kek-alias and --kms, with --region and --endpoint-url or --local-keys; "
+        "'encx-async keys create --help' shows how to create a key",
     ),
     (
         KMSCredentialsError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,13 +13,24 @@ from typing import Any
 import anyio.to_thread
 
 from encx_async._crypto import Crypto
+from encx_async._exceptions import KMSKeyNotFoundError
 from encx_async._keystore import default_database_url, redact_url
+from encx_async._keystore._default import resolve_database
 from encx_async.kms import KeyManagementService
 
 from ._args import Settings
-from ._errors import CLIError
+from ._errors import CLIError, ExitCode
 
-__all__ = ["MOTO_HINT", "Target", "describe_key", "open_crypto", "open_kms", "start_moto"]
+__all__ = [
+    "MOTO_HINT",
+    "NoKeyError",
+    "Target",
+    "create_command",
+    "describe_key",
+    "open_crypto",
+    "open_kms",
+    "start_moto",
+]
 
 MOTO_HINT = (
     'pip install "encx-async[moto]" (moto with its server extra), or try '
@@ -121,14 +133,63 @@ def _configured_region(settings: Settings) -> str | None:
     return region
 
 
-async def open_crypto(target: Target, alias: str, *, create: bool = False) -> Crypto:
-    """A Crypto for ``alias`` on ``target`` (the caller closes it)."""
-    return await Crypto.create(
-        kms=target.kms,
-        kek_alias=alias,
-        database=target.database,
-        create_key_if_missing=create,
-    )
+class NoKeyError(CLIError):
+    """The alias is in neither the KMS nor the key-version database: nothing to use yet."""
+
+    def __init__(self, message: str, *, hint: str, alias: str, database: str) -> None:
+        super().__init__(message, hint=hint, code=ExitCode.SERVICE)
+        self.alias = alias
+        self.database = database
+
+
+def create_command(settings: Settings, alias: str) -> str:
+    """The ``keys create`` command line for the KMS and database of ``settings``."""
+    words = ["encx-async", "keys", "create", "--kms", settings.kms]
+    for flag, value in (
+        ("--local-keys", settings.local_keys if settings.kms == "local" else None),
+        ("--region", settings.region if settings.kms != "local" else None),
+        ("--endpoint-url", settings.endpoint_url if settings.kms == "aws" else None),
+        ("--profile", settings.profile if settings.kms != "local" else None),
+        ("--database", settings.database),
+    ):
+        if value:
+            words += [flag, value]
+    words += ["--kek-alias", alias]
+    return shlex.join(words)
+
+
+async def open_crypto(
+    target: Target, alias: str, settings: Settings, *, create: bool = False
+) -> Crypto:
+    """A Crypto for ``alias`` on ``target`` (the caller closes it).
+
+    A missing key, or versions naming keys this KMS lacks, end as errors that
+    name the command line's flags and a command that works when typed.
+    """
+    try:
+        return await Crypto.create(
+            kms=target.kms,
+            kek_alias=alias,
+            database=target.database,
+            create_key_if_missing=create,
+        )
+    except KMSKeyNotFoundError as exc:
+        if exc.database is not None:
+            raise CLIError(
+                f"the key-version database {exc.database} records {alias} under a KMS key "
+                "this KMS does not have: it was written with another KMS, account, region "
+                "or --local-keys file, or the key was deleted",
+                hint="pass the --database that belongs to this KMS, or leave --database and "
+                "ENCX_DATABASE_URL unset to use this KMS's own",
+                code=ExitCode.SERVICE,
+            ) from exc
+        database = redact_url(str(await resolve_database(target.database, target.kms, alias)))
+        raise NoKeyError(
+            f"{alias} has no KEK versions in {database}, and the KMS has no such key",
+            hint=f"create it with: {create_command(settings, alias)}",
+            alias=alias,
+            database=database,
+        ) from exc
 
 
 async def describe_key(target: Target, key_id: str) -> dict[str, object]:

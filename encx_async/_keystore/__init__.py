@@ -1,11 +1,15 @@
 """Where KEK versions live: one small protocol, a SQLite and a PostgreSQL store.
 
 A KEK version is a row ``(alias, version, key_id, state, created_at,
-updated_at)``. Versions of an alias count up from 1 with no gaps; exactly one is
-``active`` (the newest), older ones are ``deprecated`` (still decrypt) or
-``retired`` (refused). Writers serialise on a database lock (SQLite
+updated_at, version_bound)``. Versions of an alias count up from 1 with no gaps;
+exactly one is ``active`` (the newest), older ones are ``deprecated`` (still
+decrypt) or ``retired`` (refused). Writers serialise on a database lock (SQLite
 ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock), so a fleet of instances that
 start or rotate at once cannot create two version 1s or skip a number.
+
+``version_bound`` says whether the version's DEKs are wrapped with the version
+number in their KMS encryption context. Every version this code creates is;
+rows from schema 1 predate the binding and are migrated as unbound.
 """
 
 from __future__ import annotations
@@ -15,24 +19,24 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from encx_async._exceptions import DatabaseUnavailableError, KeyVersionError
+from encx_async._exceptions import DatabaseUnavailableError, KeyStoreCorruptError
 
-if TYPE_CHECKING:
-    import aiosqlite
-    import asyncpg
+from ._default import DEFAULT_DATABASE_ENV, shared_database
 
 __all__ = [
     "COLUMNS",
     "DEFAULT_DATABASE_ENV",
+    "DEFAULT_STORE_TIMEOUT",
     "SCHEMA_VERSION",
     "KEKVersion",
     "KeyState",
     "KeyStore",
+    "UncommittedError",
     "default_database_url",
+    "migrations",
     "open_keystore",
     "redact_url",
     "row_to_version",
@@ -41,10 +45,20 @@ __all__ = [
 
 KeyState = Literal["active", "deprecated", "retired"]
 STATES: tuple[KeyState, ...] = ("active", "deprecated", "retired")
-SCHEMA_VERSION = 1
-DEFAULT_DATABASE_ENV = "ENCX_DATABASE_URL"
+SCHEMA_VERSION = 2
+#: Seconds each step of a key-store operation may take (Crypto.create's store_timeout).
+DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
 NewKey = Callable[["KEKVersion | None"], Awaitable[str]]
+
+
+class UncommittedError(DatabaseUnavailableError):
+    """A write failed before anything of it could be committed.
+
+    What a store raises when it knows, for a rotation to clean up after
+    itself even though the store cannot be read; to callers it is a
+    DatabaseUnavailableError like any other.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +71,27 @@ class KEKVersion:
     state: KeyState
     created_at: datetime
     updated_at: datetime
+    #: whether this version's DEKs are wrapped with its number in the KMS
+    #: encryption context (``encx:kek-version``); False only for versions
+    #: recorded before encx-async did that (schema 1)
+    version_bound: bool = True
 
 
+@runtime_checkable
 class KeyStore(Protocol):
+    """Where the KEK versions of an alias are kept: what ``Crypto(database=...)``
+    needs of a store. The SQLite and PostgreSQL stores are the bundled ones; an
+    object with these methods may be passed as ``database=`` too. The Crypto
+    opens it and closes it, as it does the stores it makes from a URL.
+
+    Every writer must hold one lock across instances while it reads and writes
+    (a database lock, a lease), so that instances starting or rotating together
+    never number two versions alike. A store may also have
+    ``async listen(callback)``, calling ``callback(alias)`` when another
+    instance changes an alias (``callback(None)``: anything may have changed),
+    so that instances need not wait for their next periodic check.
+    """
+
     #: the database, with any password removed: safe to log
     url: str
 
@@ -103,30 +135,52 @@ def schema(timestamp_type: str) -> list[str]:
             state TEXT NOT NULL CHECK (state IN ('active', 'deprecated', 'retired')),
             created_at {timestamp_type} NOT NULL,
             updated_at {timestamp_type} NOT NULL,
+            {_BOUND_COLUMN},
             PRIMARY KEY (alias, version)
         )""",
     ]
 
 
+# The default is for rows that an encx-async of schema 1 writes: it wraps without
+# the version in the context. This code always writes the column itself.
+_BOUND_COLUMN = "version_bound INTEGER NOT NULL DEFAULT 0 CHECK (version_bound IN (0, 1))"
+
+
+def migrations(found: int) -> list[str]:
+    """The statements that bring a database of schema version ``found`` up to date.
+
+    Run under the store's schema lock, in the transaction that then records
+    :data:`SCHEMA_VERSION`, so they run once however many instances start at once.
+    """
+    steps: list[str] = []
+    if found < 2:
+        steps.append(f"ALTER TABLE encx_kek_versions ADD COLUMN {_BOUND_COLUMN}")
+    return steps
+
+
 #: The columns of a version row, in the order row_to_version reads them.
-COLUMNS = "alias, version, key_id, state, created_at, updated_at"
+COLUMNS = "alias, version, key_id, state, created_at, updated_at, version_bound"
 
 
 def row_to_version(url: str, row: Any) -> KEKVersion:
-    """Validate a database row; a corrupt one is a KeyVersionError, never a crash."""
-    alias, version, key_id, state, created, updated = tuple(row)
+    """Validate a database row; a corrupt one is a KeyStoreCorruptError, never a crash."""
+    alias, version, key_id, state, created, updated, bound = tuple(row)
     where = f"KEK version row (alias {alias!r}, version {version!r}) in {url}"
     if not isinstance(version, int) or version < 1:
-        raise KeyVersionError(f"{where} is corrupt: bad version number")
+        raise KeyStoreCorruptError(f"{where} is corrupt: bad version number")
     if not isinstance(key_id, str) or not key_id.strip():
-        raise KeyVersionError(f"{where} is corrupt: empty key id")
+        raise KeyStoreCorruptError(f"{where} is corrupt: empty key id")
     if state not in STATES:
-        raise KeyVersionError(f"{where} is corrupt: unknown state {state!r}")
+        raise KeyStoreCorruptError(f"{where} is corrupt: unknown state {state!r}")
     try:
         created_at, updated_at = _timestamp(created), _timestamp(updated)
     except (TypeError, ValueError):
-        raise KeyVersionError(f"{where} is corrupt: bad timestamp") from None
-    return KEKVersion(str(alias), version, key_id, state, created_at, updated_at)
+        raise KeyStoreCorruptError(f"{where} is corrupt: bad timestamp") from None
+    if bound not in (0, 1):  # (True and False among them)
+        raise KeyStoreCorruptError(f"{where} is corrupt: bad version_bound")
+    return KEKVersion(
+        str(alias), version, key_id, state, created_at, updated_at, version_bound=bound == 1
+    )
 
 
 def _timestamp(value: object) -> datetime:
@@ -165,20 +219,20 @@ _SECRET_OPTION = re.compile("pass|secret|token|key", re.IGNORECASE)
 
 
 def default_database_url() -> str:
-    """``$ENCX_DATABASE_URL``, or a SQLite file in the user's data directory.
+    """``$ENCX_DATABASE_URL``, or the shared SQLite file in the user's data directory
+    (``$XDG_DATA_HOME/encx-async/keys.db``): the store of a provider that does not
+    choose its own (see :mod:`encx_async._keystore._default`)."""
+    return os.environ.get(DEFAULT_DATABASE_ENV) or shared_database()
 
-    The file is ``$XDG_DATA_HOME/encx-async/keys.db``, by default
-    ``~/.local/share/encx-async/keys.db``.
+
+def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -> KeyStore:
+    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet
+    opened), or the KeyStore given.
+
+    ``timeout`` bounds each step of a PostgreSQL store's operations (see
+    PostgresKeyStore); SQLite waits for other processes' locks as its busy
+    timeout says.
     """
-    configured = os.environ.get(DEFAULT_DATABASE_ENV)
-    if configured:
-        return configured
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return "sqlite:///" + str(Path(base) / "encx-async" / "keys.db")
-
-
-def open_keystore(database: object) -> KeyStore:
-    """A store for a URL, an asyncpg pool or an aiosqlite connection (not yet opened)."""
     if database is None:
         database = default_database_url()
     if isinstance(database, str):
@@ -194,21 +248,33 @@ def open_keystore(database: object) -> KeyStore:
                 raise DatabaseUnavailableError(
                     f"{redact_url(database)} needs asyncpg: pip install 'encx-async[postgres]'"
                 ) from None
-            return PostgresKeyStore(dsn=database)
+            return PostgresKeyStore(dsn=database, timeout=timeout)
         raise DatabaseUnavailableError(
             f"unsupported database URL {redact_url(database)!r}: use sqlite:///path/keys.db "
             "or postgresql://user@host/db"
         )
-    kind = type(database).__module__.split(".")[0]
-    if kind == "asyncpg":
-        from ._postgres import PostgresKeyStore
+    if isinstance(database, KeyStore):
+        return database
+    # Imported only to recognise what was passed: neither is a core dependency.
+    try:
+        import asyncpg
+    except ImportError:
+        pass
+    else:
+        if isinstance(database, asyncpg.Pool):
+            from ._postgres import PostgresKeyStore
 
-        return PostgresKeyStore(pool=cast("asyncpg.Pool", database))
-    if kind == "aiosqlite":
-        from ._sqlite import SQLiteKeyStore
+            return PostgresKeyStore(pool=database, timeout=timeout)
+    try:
+        import aiosqlite
+    except ImportError:
+        pass
+    else:
+        if isinstance(database, aiosqlite.Connection):
+            from ._sqlite import SQLiteKeyStore
 
-        return SQLiteKeyStore(connection=cast("aiosqlite.Connection", database))
+            return SQLiteKeyStore(connection=database)
     raise DatabaseUnavailableError(
-        f"database must be a URL, an asyncpg pool or an aiosqlite connection, "
+        f"database must be a URL, a KeyStore, an asyncpg pool or an aiosqlite connection, "
         f"not {type(database).__name__}"
     )

@@ -10,6 +10,7 @@ at exit, and it runs under any anyio backend, trio included. An
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -23,7 +24,18 @@ import anyio.to_thread
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
 
-from . import COLUMNS, SCHEMA_VERSION, KEKVersion, KeyState, NewKey, now, row_to_version, schema
+from . import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    KEKVersion,
+    KeyState,
+    NewKey,
+    UncommittedError,
+    migrations,
+    now,
+    row_to_version,
+    schema,
+)
 
 __all__ = ["SQLiteKeyStore"]
 
@@ -94,6 +106,12 @@ class SQLiteKeyStore:
         self._path = path
         self._connection: _Connection | None = connection
         self._owns_connection = connection is None
+        # Opened, but the file does not exist yet: made by the first write.
+        self._deferred = False
+        # The file opened (device, inode): one deleted or replaced under a
+        # running instance is noticed, not written to in vain.
+        self._file: str | None = None
+        self._identity: tuple[int, int] | None = None
         # One connection serves every task: transactions must not interleave on it.
         self._lock = anyio.Lock()
         self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
@@ -109,6 +127,20 @@ class SQLiteKeyStore:
         return cls(path=rest[3:])
 
     async def open(self) -> None:
+        if self._connection is None:
+            assert self._path is not None
+            if self._path != ":memory:" and not await anyio.to_thread.run_sync(
+                _file_exists, self._path
+            ):
+                # Nothing to read yet: the file is made by the first write, so a
+                # start that fails (an unknown alias, say) leaves nothing behind.
+                self._deferred = True
+                return
+        async with self._lock:
+            await self._connect_locked()
+
+    async def _connect_locked(self) -> None:
+        """Connect (creating the file), and create or check the schema; under the lock."""
         try:
             if self._connection is None:
                 assert self._path is not None
@@ -116,12 +148,15 @@ class SQLiteKeyStore:
                 if target != ":memory:":
                     target = await anyio.to_thread.run_sync(_prepare_file, self._path)
                 self._connection = await _ThreadedConnection.connect(target)
+                if target != ":memory:":
+                    self._file = target
+            self._deferred = False
             db = self._connection
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
             # process opens it can deadlock the two until the busy timeout.
             await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            async with self._write() as db:
+            async with self._transaction(db):
                 for statement in _SCHEMA:
                     await db.execute(statement)
                 rows = await db.execute_fetchall("SELECT version FROM encx_schema WHERE id = 1")
@@ -135,35 +170,97 @@ class SQLiteKeyStore:
                         f"{self.url} has schema version {found[0]}; this encx-async "
                         f"knows up to {SCHEMA_VERSION}: upgrade encx-async"
                     )
+                elif found[0] < SCHEMA_VERSION:
+                    # Inside the write transaction that read the old number: of many
+                    # instances opening at once, one migrates and the rest see it done.
+                    for statement in migrations(found[0]):
+                        await db.execute(statement)
+                    await db.execute(
+                        "UPDATE encx_schema SET version = ? WHERE id = 1", (SCHEMA_VERSION,)
+                    )
+            if self._file is not None:
+                self._identity = await anyio.to_thread.run_sync(_identity, self._file)
         except (sqlite3.Error, OSError) as exc:
-            await self.aclose()
+            await self._close_connection()
             raise DatabaseUnavailableError(f"cannot use {self.url}: {exc}") from exc
+        except BaseException:
+            await self._close_connection()
+            raise
 
     async def aclose(self) -> None:
+        self._deferred = False
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and self._owns_connection:
             await connection.close()
 
-    def _db(self) -> _Connection:
+    async def _db(self, *, create: bool) -> _Connection | None:
+        """The connection, under the lock; None while the file does not exist
+        (a store opened before it did), unless ``create``."""
+        if self._connection is None and self._deferred:
+            assert self._path is not None
+            if create or await anyio.to_thread.run_sync(_file_exists, self._path):
+                await self._connect_locked()
         if self._connection is None:
+            if self._deferred:
+                return None
             raise DatabaseUnavailableError(f"{self.url} is not open")
         return self._connection
+
+    async def _check_file(self) -> None:
+        """UncommittedError if the database file is not the one opened any more.
+
+        SQLite keeps using a deleted file (its writes then fail as "readonly"),
+        and would never see a file put in its place: either way what it
+        writes, no other process reads.
+        """
+        if self._file is None or self._identity is None:
+            return
+        try:
+            found: tuple[int, int] | None = await anyio.to_thread.run_sync(_identity, self._file)
+        except FileNotFoundError:
+            found = None
+        if found == self._identity:
+            return
+        what = "deleted" if found is None else "replaced by another file"
+        raise UncommittedError(
+            f"cannot use {self.url}: the database file was {what} (or moved) while this "
+            "instance had it open; restore it, or restart with the right database"
+        )
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[_Connection]:
         """A transaction holding SQLite's write lock from its first statement."""
         async with self._lock:
-            db = self._db()
-            await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
-            try:
+            db = await self._db(create=True)
+            assert db is not None
+            async with self._transaction(db):
+                await self._check_file()
                 yield db
-            except BaseException:
-                # Shielded: under a cancelled scope the rollback must still run,
-                # or the connection stays inside the failed transaction.
-                with anyio.CancelScope(shield=True):
-                    await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+                await self._check_file()  # the work may have taken a while
+
+    @asynccontextmanager
+    async def _transaction(self, db: _Connection) -> AsyncIterator[None]:
+        await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            yield
+        except BaseException:
+            # Shielded: under a cancelled scope the rollback must still run,
+            # or the connection stays inside the failed transaction.
+            with anyio.CancelScope(shield=True):
+                await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+
+    async def _failed(self, action: str, exc: sqlite3.Error) -> DatabaseUnavailableError:
+        """The error for a failed statement: the file's fate, if that is the reason."""
+        try:
+            await self._check_file()
+        except UncommittedError as gone:
+            return gone
+        return DatabaseUnavailableError(f"cannot {action} {self.url}: {exc}")
 
     async def _fetch(self, db: _Connection, alias: str) -> list[KEKVersion]:
         rows = await db.execute_fetchall(
@@ -175,14 +272,21 @@ class SQLiteKeyStore:
     async def versions(self, alias: str) -> list[KEKVersion]:
         try:
             async with self._lock:
-                return await self._fetch(self._db(), alias)
+                db = await self._db(create=False)
+                if db is None:
+                    return []
+                await self._check_file()
+                return await self._fetch(db, alias)
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot read {self.url}: {exc}") from exc
+            raise await self._failed("read", exc) from exc
 
     async def initial_version(self, alias: str, new_key: NewKey) -> KEKVersion:
         existing = await self.versions(alias)
         if existing:
             return existing[-1]
+        # The key of version 1 is asked for under the write lock, so that of
+        # instances starting together exactly one makes it (create_key_if_missing).
+        made_file = self._connection is None and self._deferred
         try:
             async with self._write() as db:
                 existing = await self._fetch(db, alias)
@@ -190,7 +294,29 @@ class SQLiteKeyStore:
                     return existing[-1]
                 return await self._insert(db, alias, 1, await new_key(None))
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+            raise await self._failed("write", exc) from exc
+        except BaseException:
+            if made_file:
+                # A first start that failed (an unknown alias, say) leaves no
+                # empty database behind to confuse the next one.
+                with anyio.CancelScope(shield=True):
+                    await self._remove_if_empty()
+            raise
+
+    async def _remove_if_empty(self) -> None:
+        async with self._lock:
+            db, path = self._connection, self._file
+            if db is None or path is None or not self._owns_connection:
+                return
+            try:
+                rows = await db.execute_fetchall("SELECT count(*) FROM encx_kek_versions")
+                if next(iter(rows))[0]:
+                    return
+                await self._close_connection()
+                await anyio.to_thread.run_sync(_unlink, path)
+            except (sqlite3.Error, OSError):
+                return  # best effort: an empty file is only untidy
+            self._deferred, self._file, self._identity = True, None, None
 
     async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
         try:
@@ -206,13 +332,13 @@ class SQLiteKeyStore:
                 )
                 return await self._insert(db, alias, current.version + 1 if current else 1, key_id)
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+            raise await self._failed("write", exc) from exc
 
     async def _insert(self, db: _Connection, alias: str, version: int, key_id: str) -> KEKVersion:
         stamp = now().isoformat()
-        row = (alias, version, key_id, "active", stamp, stamp)
+        row = (alias, version, key_id, "active", stamp, stamp, 1)
         await db.execute(
-            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+            f"INSERT INTO encx_kek_versions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row
         )
         return row_to_version(self.url, row)
 
@@ -230,8 +356,21 @@ class SQLiteKeyStore:
                     if found.version == version:
                         return found
         except sqlite3.Error as exc:
-            raise DatabaseUnavailableError(f"cannot write {self.url}: {exc}") from exc
+            raise await self._failed("write", exc) from exc
         raise KeyVersionNotFoundError(f"alias {alias!r} has no KEK version {version} in {self.url}")
+
+
+def _identity(path: str) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
+def _unlink(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
+def _file_exists(path: str) -> bool:
+    return Path(path).expanduser().exists()
 
 
 def _prepare_file(path: str) -> str:

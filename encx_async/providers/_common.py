@@ -22,14 +22,17 @@ from encx_async._exceptions import ClosedError, ConfigurationError
 __all__ = [
     "DECRYPT_FAILED",
     "MAX_KEY_REF",
+    "MAX_PENDING_DAYS",
     "MAX_PLAINTEXT",
     "MAX_ROTATION_PERIOD_DAYS",
+    "MIN_PENDING_DAYS",
     "MIN_ROTATION_PERIOD_DAYS",
     "ProviderResource",
     "as_bytes",
     "check_alias_name",
     "check_description",
     "check_key_ref",
+    "check_pending_days",
     "check_plaintext",
     "check_rotation_period",
     "is_alias_name",
@@ -42,6 +45,9 @@ MAX_PLAINTEXT: Final = 4096
 MAX_KEY_REF: Final = 2048
 MIN_ROTATION_PERIOD_DAYS: Final = 90
 MAX_ROTATION_PERIOD_DAYS: Final = 2560
+#: the waiting period before KMS deletes a key (ScheduleKeyDeletion)
+MIN_PENDING_DAYS: Final = 7
+MAX_PENDING_DAYS: Final = 30
 
 #: The reason of every failed unwrap; even so it never says which part did not match.
 DECRYPT_FAILED: Final = "the KMS did not unwrap the data key (wrong key or context, or modified)"
@@ -138,6 +144,17 @@ def check_rotation_period(period_days: object) -> int | None:
             f"got {period_days}"
         )
     return period_days
+
+
+def check_pending_days(pending_days: object) -> int:
+    """A waiting period that KMS accepts before deleting a key: 7 to 30 days."""
+    if isinstance(pending_days, bool) or not isinstance(pending_days, int):
+        raise TypeError(f"pending_days must be an int, not {type(pending_days).__name__}")
+    if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
+        raise ConfigurationError(
+            f"pending_days must be {MIN_PENDING_DAYS} to {MAX_PENDING_DAYS}, got {pending_days}"
+        )
+    return pending_days
 
 
 def is_alias_name(alias: str) -> bool:

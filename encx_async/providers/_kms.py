@@ -12,6 +12,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Self, TypeVar
 
+import anyio
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError
+
 from encx_async._context import normalize_context
 from encx_async._exceptions import (
     ConfigurationError,
@@ -24,6 +28,7 @@ from encx_async._exceptions import (
     KMSRegionMismatchError,
     KMSUnavailableError,
 )
+from encx_async._keystore._default import aws_database
 from encx_async.providers._aws_client import (
     AwsClient,
     AwsResource,
@@ -37,6 +42,7 @@ from encx_async.providers._common import (
     check_alias_name,
     check_description,
     check_key_ref,
+    check_pending_days,
     check_plaintext,
     check_rotation_period,
     is_alias_ref,
@@ -277,6 +283,51 @@ class KMSService(AwsResource["KMSClient"]):
             self._alias_cache[target] = (arn, self._clock() + ttl)
         return arn
 
+    async def default_database(self, kek_alias: str) -> str:
+        """Where a Crypto given no database keeps this service's key versions:
+        ``aws-<account>-<region>[-<host_port>]/keys.db`` in the user's data
+        directory, the endpoint's host and port added for a custom
+        ``endpoint_url`` (moto, LocalStack, a VPC endpoint).
+
+        The account is the one in the key's ARN (``kek_alias`` itself, or what
+        it resolves to, which the alias cache keeps for the Crypto's own
+        lookup), so it costs no extra request; only an alias that does not
+        exist yet asks STS ``GetCallerIdentity``, which needs no permission.
+        """
+        arn = _parse_kms_arn(kek_alias)
+        if arn is None:
+            try:
+                arn = _parse_kms_arn(await self.get_key_id(kek_alias))
+            except KMSKeyNotFoundError:
+                arn = None
+        account = arn.account if arn is not None else await self._caller_account()
+        await self._ensure_client()
+        assert self._aws.region is not None
+        return aws_database(account, self._aws.region, self._aws.config.endpoint_url)
+
+    async def _caller_account(self) -> str:
+        await self._ensure_client()
+        config = self._aws.config
+        session = (
+            config.session if config.session is not None else AioSession(profile=config.profile)
+        )
+        try:
+            with anyio.fail_after(self._aws.call_timeout):
+                async with session.create_client(
+                    "sts",
+                    region_name=self._aws.region,
+                    endpoint_url=config.endpoint_url,
+                    config=self._aws.client_config,
+                ) as sts:
+                    identity = await sts.get_caller_identity()
+            return str(identity["Account"])
+        except (ClientError, BotoCoreError, TimeoutError, KeyError) as exc:
+            raise ConfigurationError(
+                "cannot tell which AWS account this KMSService uses, to pick its default "
+                f"key-version database (STS GetCallerIdentity failed: {type(exc).__name__}); "
+                "pass database= or set ENCX_DATABASE_URL"
+            ) from exc
+
     def invalidate_alias(self, alias: str | None = None) -> None:
         """Forget what ``alias`` resolved to (every alias when ``None``).
 
@@ -481,6 +532,40 @@ class KMSService(AwsResource["KMSClient"]):
             "EnableKeyRotation", target, lambda client: client.enable_key_rotation(**params)
         )
 
+    # -- KeyDeletion ---------------------------------------------------------
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Schedule the key's deletion after ``pending_days`` (KMS ``ScheduleKeyDeletion``).
+
+        7 to 30 days; meanwhile the key is disabled (``PendingDeletion``) and
+        ``CancelKeyDeletion`` can still save it. A key already pending
+        deletion is left as it is.
+        """
+        key_ref = check_key_ref(key_id)
+        days = check_pending_days(pending_days)
+        await self._ensure_client()
+        target = await self._key_arn(self._route(key_ref))
+        # The bare id (the ARN is of this region): moto resolves no ARN here.
+        bare = target.rsplit("/", 1)[-1]
+        try:
+            await self._call(
+                "ScheduleKeyDeletion",
+                target,
+                lambda client: client.schedule_key_deletion(KeyId=bare, PendingWindowInDays=days),
+            )
+        except KMSError as exc:
+            if exc.code != "KMSInvalidStateException" or not await self._pending_deletion(target):
+                raise
+
+    async def _pending_deletion(self, key_arn: str) -> bool:
+        response = await self._call(
+            "DescribeKey", key_arn, lambda client: client.describe_key(KeyId=key_arn)
+        )
+        return response["KeyMetadata"].get("KeyState") in (
+            "PendingDeletion",
+            "PendingReplicaDeletion",
+        )
+
     async def re_encrypt_dek(
         self,
         ciphertext_dek: bytes,
@@ -488,18 +573,24 @@ class KMSService(AwsResource["KMSClient"]):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
         """Move a wrapped data key to ``destination_key_id`` with KMS ``ReEncrypt``.
 
-        KMS unwraps it under ``source_key_id`` and wraps it again, both with
-        ``context``; the plaintext never leaves KMS. A ciphertext that does not
-        unwrap raises :class:`~encx_async.DecryptionError`, as in
-        :meth:`decrypt_dek`.
+        KMS unwraps it under ``source_key_id`` with ``context`` and wraps it
+        again with ``destination_context`` (by default ``context``); the
+        plaintext never leaves KMS. A ciphertext that does not unwrap raises
+        :class:`~encx_async.DecryptionError`, as in :meth:`decrypt_dek`.
         """
         ciphertext = _check_wrapped(ciphertext_dek)
         source_ref = check_key_ref(source_key_id)
         destination_ref = check_key_ref(destination_key_id)
         encryption_context = normalize_context(context)
+        target_context = (
+            encryption_context
+            if destination_context is None
+            else normalize_context(destination_context)
+        )
         await self._ensure_client()
         source = self._route(source_ref)
         destination = self._route(destination_ref)
@@ -510,7 +601,8 @@ class KMSService(AwsResource["KMSClient"]):
         }
         if encryption_context:
             params["SourceEncryptionContext"] = encryption_context
-            params["DestinationEncryptionContext"] = encryption_context
+        if target_context:
+            params["DestinationEncryptionContext"] = target_context
         response = await self._call(
             "ReEncrypt", (source, destination), lambda client: client.re_encrypt(**params)
         )

@@ -154,7 +154,12 @@ class EveryRegion(Mode):
         return self._served(parts, operation), lambda region: parts[region.name]
 
     async def re_encrypt_dek(
-        self, blob: bytes, source: str, destination: str, context: Mapping[str, str]
+        self,
+        blob: bytes,
+        source: str,
+        destination: str,
+        context: Mapping[str, str],
+        destination_context: Mapping[str, str],
     ) -> bytes:
         """Each region's copy moves to that region's part of the destination; see
         :meth:`~encx_async.providers._multi_region.MultiRegionKMSService.re_encrypt_dek`."""
@@ -178,6 +183,7 @@ class EveryRegion(Mode):
                     source_key_id=sources[region.name],
                     destination_key_id=destinations[region.name],
                     context=context,
+                    destination_context=destination_context,
                 ),
             )
         missing = [r for r in every if r.name in destinations and r not in moving]
@@ -193,7 +199,7 @@ class EveryRegion(Mode):
                 "re_encrypt_dek",
                 missing,
                 lambda region: region.service.encrypt_dek(
-                    destinations[region.name], plaintext, context=context
+                    destinations[region.name], plaintext, context=destination_context
                 ),
             )
         names = [name for name, _ in copies if name in out]

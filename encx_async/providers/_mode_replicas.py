@@ -135,8 +135,19 @@ class Replicas(Mode):
             return [self.regions.primary], lambda _: key_ref
         return [self._plan(key_ref, self.regions.all)[0]], lambda _: key_ref
 
+    def everywhere(
+        self, key_ref: str, operation: str
+    ) -> tuple[list[Region], Callable[[Region], str]]:
+        """The primary and every replica (KMS deletes the primary after its replicas)."""
+        return list(self._plan(key_ref, self.regions.all)), lambda _: key_ref
+
     async def re_encrypt_dek(
-        self, blob: bytes, source: str, destination: str, context: Mapping[str, str]
+        self,
+        blob: bytes,
+        source: str,
+        destination: str,
+        context: Mapping[str, str],
+        destination_context: Mapping[str, str],
     ) -> bytes:
         """In the nearest region that has both keys and answers."""
         usable = self._plan(destination, self.regions.all)
@@ -150,7 +161,11 @@ class Replicas(Mode):
             "re_encrypt_dek",
             order,
             lambda region: rotation(region).re_encrypt_dek(
-                blob, source_key_id=source, destination_key_id=destination, context=context
+                blob,
+                source_key_id=source,
+                destination_key_id=destination,
+                context=context,
+                destination_context=destination_context,
             ),
         )
 

@@ -69,7 +69,8 @@ from typing import TYPE_CHECKING, Final, Self, TypedDict, Unpack
 
 from encx_async._context import normalize_context
 from encx_async._exceptions import ConfigurationError, RegionsUnavailableError
-from encx_async.kms import KeyManagementService
+from encx_async._keystore._default import DefaultDatabase, variant
+from encx_async.kms import KeyDeletion, KeyManagementService
 from encx_async.providers._breaker import Breaker, BreakerState
 from encx_async.providers._common import (
     ProviderResource,
@@ -430,8 +431,12 @@ class MultiRegionKMSService(ProviderResource):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
         """Move a wrapped data key to another key inside the KMS (``ReEncrypt``).
+
+        It is unwrapped with ``context`` and wrapped again with
+        ``destination_context`` (by default ``context``), in every region alike.
 
         ``"replicas"``: in the nearest region that has both keys and answers.
         ``"every-region"``: each region's copy moves to that region's part of
@@ -448,8 +453,42 @@ class MultiRegionKMSService(ProviderResource):
         source = check_key_ref(source_key_id)
         destination = check_key_ref(destination_key_id)
         context = normalize_context(context)
+        target_context = (
+            context if destination_context is None else normalize_context(destination_context)
+        )
         await self._ensure_open()
-        return await self._mode.re_encrypt_dek(blob, source, destination, context)
+        return await self._mode.re_encrypt_dek(blob, source, destination, context, target_context)
+
+    # -- KeyDeletion -------------------------------------------------------------
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Schedule the key's deletion in every region it is in; all must answer.
+
+        ``"every-region"``: each region's part. ``"replicas"``: the replicas
+        and the primary at once (KMS deletes the primary only after its
+        replicas; meanwhile it is ``PendingReplicaDeletion``).
+        """
+        key_ref = check_key_ref(key_id)
+        await self._ensure_open()
+        regions, ref = self._mode.everywhere(key_ref, "schedule_key_deletion")
+        await self._regions.each(
+            "schedule_key_deletion",
+            regions,
+            lambda region: _deletion(region).schedule_key_deletion(
+                ref(region), pending_days=pending_days
+            ),
+        )
+
+    async def default_database(self, kek_alias: str) -> str | None:
+        """Where a Crypto given no database keeps the versions: the primary
+        region's choice, in a file of its own per mode (``keys.multi-region-
+        replicas.db``), since the key ids of this service are not the ones a
+        single region's service would record."""
+        service = self._regions.primary.service
+        if not isinstance(service, DefaultDatabase):
+            return None
+        chosen = await service.default_database(kek_alias)
+        return None if chosen is None else variant(chosen, f"multi-region-{self._mode.name}")
 
     # -- PartialWrapping -------------------------------------------------------
 
@@ -464,6 +503,15 @@ class MultiRegionKMSService(ProviderResource):
         :class:`~encx_async.PartialWrapping`.
         """
         return self._mode.partial_wrap(key_id, wrapped_dek)
+
+
+def _deletion(region: Region) -> KeyDeletion:
+    service = region.service
+    if not isinstance(service, KeyDeletion):
+        raise ConfigurationError(
+            f"the service of region {region.name} does not implement KeyDeletion"
+        )
+    return service
 
 
 def _check_number(name: str, value: object) -> None:

@@ -461,9 +461,20 @@ class Mode(ABC):
     def homes(self, key_ref: str, operation: str) -> tuple[list[Region], Callable[[Region], str]]:
         """Where a key's material is managed, and the key's reference in each of those regions."""
 
+    def everywhere(
+        self, key_ref: str, operation: str
+    ) -> tuple[list[Region], Callable[[Region], str]]:
+        """Every region the key is in, and its reference there (what deleting it reaches)."""
+        return self.homes(key_ref, operation)
+
     @abstractmethod
     async def re_encrypt_dek(
-        self, blob: bytes, source: str, destination: str, context: Mapping[str, str]
+        self,
+        blob: bytes,
+        source: str,
+        destination: str,
+        context: Mapping[str, str],
+        destination_context: Mapping[str, str],
     ) -> bytes: ...
 
     def partial_wrap(self, key_id: str, wrapped_dek: bytes) -> float | None:

@@ -32,7 +32,7 @@ Wrapped data key layout (all integers big-endian)::
 
 The AES-GCM associated data is a fixed label, everything before the nonce
 (version, key id, material index), then the canonical encoding of the
-encryption context (:func:`encx_async._context.encode_context`).
+encryption context (:func:`encx_async._context.encode_kms_context`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from typing import Any, Final, Self, TypeVar, TypeVarTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encx_async._context import encode_context
+from encx_async._context import encode_kms_context
 from encx_async._exceptions import (
     ConfigurationError,
     DecryptionError,
@@ -68,6 +68,7 @@ from encx_async._exceptions import (
     KMSKeyNotFoundError,
     KMSRegionMismatchError,
 )
+from encx_async._keystore._default import MEMORY, beside
 from encx_async.providers._common import (
     DECRYPT_FAILED,
     ProviderResource,
@@ -75,6 +76,7 @@ from encx_async.providers._common import (
     check_alias_name,
     check_description,
     check_key_ref,
+    check_pending_days,
     check_plaintext,
     check_rotation_period,
     is_alias_name,
@@ -123,6 +125,8 @@ class _Key:
     rotation_period_days: int | None = None
     #: for a multi-region key, the region of its primary; None for other keys
     primary_region: str | None = None
+    #: when a scheduled deletion falls due (a Unix time); None if none is scheduled
+    deletion_date: float | None = None
 
     @classmethod
     def build(
@@ -134,6 +138,7 @@ class _Key:
         rotation_enabled: bool = False,
         rotation_period_days: int | None = None,
         primary_region: str | None = None,
+        deletion_date: float | None = None,
     ) -> _Key:
         return cls(
             materials,
@@ -143,6 +148,7 @@ class _Key:
             rotation_enabled,
             rotation_period_days,
             primary_region,
+            deletion_date,
         )
 
     def with_materials(self, materials: tuple[bytes, ...]) -> _Key:
@@ -266,6 +272,12 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
     def path(self) -> Path | None:
         return self._path
 
+    async def default_database(self, kek_alias: str) -> str:
+        """Where a Crypto given no database keeps this service's key versions:
+        in memory when the keys are (they end together), else beside the key
+        file, as ``<key file>.versions.db``."""
+        return MEMORY if self._path is None else beside(self._path)
+
     def key_arn(self, key_id: str) -> str:
         """The ARN-like name of ``key_id`` in this service's region."""
         return f"arn:local:kms:{self._region}:{_ACCOUNT}:key/{key_id}"
@@ -380,6 +392,11 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
                         if key.primary_region is not None
                         else {}
                     ),
+                    **(
+                        {"deletion_date": key.deletion_date}
+                        if key.deletion_date is not None
+                        else {}
+                    ),
                 }
                 for key_id, key in keys.items()
             },
@@ -475,6 +492,18 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
             self._raise_if_closed()
             key_id = self._resolve_locked(key_ref)
             return key_id, self._keys[key_id]
+
+    def _usable_key(self, key_ref: str) -> tuple[str, _Key]:
+        """As :meth:`_key_for`, refusing a key pending deletion, as KMS does."""
+        key_id, key = self._key_for(key_ref)
+        self._check_usable(key_id, key)
+        return key_id, key
+
+    def _check_usable(self, key_id: str, key: _Key) -> None:
+        if key.deletion_date is not None:
+            raise KMSError(
+                f"key {self.key_arn(key_id)} is pending deletion", code="KMSInvalidStateException"
+            )
 
     # -- KeyManagementService ---------------------------------------------
 
@@ -632,9 +661,9 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
     ) -> bytes:
         """Wrap ``plaintext_dek`` under the newest material of ``key_id``, with AES-256-GCM."""
         plaintext = check_plaintext(plaintext_dek)
-        encoded_context = encode_context(context)
+        encoded_context = encode_kms_context(context)
         await self._ensure_open()
-        resolved, key = self._key_for(key_id)
+        resolved, key = self._usable_key(key_id)
         wrapped = _seal(resolved, key, plaintext, encoded_context)
         _log.debug("local KMS Encrypt key=%s region=%s", resolved, self._region)
         return wrapped
@@ -644,9 +673,9 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
     ) -> bytes:
         """Unwrap a data key wrapped by :meth:`encrypt_dek` under ``key_id``, any material."""
         blob = as_bytes(ciphertext_dek, "wrapped data key")
-        encoded_context = encode_context(context)
+        encoded_context = encode_kms_context(context)
         await self._ensure_open()
-        resolved, key = self._key_for(key_id)
+        resolved, key = self._usable_key(key_id)
         plaintext = _unseal(resolved, key, blob, encoded_context)
         _log.debug("local KMS Decrypt key=%s region=%s", resolved, self._region)
         return plaintext
@@ -747,6 +776,30 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
             )
             return key_id
 
+    # -- KeyDeletion ---------------------------------------------------------
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        """Mark the key pending deletion in ``pending_days`` (7 to 30).
+
+        From then on it wraps and unwraps nothing (KMS's ``PendingDeletion``);
+        the local KMS never deletes a key on its own, so the mark, kept in the
+        key file, is all there is. A key marked already keeps its date.
+        """
+        check_key_ref(key_id)
+        days = check_pending_days(pending_days)
+        due = time.time() + days * 86400
+
+        def mark(key: _Key) -> _Key:
+            if key.deletion_date is not None:
+                return key
+            return dataclasses.replace(key, deletion_date=due)
+
+        await self._ensure_open()
+        resolved = await self._run(self._replace_key_sync, key_id, mark)
+        _log.debug(
+            "local KMS ScheduleKeyDeletion key=%s days=%d region=%s", resolved, days, self._region
+        )
+
     async def re_encrypt_dek(
         self,
         ciphertext_dek: bytes,
@@ -754,13 +807,20 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
         source_key_id: str,
         destination_key_id: str,
         context: Mapping[str, str] | None = None,
+        destination_context: Mapping[str, str] | None = None,
     ) -> bytes:
-        """Unwrap under ``source_key_id`` and wrap under ``destination_key_id``, same context.
+        """Unwrap under ``source_key_id`` with ``context``, and wrap under
+        ``destination_key_id`` with ``destination_context`` (by default ``context``).
 
         Both happen inside the service; the plaintext data key is not returned.
         """
         blob = as_bytes(ciphertext_dek, "wrapped data key")
-        encoded_context = encode_context(context)
+        encoded_context = encode_kms_context(context)
+        target_context = (
+            encoded_context
+            if destination_context is None
+            else encode_kms_context(destination_context)
+        )
         check_key_ref(source_key_id)
         check_key_ref(destination_key_id)
         await self._ensure_open()
@@ -769,11 +829,13 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
             source = self._resolve_locked(source_key_id)
             destination = self._resolve_locked(destination_key_id)
             source_key, destination_key = self._keys[source], self._keys[destination]
+        self._check_usable(source, source_key)
+        self._check_usable(destination, destination_key)
         wrapped = _seal(
             destination,
             destination_key,
             _unseal(source, source_key, blob, encoded_context),
-            encoded_context,
+            target_context,
         )
         _log.debug("local KMS ReEncrypt from=%s to=%s region=%s", source, destination, self._region)
         return wrapped
@@ -783,15 +845,16 @@ class LocalKMSService(ProviderResource, ReplicatesIntoServices):
     async def describe_key(self, key_ref: str) -> dict[str, object]:
         """What a health probe needs: ``key_id``, ``arn``, ``enabled``, ``key_state``.
 
-        Local keys are always enabled.
+        A local key is enabled until its deletion is scheduled.
         """
         await self._ensure_open()
-        key_id = self._key_for(key_ref)[0]
+        key_id, key = self._key_for(key_ref)
+        pending = key.deletion_date is not None
         return {
             "key_id": key_id,
             "arn": self.key_arn(key_id),
-            "enabled": True,
-            "key_state": "Enabled",
+            "enabled": not pending,
+            "key_state": "PendingDeletion" if pending else "Enabled",
         }
 
 
@@ -829,6 +892,11 @@ def _load_key(
     primary_region = entry.get("primary_region")
     if key_id.startswith(_MRK_PREFIX) != isinstance(primary_region, str):
         raise corrupt(f"bad multi-region settings for key {key_id!r}")
+    deletion_date = entry.get("deletion_date")
+    if deletion_date is not None and (
+        isinstance(deletion_date, bool) or not isinstance(deletion_date, int | float)
+    ):
+        raise corrupt(f"bad deletion date for key {key_id!r}")
     materials: list[bytes] = []
     for item in encoded:
         try:
@@ -845,4 +913,5 @@ def _load_key(
         rotation_enabled=enabled,
         rotation_period_days=period,
         primary_region=primary_region,
+        deletion_date=None if deletion_date is None else float(deletion_date),
     )

@@ -1,13 +1,23 @@
-"""Ordered, bounded-concurrency processing of a stream of ciphertexts."""
+"""Ordered, bounded-concurrency work over many items (rewraps, model batches, the CLI)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
 from typing import TypeVar
 
-__all__ = ["ordered_map"]
+from ._exceptions import ConfigurationError
+
+__all__ = ["check_concurrency", "ordered_list", "ordered_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,19 +32,27 @@ async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
             yield item
 
 
+def check_concurrency(concurrency: object) -> int:
+    """``concurrency`` if it is an int of at least 1; else ConfigurationError."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError("concurrency must be an int of at least 1")
+    return concurrency
+
+
 async def ordered_map(
     items: Iterable[T] | AsyncIterable[T],
     work: Callable[[T], Awaitable[R]],
     *,
     concurrency: int,
     progress: Callable[[int], object] | None = None,
-) -> AsyncIterator[R]:
+) -> AsyncGenerator[R, None]:
     """``work(item)`` for every item, at most ``concurrency`` at once, results in input order.
 
     The first failure is raised where its result would have been yielded; the
     work still under way is then cancelled. ``progress(n)`` is called with the
     number of results yielded so far.
     """
+    check_concurrency(concurrency)
     pending: deque[asyncio.Future[R]] = deque()
     done = 0
     try:
@@ -54,3 +72,12 @@ async def ordered_map(
         for future in pending:
             future.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def ordered_list(
+    items: Iterable[T] | AsyncIterable[T], work: Callable[[T], Awaitable[R]], *, concurrency: int
+) -> list[R]:
+    """:func:`ordered_map`, collected into a list."""
+    mapped = ordered_map(items, work, concurrency=concurrency)
+    async with contextlib.aclosing(mapped):
+        return [result async for result in mapped]

@@ -1,0 +1,338 @@
+"""The key store under faults provoked for real: a PostgreSQL server that stops
+answering (a TCP stall in front of it), a listener connection the server
+terminates, a SQLite file deleted under a running instance, and rotations that
+fail or are cancelled after their new KMS key was made (which must not leave
+that key behind, billed and unused)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiobotocore.session import AioSession
+
+from encx_async import Crypto, DatabaseUnavailableError, KMSError
+from encx_async._keystore import KEKVersion, NewKey
+from encx_async.kms import KeyManagementService
+from encx_async.providers.aws import KMSService
+from encx_async.providers.local import LocalKMSService
+from tests.faultproxy import TCPFaultProxy
+
+SLACK = 1.0  # seconds a deadline may be overrun by on a busy two-core machine
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def stallable_postgres(postgres_url: str) -> AsyncIterator[tuple[str, TCPFaultProxy]]:
+    """The PostgreSQL of ``postgres_url`` behind a TCP fault proxy: (its URL, the proxy)."""
+    parts = urlsplit(postgres_url)
+    assert parts.hostname is not None
+    async with TCPFaultProxy(parts.hostname, parts.port or 5432) as proxy:
+        netloc = parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{proxy.port}"
+        proxied = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
+        yield urlunsplit(parts._replace(netloc=proxied)), proxy
+
+
+async def test_rotation_under_a_stalled_postgres_ends_at_the_callers_deadline(
+    stallable_postgres: tuple[str, TCPFaultProxy],
+    local_kms: LocalKMSService,
+    postgres_alias: str,
+) -> None:
+    url, proxy = stallable_postgres
+    store_timeout = 1.5
+    crypto = await Crypto.create(
+        kms=local_kms,
+        kek_alias=postgres_alias,
+        database=url,
+        create_key_if_missing=True,
+        store_timeout=store_timeout,
+    )
+    try:
+        proxy.stall()
+        # The caller's own deadline, shorter than the store's: cancellation must
+        # get through at once, not wait for a ROLLBACK the server never answers.
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await crypto.rotate_kek()
+        assert time.monotonic() - started < 0.5 + SLACK
+
+        # No deadline of the caller's: the store's ends it, with a typed error
+        # that says what happened.
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError) as caught:
+            await crypto.rotate_kek()
+        elapsed = time.monotonic() - started
+        assert store_timeout * 0.9 <= elapsed < store_timeout + SLACK, elapsed
+        message = str(caught.value)
+        assert f"timed out after {store_timeout:g} s waiting for {url}" in message
+        assert not message.endswith(": ")
+
+        # Once the server answers again, the same Crypto works.
+        proxy.pass_through()
+        async with asyncio.timeout(10):
+            rotated = await crypto.rotate_kek()
+        assert rotated.version == 2
+        assert crypto.kek_version == 2
+        assert await crypto.decrypt(await crypto.encrypt(b"x")) == b"x"
+    finally:
+        proxy.pass_through()
+        await crypto.aclose()
+
+
+async def test_a_stalled_postgres_at_startup_is_a_timely_typed_error(
+    stallable_postgres: tuple[str, TCPFaultProxy],
+    local_kms: LocalKMSService,
+    postgres_alias: str,
+) -> None:
+    url, proxy = stallable_postgres
+    proxy.stall()
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError, match="timed out after 1 s waiting for"):
+        await Crypto.create(
+            kms=local_kms,
+            kek_alias=postgres_alias,
+            database=url,
+            create_key_if_missing=True,
+            store_timeout=1,
+        )
+    assert time.monotonic() - started < 1 + SLACK
+
+
+async def test_the_listener_comes_back_after_its_backend_is_terminated(
+    local_kms: LocalKMSService, postgres_url: str, postgres_alias: str
+) -> None:
+    hour = 3600.0  # polling would take an hour: only a notification explains a switch
+    a = await Crypto.create(
+        kms=local_kms,
+        kek_alias=postgres_alias,
+        database=postgres_url,
+        create_key_if_missing=True,
+        version_check_interval=hour,
+    )
+    b = await Crypto.create(
+        kms=local_kms, kek_alias=postgres_alias, database=postgres_url, version_check_interval=hour
+    )
+    try:
+        store = b._keyring.store
+        old_pid = store._listener.get_server_pid()  # type: ignore[attr-defined]
+        admin = await asyncpg.connect(postgres_url, timeout=5)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", old_pid)
+        finally:
+            await admin.close()
+        async with asyncio.timeout(10):
+            while True:
+                listener = store._listener  # type: ignore[attr-defined]
+                if listener is not None and listener.get_server_pid() != old_pid:
+                    break
+                await asyncio.sleep(0.05)
+
+        rotated = await a.rotate_kek()
+        async with asyncio.timeout(2):
+            while b.kek_version != rotated.version:  # noqa: ASYNC110 (a property, not an event)
+                await asyncio.sleep(0.01)
+        assert b.key_id == rotated.key_id
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+# -- a SQLite file deleted under a running instance -------------------------------------
+
+
+async def test_a_deleted_sqlite_file_is_named_and_no_key_is_made(
+    tmp_path: Path, local_kms: LocalKMSService
+) -> None:
+    path = tmp_path / "keys.db"
+    crypto = await Crypto.create(
+        kms=local_kms,
+        kek_alias="alias/gone",
+        database=f"sqlite:///{path}",
+        create_key_if_missing=True,
+    )
+    try:
+        keys_before = len(local_kms._keys)
+        path.unlink()
+        with pytest.raises(DatabaseUnavailableError, match="database file was deleted") as caught:
+            await crypto.rotate_kek()
+        assert "readonly" not in str(caught.value)
+        assert len(local_kms._keys) == keys_before  # the file was checked before any KMS call
+        assert crypto.kek_version == 1
+    finally:
+        await crypto.aclose()
+
+
+class _DeletesFileOnCreate(LocalKMSService):
+    """A local KMS whose CreateKey also deletes a file: the SQLite file vanishing
+    while a rotation is under way."""
+
+    victim: Path | None = None
+
+    async def create_key(
+        self, description: str, *, alias: str | None = None, multi_region: bool = False
+    ) -> str:
+        key_id = await super().create_key(description, alias=alias, multi_region=multi_region)
+        if self.victim is not None:
+            self.victim.unlink()
+        return key_id
+
+
+async def test_a_sqlite_file_deleted_mid_rotation_leaves_its_key_scheduled_for_deletion(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.db"
+    async with _DeletesFileOnCreate() as kms:
+        crypto = await Crypto.create(
+            kms=kms,
+            kek_alias="alias/gone",
+            database=f"sqlite:///{path}",
+            create_key_if_missing=True,
+        )
+        try:
+            first = crypto.key_id
+            kms.victim = path
+            with pytest.raises(
+                DatabaseUnavailableError, match="database file was deleted"
+            ) as caught:
+                await crypto.rotate_kek()
+            assert caught.value.orphan_key_ids == ()
+            made = [key_id for key_id in kms._keys if key_id != first]
+            assert len(made) == 1
+            assert (await kms.describe_key(made[0]))["key_state"] == "PendingDeletion"
+            assert await kms.get_key_id("alias/gone") == first  # the alias is back
+        finally:
+            await crypto.aclose()
+
+
+# -- keys of rotations that were not recorded ----------------------------------------------
+
+
+class _FailingWrites:
+    """Wraps a store so that next_version makes its key, then fails to record it."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def next_version(self, alias: str, new_key: NewKey) -> KEKVersion:
+        current = (await self._store.versions(alias))[-1]
+        await new_key(current)
+        raise DatabaseUnavailableError("cannot write the test store: injected")
+
+
+async def test_a_store_failure_schedules_the_new_key_for_deletion_on_aws(
+    aws_kms: KMSService, tmp_path: Path
+) -> None:
+    crypto = await sqlite_crypto(aws_kms, tmp_path, "alias/orphans")
+    try:
+        first = crypto.key_id
+        crypto._keyring.store = _FailingWrites(crypto._keyring.store)
+        with pytest.raises(DatabaseUnavailableError, match="injected") as caught:
+            await crypto.rotate_kek()
+        assert caught.value.orphan_key_ids == ()
+        states = await moto_key_states(aws_kms)
+        assert states.pop(first) == "Enabled"
+        assert list(states.values()) == ["PendingDeletion"]
+        assert await aws_kms.get_key_id("alias/orphans") == first
+    finally:
+        await crypto.aclose()
+
+
+class _CannotDelete(LocalKMSService):
+    refuse = True
+
+    async def schedule_key_deletion(self, key_id: str, *, pending_days: int = 7) -> None:
+        if self.refuse:
+            raise KMSError("ScheduleKeyDeletion refused (test)", code="AccessDeniedException")
+        await super().schedule_key_deletion(key_id, pending_days=pending_days)
+
+
+async def test_a_key_that_cannot_be_scheduled_is_reported_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _CannotDelete() as kms:
+        crypto = await sqlite_crypto(kms, tmp_path, "alias/orphans")
+        real_store = crypto._keyring.store
+        try:
+            first = crypto.key_id
+            crypto._keyring.store = _FailingWrites(real_store)
+            with pytest.raises(DatabaseUnavailableError) as caught:
+                await crypto.rotate_kek()
+            (orphan,) = caught.value.orphan_key_ids
+            assert orphan != first
+            assert orphan in caplog.text
+            assert "could not be scheduled for deletion" in caplog.text
+            assert (await kms.describe_key(orphan))["key_state"] == "Enabled"
+
+            # The next rotation cleans up first.
+            kms.refuse = False
+            crypto._keyring.store = real_store
+            rotated = await crypto.rotate_kek()
+            assert rotated.version == 2
+            assert (await kms.describe_key(orphan))["key_state"] == "PendingDeletion"
+        finally:
+            crypto._keyring.store = real_store
+            await crypto.aclose()
+
+
+async def test_a_storm_of_cancelled_rotations_leaves_no_unused_key(
+    aws_kms: KMSService, tmp_path: Path
+) -> None:
+    crypto = await sqlite_crypto(aws_kms, tmp_path, "alias/storm")
+    try:
+        rng = random.Random(15)
+        tasks = [asyncio.ensure_future(crypto.rotate_kek()) for _ in range(50)]
+        for task in tasks:
+            loop = asyncio.get_running_loop()
+            loop.call_later(rng.uniform(0, 4.0), task.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+        assert 0 < cancelled < len(tasks)  # both outcomes happened
+
+        recorded = {v.key_id for v in await crypto._keyring.store.versions("alias/storm")}
+        states = await moto_key_states(aws_kms)
+        assert len(states) > len(recorded)  # some rotations did make a key in vain
+        for key_id, state in states.items():
+            assert key_id in recorded or state == "PendingDeletion", (key_id, state)
+        active = [
+            v for v in await crypto._keyring.store.versions("alias/storm") if v.state == "active"
+        ]
+        assert await aws_kms.get_key_id("alias/storm") == active[-1].key_id
+    finally:
+        await crypto.aclose()
+
+
+async def moto_key_states(kms: KMSService) -> dict[str, str]:
+    """Every key in the (moto) account, by ARN: its KeyState (ListKeys, DescribeKey)."""
+    config = kms._aws.config
+    session = AioSession()
+    async with session.create_client(
+        "kms", region_name=config.region, endpoint_url=config.endpoint_url
+    ) as client:
+        listed = await client.list_keys()
+        states: dict[str, str] = {}
+        for entry in listed["Keys"]:
+            described = await client.describe_key(KeyId=entry["KeyId"])
+            states[entry["KeyArn"]] = described["KeyMetadata"]["KeyState"]
+        return states
+
+
+async def sqlite_crypto(kms: KeyManagementService, tmp_path: Path, alias: str) -> Crypto:
+    """A Crypto on a fresh SQLite file in ``tmp_path``, its key made if missing."""
+    return await Crypto.create(
+        kms=kms,
+        kek_alias=alias,
+        database=f"sqlite:///{tmp_path / 'keys.db'}",
+        create_key_if_missing=True,
+    )

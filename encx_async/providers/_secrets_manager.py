@@ -141,7 +141,7 @@ class SecretsManagerPepperSource(AwsResource["SecretsManagerClient"]):
     """Load the pepper from AWS Secrets Manager, over one shared aiobotocore client.
 
     The secret holds the JSON of :meth:`Pepper.to_secret_string
-    <encx_async._pepper.Pepper.to_secret_string>`
+    <encx_async.Pepper.to_secret_string>`
     (``{"encx_pepper": 1, "version": 1, "secret": "<base64>"}``) as its
     ``SecretString``. Typical use at start-up::
 
@@ -212,7 +212,7 @@ class SecretsManagerPepperSource(AwsResource["SecretsManagerClient"]):
         """The pepper in the secret ``secret_id`` (a name or an ARN).
 
         With ``create_if_missing=True`` an absent secret is created holding a
-        new :meth:`Pepper.generate <encx_async._pepper.Pepper.generate>`
+        new :meth:`Pepper.generate <encx_async.Pepper.generate>`
         (version 1), and what Secrets Manager then returns is read back and
         used. When several instances boot at once, one CreateSecret wins; the
         others get ``ResourceExistsException`` and read the winner's secret,

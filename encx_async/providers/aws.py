@@ -21,12 +21,12 @@ life; share it between tasks rather than creating one per request.
 
 At DEBUG level botocore logs whole request and response bodies, which for
 ``Encrypt`` and ``Decrypt`` contain the plaintext data key. Opening a service
-therefore attaches the filter of :mod:`encx_async.providers._redact` to the
+therefore attaches a logging filter to the
 ``botocore.endpoint`` and ``botocore.parsers`` loggers, which replaces those
 payloads with a placeholder; nothing else about botocore's logging changes.
 
 :class:`SecretsManagerPepperSource` keeps the pepper of the keyed hashes (see
-:class:`~encx_async._pepper.Pepper`) in AWS Secrets Manager, creating it on a
+:class:`~encx_async.Pepper`) in AWS Secrets Manager, creating it on a
 fleet's first boot if asked to; the same filter blanks its ``SecretString``
 payloads.
 

@@ -32,7 +32,7 @@ Wrapped data key layout (all integers big-endian)::
 
 The AES-GCM associated data is a fixed label, everything before the nonce
 (version, key id, material index), then the canonical encoding of the
-encryption context (:func:`encx_async._context.encode_kms_context`).
+encryption context (docs/format.md, "Canonical context encoding").
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
-from anyio.abc import AsyncResource
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from encx_async import Crypto, DEKCache, EncxError, KeyManagementService, KMSKeyNotFoundError
 from encx_async._progress import Progress, progress_default
 from encx_async._table import table as text_table
 
+from ._delegating import DelegatingKMS
 from ._moto import MotoServer, use_fake_credentials
 
 __all__ = [
@@ -265,7 +265,7 @@ class Output:
 # -- KMS -------------------------------------------------------------------------
 
 
-class DelayedKMS(AsyncResource):
+class DelayedKMS(DelegatingKMS):
     """A KMS wrapper that waits ``latency`` seconds before each wrap and unwrap.
 
     moto answers in about a millisecond; a real KMS is 5 to 50 ms away. The wait
@@ -274,29 +274,11 @@ class DelayedKMS(AsyncResource):
     """
 
     def __init__(self, inner: KeyManagementService, latency: float) -> None:
-        self._inner = inner
+        super().__init__(inner, close_inner=False)
         self._latency = latency
 
-    async def get_key_id(self, alias: str) -> str:
-        return await self._inner.get_key_id(alias)
-
-    async def create_key(self, description: str, *, alias: str | None = None) -> str:
-        return await self._inner.create_key(description, alias=alias)
-
-    async def encrypt_dek(
-        self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
-    ) -> bytes:
+    async def before(self, operation: str, data: bytes) -> None:
         await asyncio.sleep(self._latency)
-        return await self._inner.encrypt_dek(key_id, plaintext_dek, context=context)
-
-    async def decrypt_dek(
-        self, key_id: str, ciphertext_dek: bytes, *, context: Mapping[str, str] | None = None
-    ) -> bytes:
-        await asyncio.sleep(self._latency)
-        return await self._inner.decrypt_dek(key_id, ciphertext_dek, context=context)
-
-    async def aclose(self) -> None:
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ Start with :class:`Crypto`; pick a KMS from :mod:`encx_async.providers`.
 from __future__ import annotations
 
 from ._cache import NIST_GCM_RANDOM_NONCE_LIMIT, CacheSideStats, DEKCache, DEKCacheStats
-from ._crypto import DEFAULT_THREAD_THRESHOLD, Crypto, CryptoStats, SealedRecord
+from ._crypto import DEFAULT_THREAD_THRESHOLD, Crypto, CryptoStats
+from ._envelope import SealedRecord
 from ._exceptions import (
     ClosedError,
     ConfigurationError,
@@ -29,6 +30,10 @@ from ._exceptions import (
     KMSUnavailableError,
     ModelDefinitionError,
     RegionsUnavailableError,
+    SecretsManagerAccessDeniedError,
+    SecretsManagerCredentialsError,
+    SecretsManagerError,
+    SecretsManagerUnavailableError,
 )
 from ._hashing import Argon2Params
 from ._health import HealthReport
@@ -87,5 +92,9 @@ __all__ = [
     "Pepper",
     "RegionsUnavailableError",
     "SealedRecord",
+    "SecretsManagerAccessDeniedError",
+    "SecretsManagerCredentialsError",
+    "SecretsManagerError",
+    "SecretsManagerUnavailableError",
     "__version__",
 ]

@@ -21,7 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import anyio.to_thread
 from anyio.abc import AsyncResource
@@ -44,6 +44,7 @@ from ._envelope import (
     BODY_GCM,
     MAX_WRAPPED_DEK,
     Envelope,
+    SealedRecord,
     Sealer,
     parse,
     parse_record_header,
@@ -89,7 +90,7 @@ from ._stream import (
 )
 from .kms import KeyManagementService, KeyRotationService, PartialWrapping
 
-__all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats", "SealedRecord"]
+__all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats"]
 
 logger = logging.getLogger("encx_async")
 
@@ -125,18 +126,6 @@ def _check_bytes(name: str, value: object) -> Bytes:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"{name} must be bytes-like, not {type(value).__name__}")
     return value
-
-
-class SealedRecord(NamedTuple):
-    """The fields of one record sealed under one DEK (see :meth:`Crypto.seal_record`).
-
-    ``header`` names the DEK (KEK version, wrapped DEK, key commitment) and is
-    the same for every field; ``fields`` maps each field name to its
-    ``nonce || ciphertext || tag``. Store both; neither is secret.
-    """
-
-    header: bytes
-    fields: dict[str, bytes]
 
 
 def _field_name(name: object) -> str:

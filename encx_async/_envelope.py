@@ -47,6 +47,7 @@ __all__ = [
     "FIXED_SIZE",
     "MAX_WRAPPED_DEK",
     "Envelope",
+    "SealedRecord",
     "Sealer",
     "associated_data",
     "header_size",
@@ -71,6 +72,18 @@ _U32 = struct.Struct(">I")
 MIN_BODY = {BODY_GCM: NONCE_SIZE + TAG_SIZE, BODY_STREAM: TAG_SIZE}
 #: the bytes of a header before the wrapped DEK: enough to know the header's length
 FIXED_SIZE = _FIXED.size
+
+
+class SealedRecord(NamedTuple):
+    """The fields of one record sealed under one DEK (see :meth:`Crypto.seal_record`).
+
+    ``header`` names the DEK (KEK version, wrapped DEK, key commitment) and is
+    the same for every field; ``fields`` maps each field name to its
+    ``nonce || ciphertext || tag``. Store both; neither is secret.
+    """
+
+    header: bytes
+    fields: dict[str, bytes]
 
 
 class Envelope(NamedTuple):

@@ -16,7 +16,11 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     │   ├── KMSAccessDeniedError
     │   │   └── KMSCredentialsError
     │   ├── KMSKeyNotFoundError
-    │   └── KMSRegionMismatchError (also ValueError)
+    │   ├── KMSRegionMismatchError (also ValueError)
+    │   └── SecretsManagerError
+    │       ├── SecretsManagerUnavailableError (also KMSUnavailableError)
+    │       └── SecretsManagerAccessDeniedError (also KMSAccessDeniedError)
+    │           └── SecretsManagerCredentialsError (also KMSCredentialsError)
     ├── KeyStoreError
     │   ├── DatabaseUnavailableError
     │   └── KeyStoreCorruptError
@@ -24,6 +28,13 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
     └── DecryptionError
         └── KeyVersionError
             └── KeyVersionNotFoundError
+
+Loading the pepper from AWS Secrets Manager fails with a
+:class:`SecretsManagerError`. The family sits under :class:`KMSError`, and each
+of its classes also derives from the KMS class of the same meaning, because
+these failures were raised as those KMS classes before the family existed:
+``except KMSUnavailableError`` still catches an unreachable Secrets Manager,
+and ``except SecretsManagerError`` tells the pepper source apart from the KMS.
 
 Messages name aliases, key ids, regions and sizes, never key material,
 peppers or plaintext. When an error comes from botocore or the KMS, the
@@ -57,6 +68,10 @@ __all__ = [
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
     "RegionsUnavailableError",
+    "SecretsManagerAccessDeniedError",
+    "SecretsManagerCredentialsError",
+    "SecretsManagerError",
+    "SecretsManagerUnavailableError",
 ]
 
 
@@ -177,6 +192,30 @@ class KMSKeyNotFoundError(KMSError):
 
 class KMSRegionMismatchError(KMSError, ValueError):
     """A key ARN names a region other than the one the KMS client talks to."""
+
+
+class SecretsManagerError(KMSError):
+    """AWS Secrets Manager refused or failed a request of the pepper source
+    (:class:`~encx_async.providers.aws.SecretsManagerPepperSource`) that none of
+    the subclasses describe, for instance a secret whose KMS key cannot be used;
+    ``code`` holds the Secrets Manager error code when there is one.
+
+    A missing secret, or one that holds no pepper, is a :class:`ConfigurationError`.
+    """
+
+
+class SecretsManagerUnavailableError(SecretsManagerError, KMSUnavailableError):
+    """Secrets Manager could not be reached in time: network failure, timeout, 5xx
+    or throttling, after the configured retries. Retrying later may succeed."""
+
+
+class SecretsManagerAccessDeniedError(SecretsManagerError, KMSAccessDeniedError):
+    """The caller's credentials lack a ``secretsmanager:`` permission (the message
+    names it), or were refused as invalid or expired."""
+
+
+class SecretsManagerCredentialsError(SecretsManagerAccessDeniedError, KMSCredentialsError):
+    """No usable AWS credentials were found to sign a Secrets Manager request."""
 
 
 class KeyStoreError(EncxError):

@@ -47,7 +47,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
 from uuid import UUID
 
-from ._envelope import parse_record_header
+from ._envelope import SealedRecord, parse_record_header
 from ._exceptions import (
     ConfigurationError,
     DecryptionError,
@@ -834,8 +834,6 @@ async def decrypt_model(
     ``<name>_hash`` that is not the decrypted value's, or a wrong context or
     ``record_id`` raise :class:`~encx_async.DecryptionError`.
     """
-    from ._crypto import SealedRecord
-
     spec = inspect_model(model)
     if not isinstance(record, EncryptedRecord):
         record = EncryptedRecord.from_dict(record)

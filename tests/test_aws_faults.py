@@ -20,7 +20,7 @@ import pytest_asyncio
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from encx_async import _exceptions as errors
-from encx_async.providers import aws
+from encx_async.providers import _aws_client
 from encx_async.providers.aws import Config, KMSService, SecretsManagerPepperSource
 from tests.faultproxy import FaultProxy
 
@@ -129,7 +129,7 @@ async def test_default_deadline_bounds_a_queue_for_the_pool(
 def test_default_deadline_is_derived_from_the_client_limits() -> None:
     def derived(**options: Any) -> float:
         settings = Config(**options)
-        return aws._call_timeout(settings, settings.build_client_config())
+        return _aws_client.call_timeout(settings, settings.build_client_config())
 
     assert derived() == 3 * (5 + 10) + 1 + 2
     assert derived(max_attempts=1, connect_timeout=1, read_timeout=2) == 3
@@ -174,6 +174,7 @@ async def test_slow_answers_end_at_the_deadline(fault_proxy: FaultProxy, key: st
     async with KMSService(config(fault_proxy, read_timeout=10, call_timeout=0.5)) as kms:
         elapsed, exc = await timed(lambda: kms.encrypt_dek(key, DEK))
     assert isinstance(exc, errors.KMSUnavailableError)
+    assert not isinstance(exc, errors.SecretsManagerError)
     assert 0.45 <= elapsed < 0.5 + SLACK
     assert "after 1 attempt(s), the last still unanswered" in str(exc)
 
@@ -183,7 +184,8 @@ async def test_deadline_covers_the_secrets_manager_source(fault_proxy: FaultProx
     async with SecretsManagerPepperSource(settings) as source:
         fault_proxy.stall()
         elapsed, exc = await timed(lambda: source.load("app/pepper"))
-    assert isinstance(exc, errors.KMSUnavailableError)
+    assert isinstance(exc, errors.SecretsManagerUnavailableError)
+    assert isinstance(exc, errors.KMSUnavailableError)  # as before the Secrets Manager family
     assert 0.45 <= elapsed < 0.5 + SLACK
     message = str(exc)
     assert "Secrets Manager GetSecretValue on secret 'app/pepper'" in message
@@ -308,7 +310,7 @@ async def test_secrets_manager_reports_the_attempts_made(fault_proxy: FaultProxy
             await source.load("app/pepper")
         assert attempts_in(str(caught.value)) == 1
         fault_proxy.error(500, "InternalServiceError")
-        with pytest.raises(errors.KMSUnavailableError) as caught:
+        with pytest.raises(errors.SecretsManagerUnavailableError) as caught:
             await source.load("app/pepper")
         assert attempts_in(str(caught.value)) == 3
     assert fault_proxy.requests == 4

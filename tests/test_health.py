@@ -10,6 +10,7 @@ import pytest
 from aiobotocore.session import AioSession
 from moto.server import ThreadedMotoServer
 
+from benchmarks._delegating import DelegatingKMS
 from encx_async import ClosedError, ConfigurationError, Crypto, DEKCache, KeyManagementService
 from encx_async.providers.aws import Config, KMSService
 from encx_async.providers.local import LocalKMSService
@@ -138,40 +139,19 @@ async def test_a_kms_slower_than_the_timeout_is_not_ok() -> None:
             assert (await crypto.check()).ok  # the next probe is unaffected
 
 
-class _NoDescribe:
+class _NoDescribe(DelegatingKMS):
     """A provider with only the KeyManagementService methods (no describe_key)."""
 
     def __init__(self, inner: LocalKMSService) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.wrapped: list[bytes] = []
         self.unwrapped = 0
 
-    async def get_key_id(self, alias: str) -> str:
-        return await self.inner.get_key_id(alias)
-
-    async def create_key(self, description: str, *, alias: str | None = None) -> str:
-        return await self.inner.create_key(description, alias=alias)
-
-    async def encrypt_dek(
-        self, key_id: str, plaintext_dek: bytes, *, context: Mapping[str, str] | None = None
-    ) -> bytes:
-        self.wrapped.append(plaintext_dek)
-        return await self.inner.encrypt_dek(key_id, plaintext_dek, context=context)
-
-    async def decrypt_dek(
-        self, key_id: str, ciphertext_dek: bytes, *, context: Mapping[str, str] | None = None
-    ) -> bytes:
-        self.unwrapped += 1
-        return await self.inner.decrypt_dek(key_id, ciphertext_dek, context=context)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def __aenter__(self) -> _NoDescribe:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    async def before(self, operation: str, data: bytes) -> None:
+        if operation == "encrypt_dek":
+            self.wrapped.append(data)
+        else:
+            self.unwrapped += 1
 
 
 async def test_a_provider_without_describe_key_is_checked_by_a_throwaway_wrap() -> None:

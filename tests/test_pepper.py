@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 
 from encx_async import _exceptions as errors
 from encx_async._pepper import MAX_PEPPER_VERSION, PEPPER_SIZE, Pepper
-from encx_async.providers import aws
+from encx_async.providers import _secrets_manager
 from encx_async.providers.aws import Config, KMSService, SecretsManagerPepperSource
 
 if TYPE_CHECKING:
@@ -701,7 +701,7 @@ async def test_read_back_waits_for_the_created_secret(
 
 
 async def test_read_back_gives_up(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aws, "_READ_BACK_DELAYS", (0.0, 0.01))
+    monkeypatch.setattr(_secrets_manager, "_READ_BACK_DELAYS", (0.0, 0.01))
     session, calls = not_yet_visible(after_create=100)
     config = Config(region=REGION, endpoint_url=moto_endpoint, session=session)
     async with SecretsManagerPepperSource(config) as source:
@@ -833,9 +833,29 @@ async def test_unreachable_endpoint() -> None:
     async with SecretsManagerPepperSource(config) as source:
         with pytest.raises(errors.KMSUnavailableError) as caught:
             await source.load("app/pepper", create_if_missing=True)
+    assert isinstance(caught.value, errors.SecretsManagerUnavailableError)
     message = str(caught.value)
     assert "Secrets Manager GetSecretValue" in message
     assert "could not be reached" in message
+
+
+async def test_no_credentials_is_a_secrets_manager_error(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    async with SecretsManagerPepperSource(Config(region=REGION, endpoint_url=moto_endpoint)) as src:
+        with pytest.raises(errors.SecretsManagerCredentialsError) as caught:
+            await src.load("app/pepper")
+    # Code written before the Secrets Manager family catches it as it did.
+    assert isinstance(caught.value, errors.KMSCredentialsError)
+    assert isinstance(caught.value, errors.SecretsManagerAccessDeniedError)
+    assert str(caught.value).startswith(
+        "no usable AWS credentials to sign Secrets Manager GetSecretValue on secret 'app/pepper'"
+    )
 
 
 @pytest.fixture
@@ -883,6 +903,7 @@ async def test_access_denied_names_the_permission(
         assert await source.load("app/pepper") == Pepper(SECRET)
         with pytest.raises(errors.KMSAccessDeniedError) as denied_create:
             await source.load("app/new", create_if_missing=True)
+    assert isinstance(denied_create.value, errors.SecretsManagerAccessDeniedError)
     assert "secretsmanager:CreateSecret" in str(denied_create.value)
     assert "Secrets Manager CreateSecret" in str(denied_create.value)
     assert isinstance(denied_create.value.__cause__, ClientError)
@@ -894,7 +915,7 @@ async def test_access_denied_names_the_permission(
     assert_no_leak(denied_read.value)
 
     async with SecretsManagerPepperSource(Config(region=REGION, endpoint_url=moto_endpoint)) as src:
-        with pytest.raises(errors.KMSAccessDeniedError, match="credentials"):
+        with pytest.raises(errors.SecretsManagerAccessDeniedError, match="credentials"):
             await src.load("app/pepper")
 
 

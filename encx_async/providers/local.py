@@ -32,7 +32,7 @@ Wrapped data key layout (all integers big-endian)::
 
 The AES-GCM associated data is a fixed label, everything before the nonce
 (version, key id, material index), then the canonical encoding of the
-encryption context (:func:`encx_async._context.encode_kms_context`).
+encryption context (docs/format.md, "Canonical context encoding").
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ from encx_async.providers._common import (
     is_alias_name,
     not_found_message,
 )
+from encx_async.providers._replication import ReplicatesIntoServices
 
 __all__ = ["LocalKMSService"]
 
@@ -202,7 +203,7 @@ def _unseal(key_id: str, key: _Key, blob: bytes, context: bytes) -> bytes:
         raise DecryptionError(DECRYPT_FAILED) from None
 
 
-class LocalKMSService(ProviderResource):
+class LocalKMSService(ProviderResource, ReplicatesIntoServices):
     """A KMS that lives in this process: **for development, demos and tests only**.
 
     Keys are random 256-bit AES-GCM keys held in memory. With ``path`` they
@@ -223,7 +224,8 @@ class LocalKMSService(ProviderResource):
     replica here.
 
     Multi-region keys: ``create_key(..., multi_region=True)`` and
-    :meth:`replicate_key`. Giving the primary new material
+    :meth:`replicate_key`, which copies a key into the service of another
+    region (:meth:`replicates_into` says which). Giving the primary new material
     (:meth:`rotate_key_material`) gives it to the replicas it is linked to
     too, as AWS KMS synchronises them; a replica refuses to rotate. The link
     lives in process memory: after reopening the services from their key
@@ -568,6 +570,11 @@ class LocalKMSService(ProviderResource):
             target = self._resolve_locked(key_ref)
             self._commit_locked(dict(self._keys), {**self._aliases, alias: target})
             return target
+
+    def replicates_into(self, service: object) -> bool:
+        """Whether :meth:`replicate_key` copies keys into ``service``: any other
+        LocalKMSService (it refuses one of this region itself)."""
+        return isinstance(service, LocalKMSService)
 
     async def replicate_key(
         self, key_id: str, replica: LocalKMSService, *, alias: str | None = None

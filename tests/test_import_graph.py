@@ -15,21 +15,6 @@ import encx_async
 
 PACKAGE = Path(encx_async.__file__).parent
 
-# A package whose __init__ picks a backend module lazily, and the backends
-# import the package's shared helpers: a cycle to cut by moving those helpers
-# into a module of their own, not one to add to.
-KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset(
-    {
-        frozenset(
-            {
-                "encx_async._keystore",
-                "encx_async._keystore._postgres",
-                "encx_async._keystore._sqlite",
-            }
-        )
-    }
-)
-
 
 def modules() -> dict[str, Path]:
     found = {}
@@ -130,8 +115,7 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones() -> None:
 
 
 def test_no_import_cycles() -> None:
-    unexpected = [sorted(cycle) for cycle in cycles(import_graph()) if cycle not in KNOWN_CYCLES]
-    assert unexpected == []
+    assert [sorted(cycle) for cycle in cycles(import_graph())] == []
 
 
 def test_multi_region_special_cases_no_provider() -> None:

@@ -43,6 +43,9 @@ logger = logging.getLogger("encx_async.cache")
 NIST_GCM_RANDOM_NONCE_LIMIT = 2**32
 _REASONS = ("ttl", "messages", "bytes")
 _UNBOUNDED = 1 << 64  # above any count a process can reach
+#: times a caller waits for a key that others then use up or evict, before it
+#: gets one of its own
+_ROUNDS = 3
 
 
 class _Value(Protocol):
@@ -214,7 +217,7 @@ class _Side(Generic[V]):
 
     async def get(self, key: Hashable, cost: int | None, uses: int = 1) -> V:
         """Like :meth:`take`, but a miss loads the value: once, however many callers ask."""
-        while True:
+        for _ in range(_ROUNDS):
             value = self.take(key, cost, uses)
             if value is not None:
                 return value
@@ -235,6 +238,14 @@ class _Side(Generic[V]):
             # up already, go round again.
             if self._reserve(key, loaded, cost, uses):
                 return loaded.value
+        # Still nothing: other callers keep using up or evicting each key before
+        # this one gets a turn (more busy contexts than max_entries). A key of
+        # its own, for this call alone, ends the race; wiped once the caller's
+        # current step is done, as a retired key is.
+        self.misses += 1
+        value = await self.loader(key)
+        asyncio.get_running_loop().call_soon(value.wipe)
+        return value
 
     def _spawn(self, coro: Awaitable[_Entry[V]]) -> asyncio.Task[_Entry[V]]:
         task: asyncio.Task[_Entry[V]] = asyncio.ensure_future(coro)

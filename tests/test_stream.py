@@ -425,10 +425,13 @@ async def test_thread_threshold_keeps_every_envelope_streamable(kms: LocalKMSSer
         assert await collect(crypto.decrypt_stream(random_split(blob, 3, 4_000_000))) == data
 
 
-async def test_streams_notice_a_rotation_made_elsewhere(kms: LocalKMSService) -> None:
+async def test_streams_notice_a_rotation_made_elsewhere(
+    kms: LocalKMSService, tmp_path: Path
+) -> None:
+    shared = f"sqlite:///{tmp_path / 'keys.db'}"  # two instances, one store
     async with (
-        await Crypto.create(kms=kms, kek_alias=ALIAS, version_check_interval=0.01) as reader,
-        await Crypto.create(kms=kms, kek_alias=ALIAS) as rotator,
+        Crypto(kms=kms, kek_alias=ALIAS, database=shared, version_check_interval=0.01) as reader,
+        Crypto(kms=kms, kek_alias=ALIAS, database=shared) as rotator,
     ):
         await rotator.rotate_kek()
         await anyio.sleep(0.02)

@@ -68,7 +68,53 @@ class _Fault:
 _PASS_THROUGH = _Fault("pass")
 
 
-class FaultProxy:
+class _Listener:
+    """What both proxies share: a listener on 127.0.0.1, the connections it
+    accepted and their handlers, all dropped by ``aclose``."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = False
+
+    @property
+    def _port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the proxy is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def aclose(self) -> None:
+        """Stop listening, drop every connection, and wait for their handlers."""
+        self._closing = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class FaultProxy(_Listener):
     """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` or injects a fault."""
 
     def __init__(self, upstream: str) -> None:
@@ -78,10 +124,7 @@ class FaultProxy:
         self._upstream = (parts.hostname, parts.port or 80)
         self._fault = _PASS_THROUGH
         self._remaining: int | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._closing = False
+        super().__init__()
         self._arrived = asyncio.Condition()
         self.latency = 0.0
         """Seconds to wait after reading a request, before handling it."""
@@ -93,10 +136,7 @@ class FaultProxy:
     @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>``, to use as ``endpoint_url``."""
-        if self._server is None:
-            raise RuntimeError("the proxy is not started")
-        port = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{self._port}"
 
     # -- faults ------------------------------------------------------------
 
@@ -160,31 +200,6 @@ class FaultProxy:
             await self._arrived.wait_for(lambda: self.requests >= count)
 
     # -- lifecycle ---------------------------------------------------------
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def aclose(self) -> None:
-        """Stop listening, drop every connection, and wait for their handlers."""
-        self._closing = True
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # -- serving -----------------------------------------------------------
 
@@ -276,7 +291,7 @@ def _closes(head: bytes) -> bool:
     return _headers(head).get("connection", "").lower() == "close"
 
 
-class TCPFaultProxy:
+class TCPFaultProxy(_Listener):
     """A TCP relay on 127.0.0.1 to ``host:port`` (loopback) that can stall."""
 
     def __init__(self, host: str, port: int) -> None:
@@ -285,18 +300,13 @@ class TCPFaultProxy:
         self._upstream = (host, port)
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        super().__init__()
         self.connections = 0
         """Connections accepted so far."""
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the proxy is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return self._port
 
     def stall(self) -> None:
         """Hold back every byte, both ways, on every connection (new ones too)."""
@@ -305,29 +315,6 @@ class TCPFaultProxy:
     def pass_through(self) -> None:
         """Deliver what was held back and relay again."""
         self._flowing.set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def aclose(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

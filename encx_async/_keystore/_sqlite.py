@@ -155,7 +155,9 @@ class SQLiteKeyStore:
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
             # process opens it can deadlock the two until the busy timeout.
-            await db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # Patiently too: while another instance is creating the same new file,
+            # even this first statement may find it locked without waiting.
+            await _patiently(lambda: db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}"))
             async with self._transaction(db):
                 for statement in _SCHEMA:
                     await db.execute(statement)

@@ -406,6 +406,8 @@ class Crypto(AsyncResource):
             return
         self._closed = True
         self._basic = self._secure = None  # the keys derived from the pepper go too
+        if self._fast is not None:
+            self._fast.forget()
         if self._cache is not None:
             await self._cache.aclose()
         await self._keyring.aclose()

@@ -46,6 +46,7 @@ __all__ = [
     "BODY_STREAM",
     "FIXED_SIZE",
     "MAX_WRAPPED_DEK",
+    "OPEN_FAILED",
     "Envelope",
     "SealedRecord",
     "Sealer",
@@ -204,16 +205,21 @@ class Sealer:
 
     Built once per DEK (cached or not): the header and the fixed part of the
     associated data are computed here, so a message costs one AES-GCM call.
+
+    ``header``, ``aad_prefix`` and ``gcm`` are what a small AES-GCM envelope
+    needs: :meth:`seal_small` and :meth:`open_at` use them, and so does the
+    cached fast path (``_fastpath``), which repeats those two methods' lines.
+    Read them, never replace them: only :meth:`wipe` does.
     """
 
     __slots__ = (
-        "_aad_prefix",
         "_commitment",
         "_context",
         "_field_prefix",
-        "_gcm",
-        "_header",
+        "aad_prefix",
         "cipher",
+        "gcm",
+        "header",
         "kek_version",
         "lifetime",
         "wrapped_dek",
@@ -226,36 +232,33 @@ class Sealer:
         self.kek_version = kek_version
         self.wrapped_dek = wrapped_dek
         self._context = context
-        self._gcm: AESGCM | _Wiped = cipher.gcm or _WIPED
+        self.gcm: AESGCM | _Wiped = cipher.gcm or _WIPED
         self._commitment = cipher.commitment
-        self._header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
-        self._aad_prefix = associated_data(BODY_GCM, cipher.commitment, context, None)
+        #: every byte of this sealer's AES-GCM envelopes before the body
+        self.header = pack_header(BODY_GCM, kek_version, wrapped_dek, cipher.commitment)
+        #: the associated data of those envelopes, before the caller's aad
+        self.aad_prefix = associated_data(BODY_GCM, cipher.commitment, context, None)
         self._field_prefix = associated_data(RECORD_FIELD, cipher.commitment, context, None)
         #: seconds the DEK cache may reuse this key at most; None: its ttl
         #: (a wrapped key the KMS made only in part is reused only briefly)
         self.lifetime: float | None = None
 
     def wipe(self) -> None:
-        self._gcm = _WIPED
+        self.gcm = _WIPED
         self.cipher.wipe()
 
     def seal_small(self, plaintext: Bytes, aad: bytes | None) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
-        full_aad = self._aad_prefix + aad if aad else self._aad_prefix
-        return b"".join((self._header, nonce, self._gcm.encrypt(nonce, plaintext, full_aad)))
+        full_aad = self.aad_prefix + aad if aad else self.aad_prefix
+        return b"".join((self.header, nonce, self.gcm.encrypt(nonce, plaintext, full_aad)))
 
     @property
     def wiped(self) -> bool:
-        return self._gcm is _WIPED
-
-    @property
-    def header(self) -> bytes:
-        """The header of this sealer's AES-GCM envelopes: every byte before the body."""
-        return self._header
+        return self.gcm is _WIPED
 
     @property
     def binding(self) -> bytes:
-        return self._header[4:]
+        return self.header[4:]
 
     def check_commitment(self, commitment: bytes) -> None:
         if not hmac.compare_digest(self._commitment, commitment):
@@ -275,11 +278,11 @@ class Sealer:
         The caller has checked the header (and so the commitment) and that the
         body is at least a nonce and a tag long.
         """
-        full_aad = self._aad_prefix + aad if aad else self._aad_prefix
+        full_aad = self.aad_prefix + aad if aad else self.aad_prefix
         try:
-            return self._gcm.decrypt(blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad)
+            return self.gcm.decrypt(blob[at : at + NONCE_SIZE], blob[at + NONCE_SIZE :], full_aad)
         except InvalidTag:
-            raise DecryptionError(_OPEN_FAILED) from None
+            raise DecryptionError(OPEN_FAILED) from None
 
     def fields_job(
         self, fields: Mapping[str, Bytes], aad: bytes | None, *, seal: bool
@@ -292,7 +295,7 @@ class Sealer:
         job may run in a worker thread while the cache retires this sealer.
         """
         return partial(
-            _seal_fields if seal else _open_fields, self._gcm, self._field_prefix, fields, aad
+            _seal_fields if seal else _open_fields, self.gcm, self._field_prefix, fields, aad
         )
 
     def seal_large_job(self, plaintext: Bytes, aad: bytes | None) -> Callable[[], bytes]:
@@ -322,7 +325,7 @@ class Sealer:
 
     def gcm_opener(self, aad: bytes | None) -> Callable[[Envelope], bytes]:
         """Opens this DEK's AES-GCM envelopes later, even after a wipe: the key is taken now."""
-        return partial(_open_gcm, self._gcm, self._aad_prefix + (aad or b""))
+        return partial(_open_gcm, self.gcm, self.aad_prefix + (aad or b""))
 
     def open_job(self, envelope: Envelope, aad: bytes | None) -> Callable[[], bytes]:
         """A job opening a large envelope of either kind, for a worker thread.
@@ -362,7 +365,7 @@ def _open_fields(
             full_aad = prefix + _field_aad(name, aad)
             out[name] = gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)
     except InvalidTag:
-        raise DecryptionError(_OPEN_FAILED) from None
+        raise DecryptionError(OPEN_FAILED) from None
     return out
 
 
@@ -381,7 +384,7 @@ class _Wiped:
 
 
 _WIPED = _Wiped()
-_OPEN_FAILED = "the AES-GCM body failed authentication"
+OPEN_FAILED = "the AES-GCM body failed authentication"
 
 
 def _open_gcm(gcm: AESGCM | _Wiped, full_aad: bytes, envelope: Envelope) -> bytes:
@@ -389,4 +392,4 @@ def _open_gcm(gcm: AESGCM | _Wiped, full_aad: bytes, envelope: Envelope) -> byte
     try:
         return gcm.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], full_aad)
     except InvalidTag:
-        raise DecryptionError(_OPEN_FAILED) from None
+        raise DecryptionError(OPEN_FAILED) from None

@@ -567,6 +567,19 @@ async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
     assert parse(await writer.encrypt(b"b", context=CTX)).kek_version == 2
 
 
+async def test_closing_forgets_the_fast_path(local: LocalKMSService) -> None:
+    crypto = await make(local, DEKCache())
+    blob = await crypto.encrypt(b"m", context=CTX)
+    await crypto.decrypt(blob, context=CTX)
+    fast = crypto._fast
+    assert fast is not None
+    remembered = fast.sealers()
+    assert len(remembered) == 2
+    await crypto.aclose()
+    assert fast.sealers() == []
+    assert all(sealer.wiped for sealer in remembered)
+
+
 async def test_stats_read_from_another_thread_never_go_back(local: LocalKMSService) -> None:
     # An OpenTelemetry reader calls stats() from its own thread while the loop
     # serves messages from the fast path and through the cache in turn.

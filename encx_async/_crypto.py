@@ -207,8 +207,10 @@ class Crypto(AsyncResource):
             worker thread (and get a Cobblestone-256 body); at most 16 MiB.
         :param store_timeout: seconds each step of a PostgreSQL key-store
             operation may take (connecting, waiting for a pooled connection or
-            the rotation lock, a statement, giving the connection back); one
-            that runs out raises :class:`~encx_async.DatabaseUnavailableError`.
+            the rotation lock, a statement, giving the connection back), and
+            seconds a SQLite statement may wait for another process's lock on
+            the file; one that runs out raises
+            :class:`~encx_async.DatabaseUnavailableError`.
         """
         # Not open until _start() succeeds: closed, as far as every call and
         # __del__ can tell, so one that is never opened does not warn.

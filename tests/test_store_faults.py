@@ -7,7 +7,12 @@ that key behind, billed and unused)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import random
+import sqlite3
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -171,6 +176,150 @@ async def test_a_deleted_sqlite_file_is_named_and_no_key_is_made(
         await crypto.aclose()
 
 
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")  # no other connection may read or write
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@contextlib.asynccontextmanager
+async def _locked_by_another_process(path: Path) -> AsyncIterator[None]:
+    """The SQLite file at ``path`` exclusively locked by a child process, until exit."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLD_LOCK,
+        str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"locked\n"
+        yield
+    finally:
+        child.stdin.close()
+        await child.wait()
+
+
+async def _sqlite_crypto(kms: LocalKMSService, path: Path, store_timeout: float) -> Crypto:
+    return await Crypto.create(
+        kms=kms,
+        kek_alias="alias/locked",
+        database=f"sqlite:///{path}",
+        create_key_if_missing=True,
+        store_timeout=store_timeout,
+    )
+
+
+async def test_a_sqlite_lock_held_elsewhere_fails_after_store_timeout(
+    tmp_path: Path, local_kms: LocalKMSService
+) -> None:
+    path = tmp_path / "keys.db"
+    crypto = await _sqlite_crypto(local_kms, path, store_timeout=0.5)
+    try:
+        keys_before = len(local_kms._keys)
+        async with _locked_by_another_process(path):
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailableError, match="store_timeout") as caught:
+                await crypto.rotate_kek()
+            waited = time.monotonic() - started
+            assert 0.5 <= waited < 0.5 + SLACK
+            assert "database is locked" in str(caught.value)
+            assert len(local_kms._keys) == keys_before  # the lock came first, no KMS call
+        await crypto.rotate_kek()  # once the other process lets go
+        assert crypto.kek_version == 2
+    finally:
+        await crypto.aclose()
+
+
+@pytest.mark.parametrize("operation", ["rotate", "read"])
+async def test_a_wait_for_a_sqlite_lock_ends_at_the_callers_deadline(
+    tmp_path: Path, local_kms: LocalKMSService, operation: str
+) -> None:
+    # SQLite waits for a lock inside a worker thread; the wait must still end
+    # at once when the caller gives up, not when SQLite's own timeout would.
+    path = tmp_path / "keys.db"
+    crypto = await _sqlite_crypto(local_kms, path, store_timeout=60)
+    try:
+        async with _locked_by_another_process(path):
+            # A read is what the background check for other instances' rotations does.
+            waiting = crypto.rotate_kek() if operation == "rotate" else crypto._keyring.reload()
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(waiting, 0.3)
+            assert time.monotonic() - started < 0.3 + SLACK
+        # The connection was left outside any transaction: it works at once.
+        await crypto.rotate_kek()
+        assert [v.version for v in crypto.kek_versions()] == [1, 2]
+    finally:
+        await crypto.aclose()
+
+
+async def test_statements_abandoned_by_cancelled_tasks_never_overlap(
+    tmp_path: Path, local_kms: LocalKMSService
+) -> None:
+    # Each cancelled read leaves its statement to finish in a worker thread;
+    # the next read must not run on the same connection meanwhile (two threads
+    # in one sqlite3 connection can crash the interpreter).
+    path = tmp_path / "keys.db"
+    crypto = await _sqlite_crypto(local_kms, path, store_timeout=60)
+    threaded = crypto._keyring.store._connection._connection  # type: ignore[attr-defined]
+    watched = _OverlapWatch(threaded._connection)
+    threaded._connection = watched
+    try:
+        async with _locked_by_another_process(path):
+            for _ in range(20):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.01):
+                        await crypto._keyring.reload()
+        await crypto.rotate_kek()
+        assert [v.version for v in crypto.kek_versions()] == [1, 2]
+        assert watched.calls > 20
+        assert watched.most_at_once == 1
+    finally:
+        await crypto.aclose()
+
+
+class _OverlapWatch:
+    """A sqlite3 connection's stand-in that counts the statements running at once."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self._guard = threading.Lock()
+        self._running = 0
+        self.calls = 0
+        self.most_at_once = 0
+
+    def _enter(self) -> None:
+        with self._guard:
+            self.calls += 1
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+
+    def _leave(self) -> None:
+        with self._guard:
+            self._running -= 1
+
+    def execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        self._enter()
+        try:
+            return self._connection.execute(sql, parameters)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        self._enter()
+        try:
+            self._connection.close()
+        finally:
+            self._leave()
+
+
 class _DeletesFileOnCreate(LocalKMSService):
     """A local KMS whose CreateKey also deletes a file: the SQLite file vanishing
     while a rotation is under way."""
@@ -287,12 +436,34 @@ async def test_a_key_that_cannot_be_scheduled_is_reported_and_retried(
 
 
 async def test_a_storm_of_cancelled_rotations_leaves_no_unused_key(
-    aws_kms: KMSService, tmp_path: Path
+    aws_kms: KMSService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     crypto = await sqlite_crypto(aws_kms, tmp_path, "alias/storm")
+    made = 0
+    create_key = aws_kms.create_key
+    rotating: contextvars.ContextVar[asyncio.Task[Any]] = contextvars.ContextVar("rotating")
+
+    async def rotate() -> KEKVersion:
+        task = asyncio.current_task()
+        assert task is not None
+        rotating.set(task)
+        return await crypto.rotate_kek()
+
+    async def create_key_then_some_are_cancelled(*args: Any, **kwargs: Any) -> str:
+        # Besides the cancellations at random times below, every fifth rotation is
+        # cancelled as its CreateKey answers, so the storm surely has some that
+        # made a key in vain, however fast this machine runs the others.
+        nonlocal made
+        key_id = await create_key(*args, **kwargs)
+        made += 1
+        if made % 5 == 0:
+            rotating.get().cancel()  # the caller's task (this call may run in another)
+        return key_id
+
     try:
+        monkeypatch.setattr(aws_kms, "create_key", create_key_then_some_are_cancelled)
         rng = random.Random(15)
-        tasks = [asyncio.ensure_future(crypto.rotate_kek()) for _ in range(50)]
+        tasks = [asyncio.ensure_future(rotate()) for _ in range(50)]
         for task in tasks:
             loop = asyncio.get_running_loop()
             loop.call_later(rng.uniform(0, 4.0), task.cancel)

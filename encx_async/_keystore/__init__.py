@@ -67,8 +67,8 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
     opened), or the KeyStore given.
 
     ``timeout`` bounds each step of a PostgreSQL store's operations (see
-    PostgresKeyStore); SQLite waits for other processes' locks as its busy
-    timeout says.
+    PostgresKeyStore), and how long a SQLite statement waits for another
+    connection's lock.
     """
     if database is None:
         database = default_database_url()
@@ -77,7 +77,7 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
         if scheme == "sqlite":
             from ._sqlite import SQLiteKeyStore
 
-            return SQLiteKeyStore.from_url(database)
+            return SQLiteKeyStore.from_url(database, timeout=timeout)
         if scheme in ("postgresql", "postgres"):
             try:
                 from ._postgres import PostgresKeyStore
@@ -110,7 +110,7 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
         if isinstance(database, aiosqlite.Connection):
             from ._sqlite import SQLiteKeyStore
 
-            return SQLiteKeyStore(connection=database)
+            return SQLiteKeyStore(connection=database, timeout=timeout)
     raise DatabaseUnavailableError(
         f"database must be a URL, a KeyStore, an asyncpg pool or an aiosqlite connection, "
         f"not {type(database).__name__}"

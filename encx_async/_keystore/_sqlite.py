@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -26,6 +27,7 @@ from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundE
 
 from ._rows import (
     COLUMNS,
+    DEFAULT_STORE_TIMEOUT,
     SCHEMA_VERSION,
     KEKVersion,
     KeyState,
@@ -39,11 +41,15 @@ from ._rows import (
 
 __all__ = ["SQLiteKeyStore"]
 
+_T = TypeVar("_T")
+
 if TYPE_CHECKING:
     import aiosqlite
 
 _SCHEMA = schema("TEXT")
-_BUSY_TIMEOUT_MS = 30_000
+#: how long one statement waits inside SQLite for another connection's lock
+#: before it gives control back to the event loop (see _Patient)
+_LOCK_SLICE_MS = 100
 
 
 class _Connection(Protocol):
@@ -61,12 +67,24 @@ class _Connection(Protocol):
 class _ThreadedConnection:
     """A ``sqlite3`` connection whose statements run in anyio worker threads.
 
-    The store's lock lets one statement run at a time, so the connection is
-    never used by two threads at once (hence ``check_same_thread=False``).
+    One statement runs at a time, whichever thread it runs in (hence
+    ``check_same_thread=False``): the store's lock is not enough for that,
+    because a task cancelled natively by asyncio (``asyncio.timeout``) stops
+    waiting for its worker thread without stopping the thread, and the next
+    statement must not start while that one is still running. The wait for
+    it happens in the next statement's worker thread, not in the event loop.
     """
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
+        self._one_at_a_time = threading.Lock()
+
+    async def _run(self, call: Callable[[], _T]) -> _T:
+        def alone() -> _T:
+            with self._one_at_a_time:
+                return call()
+
+        return await anyio.to_thread.run_sync(alone)
 
     @classmethod
     async def connect(cls, target: str) -> _ThreadedConnection:
@@ -74,13 +92,13 @@ class _ThreadedConnection:
             sqlite3.connect,
             target,
             isolation_level=None,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
+            timeout=_LOCK_SLICE_MS / 1000,
             check_same_thread=False,
         )
         return cls(await anyio.to_thread.run_sync(connect))
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object:
-        return await anyio.to_thread.run_sync(self._connection.execute, sql, tuple(parameters))
+        return await self._run(partial(self._connection.execute, sql, tuple(parameters)))
 
     async def execute_fetchall(
         self, sql: str, parameters: Iterable[Any] = ()
@@ -88,23 +106,81 @@ class _ThreadedConnection:
         def fetch() -> list[sqlite3.Row]:
             return self._connection.execute(sql, tuple(parameters)).fetchall()
 
-        return await anyio.to_thread.run_sync(fetch)
+        return await self._run(fetch)
 
     async def close(self) -> None:
         # Shielded: a cancelled aclose() must not leave the file open.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._connection.close)
+            await self._run(self._connection.close)
+
+
+class _Patient:
+    """A connection whose statements wait out other connections' locks, for up to
+    ``timeout`` seconds each, and stay cancellable while they wait.
+
+    SQLite waits for a lock inside the statement (its busy timeout), in a worker
+    thread that nothing can interrupt. So that wait is one short slice, and a
+    statement that runs out of it is tried again from the event loop, where a
+    cancellation or the deadline ends the wait. Some conflicts SQLite reports
+    at once rather than risk a deadlock (switching a new file's journal while
+    another process opens it, for one): those are retried the same way.
+    Retrying is safe: a statement that fails as busy has changed nothing, and a
+    transaction whose COMMIT was busy is still open, waiting for that COMMIT.
+    """
+
+    def __init__(self, connection: _Connection, timeout: float) -> None:
+        self._connection = connection
+        self._timeout = timeout
+
+    async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object:
+        return await self._patiently(partial(self._connection.execute, sql, parameters))
+
+    async def execute_fetchall(
+        self, sql: str, parameters: Iterable[Any] = ()
+    ) -> Iterable[sqlite3.Row]:
+        return await self._patiently(partial(self._connection.execute_fetchall, sql, parameters))
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+    async def _patiently(self, statement: Callable[[], Awaitable[_T]]) -> _T:
+        deadline = time.monotonic() + self._timeout
+        delay = 0.005
+        while True:
+            try:
+                return await statement()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise sqlite3.OperationalError(
+                        f"{exc}: another connection held its lock for over "
+                        f"{self._timeout:g} s (store_timeout)"
+                    ) from exc
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _LOCK_SLICE_MS / 1000)
 
 
 class SQLiteKeyStore:
     """A connection passed in should be in autocommit mode (``isolation_level=None``)
-    and is left open; transactions here are explicit (``BEGIN IMMEDIATE``)."""
+    and is left open; transactions here are explicit (``BEGIN IMMEDIATE``).
+
+    ``timeout`` is how long a statement may wait for another connection's lock
+    (another process writing, say) before it fails.
+    """
 
     def __init__(
-        self, *, path: str | None = None, connection: aiosqlite.Connection | None = None
+        self,
+        *,
+        path: str | None = None,
+        connection: aiosqlite.Connection | None = None,
+        timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> None:
         self._path = path
-        self._connection: _Connection | None = connection
+        self._timeout = timeout
+        self._connection: _Connection | None = (
+            None if connection is None else _Patient(connection, timeout)
+        )
         self._owns_connection = connection is None
         # Opened, but the file does not exist yet: made by the first write.
         self._deferred = False
@@ -117,14 +193,14 @@ class SQLiteKeyStore:
         self.url = f"sqlite:///{path}" if path is not None else "sqlite (given connection)"
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteKeyStore:
+    def from_url(cls, url: str, *, timeout: float = DEFAULT_STORE_TIMEOUT) -> SQLiteKeyStore:
         rest = url[len("sqlite:") :]
         if not rest.startswith("///") or len(rest) == 3:
             raise DatabaseUnavailableError(
                 f"malformed SQLite URL {url!r}: use sqlite:///relative/keys.db, "
                 "sqlite:////absolute/keys.db or sqlite:///:memory:"
             )
-        return cls(path=rest[3:])
+        return cls(path=rest[3:], timeout=timeout)
 
     async def open(self) -> None:
         if self._connection is None:
@@ -147,7 +223,9 @@ class SQLiteKeyStore:
                 target = self._path
                 if target != ":memory:":
                     target = await anyio.to_thread.run_sync(_prepare_file, self._path)
-                self._connection = await _ThreadedConnection.connect(target)
+                self._connection = _Patient(
+                    await _ThreadedConnection.connect(target), self._timeout
+                )
                 if target != ":memory:":
                     self._file = target
             self._deferred = False
@@ -155,9 +233,8 @@ class SQLiteKeyStore:
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
             # process opens it can deadlock the two until the busy timeout.
-            # Patiently too: while another instance is creating the same new file,
-            # even this first statement may find it locked without waiting.
-            await _patiently(lambda: db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}"))
+            # (A connection passed in gets the slice too: see _Patient.)
+            await db.execute(f"PRAGMA busy_timeout = {_LOCK_SLICE_MS}")
             async with self._transaction(db):
                 for statement in _SCHEMA:
                     await db.execute(statement)
@@ -245,14 +322,16 @@ class SQLiteKeyStore:
 
     @asynccontextmanager
     async def _transaction(self, db: _Connection) -> AsyncIterator[None]:
-        await _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
         try:
+            # Inside the try: a caller cancelled while BEGIN waits for a lock may
+            # have left it to finish in its thread, and so to open a transaction.
+            await db.execute("BEGIN IMMEDIATE")
             yield
         except BaseException:
             # Shielded: under a cancelled scope the rollback must still run,
             # or the connection stays inside the failed transaction.
             with anyio.CancelScope(shield=True):
-                await db.execute("ROLLBACK")
+                await _rollback(db)
             raise
         await db.execute("COMMIT")
 
@@ -382,24 +461,9 @@ def _prepare_file(path: str) -> str:
     return str(target)
 
 
-async def _patiently(statement: Callable[[], Awaitable[object]]) -> None:
-    """Run a statement, waiting out SQLITE_BUSY that SQLite reports at once.
-
-    The busy timeout covers most waits, but SQLite fails some lock upgrades
-    immediately rather than risk a deadlock (switching a new file to WAL while
-    another process opens it, for one); those are retried here, for as long as
-    the busy timeout would have waited.
-    """
-    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
-    delay = 0.005
-    while True:
-        try:
-            await statement()
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            if time.monotonic() >= deadline:
-                raise
-        await anyio.sleep(delay)
-        delay = min(delay * 2, 0.2)
+async def _rollback(db: _Connection) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "no transaction is active" not in str(exc):
+            raise

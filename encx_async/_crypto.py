@@ -1076,17 +1076,22 @@ class Crypto(AsyncResource):
         self._check_open()
         if strategy is not None:
             warnings.warn(
-                "rotate_kek(rotation=...) is deprecated: use rotate_kek(rotation=...)",
+                "rotate_kek(strategy=...) is deprecated: use rotate_kek(rotation=...)",
                 DeprecationWarning,
                 stacklevel=2,
             )
-            rotation = rotation or strategy
+            if rotation is not None and rotation != strategy:
+                raise ConfigurationError(
+                    "rotate_kek got both rotation= and strategy= (its former name): "
+                    "pass rotation= only"
+                )
+            rotation = strategy
         kms = self._rotation_service()
-        strategy = rotation or self._rotation
-        if strategy not in ROTATIONS:
+        chosen = rotation or self._rotation
+        if chosen not in ROTATIONS:
             raise ConfigurationError(f"rotation must be one of {', '.join(ROTATIONS)}")
         alias = self._kek_alias
-        if strategy == "new-key" and not alias.startswith("alias/"):
+        if chosen == "new-key" and not alias.startswith("alias/"):
             raise ConfigurationError(
                 "new-key rotation moves an alias, so kek_alias must be 'alias/...'; "
                 "use rotation='kms-managed' to rotate a key named by id or ARN"
@@ -1098,7 +1103,7 @@ class Crypto(AsyncResource):
         async def new_key(current: KEKVersion | None) -> str:
             if current is None:  # pragma: no cover - the key ring always starts with a version
                 raise KeyStoreCorruptError(f"alias {alias!r} has no KEK version to rotate from")
-            if strategy == "kms-managed":
+            if chosen == "kms-managed":
                 await self._call_kms("rotate_key_material", kms.rotate_key_material(current.key_id))
                 return current.key_id
             description = f"encx-async KEK {alias} version {current.version + 1}"
@@ -1125,7 +1130,7 @@ class Crypto(AsyncResource):
         logger.info(
             "KEK %s rotated (%s): version %d is %s",
             alias,
-            strategy,
+            chosen,
             created.version,
             created.key_id,
         )

@@ -406,8 +406,13 @@ async def test_strategy_is_the_deprecated_name_of_rotation(local: LocalKMSServic
     async with await Crypto.create(
         kms=local, kek_alias=ALIAS, database="sqlite:///:memory:"
     ) as crypto:
-        with pytest.warns(DeprecationWarning, match="rotation="):
+        with pytest.warns(DeprecationWarning, match=r"strategy=\.\.\.\) is deprecated"):
             rotated = await crypto.rotate_kek(strategy="kms-managed")
+        with (
+            pytest.warns(DeprecationWarning, match="strategy="),
+            pytest.raises(ConfigurationError, match="both rotation= and strategy="),
+        ):
+            await crypto.rotate_kek(rotation="new-key", strategy="kms-managed")
         assert rotated.key_id == (await crypto.rotate_kek(rotation="kms-managed")).key_id
         with pytest.raises(ConfigurationError, match="rotation must be one of"):
             await crypto.rotate_kek(rotation="sideways")  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ __all__ = [
     "lean_envelope_loop",
     "max_lag",
     "open_crypto",
+    "parse_options",
     "progress_default",
     "raw_aesgcm_loops",
     "run_script",
@@ -337,6 +338,37 @@ async def ensure_key(kms: KeyManagementService, alias: str) -> str:
 
 
 # -- entry point -----------------------------------------------------------------
+
+
+def parse_options(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    *,
+    counts: Sequence[str],
+    progress: bool = False,
+) -> argparse.Namespace:
+    """Parse ``argv`` with the options every benchmark shares added to ``parser``.
+
+    Those are ``--json`` and, for a benchmark that draws progress, ``--progress``
+    (by default when stderr is a terminal). Each option named in ``counts``
+    (by its attribute name) must be at least 1.
+    """
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    if progress:
+        parser.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="draw progress on stderr (default: when stderr is a terminal)",
+        )
+    args = parser.parse_args(argv)
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if progress and args.progress is None:
+        args.progress = progress_default()
+    return args
+
 
 Script = Callable[[argparse.Namespace, Output], Coroutine[Any, Any, Mapping[str, Any]]]
 

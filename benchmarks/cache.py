@@ -37,7 +37,7 @@ from ._common import (
     fmt_rate,
     lean_envelope_loop,
     open_crypto,
-    progress_default,
+    parse_options,
     raw_aesgcm_loops,
     run_script,
     table,
@@ -375,17 +375,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--esdk-records", type=int, default=1000, help="AWS Encryption SDK round trips (1000)"
     )
     parser.add_argument("--skip-esdk", action="store_true", help="skip the AWS Encryption SDK")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="draw progress on stderr (default: when stderr is a terminal)",
+    args = parse_options(
+        parser,
+        argv,
+        counts=("records", "concurrency", "round_trips", "repeats", "esdk_records"),
+        progress=True,
     )
-    args = parser.parse_args(argv)
-    for name in ("records", "concurrency", "round_trips", "repeats", "esdk_records"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.size < 0:
         parser.error("--size must not be negative")
     if args.kms_latency_ms < 0:
@@ -401,8 +396,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "--kek-alias is needed with --real-aws or a non-local --endpoint-url: "
             "this benchmark creates keys only on a local endpoint (moto, LocalStack)"
         )
-    if args.progress is None:
-        args.progress = progress_default()
     return args
 
 

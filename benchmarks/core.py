@@ -38,6 +38,7 @@ from ._common import (
     fmt_rate,
     max_lag,
     open_crypto,
+    parse_options,
     raw_aesgcm_loops,
     run_script,
     table,
@@ -178,11 +179,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="local",
         help="KMS for the high-level API: LocalKMSService or in-process moto (default local)",
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    args = parser.parse_args(argv)
-    for name in ("iterations", "repeats", "lag_payload_mib", "lag_repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args = parse_options(
+        parser, argv, counts=("iterations", "repeats", "lag_payload_mib", "lag_repeats")
+    )
     if args.size < 0:
         parser.error("--size must not be negative")
     return args

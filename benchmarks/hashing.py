@@ -49,6 +49,7 @@ from ._common import (
     best_rates,
     fmt_rate,
     max_lag,
+    parse_options,
     run_script,
     table,
 )
@@ -147,12 +148,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--secure-repeats", type=int, default=3, help="lag runs, median kept (default 3)"
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    args = parser.parse_args(argv)
-    for name in ("iterations", "repeats", "secure_calls", "secure_repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    return parse_options(
+        parser, argv, counts=("iterations", "repeats", "secure_calls", "secure_repeats")
+    )
 
 
 async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:

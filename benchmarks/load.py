@@ -41,7 +41,7 @@ from typing import IO, Any
 
 import aiohttp
 
-from ._common import Figure, Output, Progress, progress_default, run_script, table
+from ._common import Figure, Output, Progress, parse_options, run_script, table
 from ._moto import MotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,20 +293,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--users", type=int, default=200, help="users created first (200)")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (60)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="draw progress on stderr (default: when stderr is a terminal)",
+    return parse_options(
+        parser, argv, counts=("clients", "requests", "uncached_requests", "users"), progress=True
     )
-    args = parser.parse_args(argv)
-    for name in ("clients", "requests", "uncached_requests", "users"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.progress is None:
-        args.progress = progress_default()
-    return args
 
 
 async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:

@@ -63,7 +63,7 @@ from ._common import (
     Progress,
     ensure_key,
     max_lag,
-    progress_default,
+    parse_options,
     run_script,
     table,
 )
@@ -874,23 +874,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--large-kib", type=int, default=256, help="size of a large payload, KiB (256)"
     )
     parser.add_argument("--seed", type=int, default=15, help="seed of the operation mix (15)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="draw progress on stderr (default: when stderr is a terminal)",
-    )
-    args = parser.parse_args(argv)
-    for name in ("operations", "tasks", "large_kib"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args = parse_options(parser, argv, counts=("operations", "tasks", "large_kib"), progress=True)
     if not 0.0 < args.outage_at < 1.0:
         parser.error("--outage-at must be between 0 and 1")
     if args.outage_seconds < 0 or not args.kms_timeout > 0:
         parser.error("--outage-seconds must be at least 0 and --kms-timeout positive")
-    if args.progress is None:
-        args.progress = progress_default()
     return args
 
 

@@ -43,7 +43,7 @@ from ._common import (
     ensure_key,
     max_lag,
     open_crypto,
-    progress_default,
+    parse_options,
     run_script,
     table,
 )
@@ -199,18 +199,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--real-aws", action="store_true", help="use the real AWS KMS and credentials"
     )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=progress_default(),
-        help="draw progress on stderr (default: when stderr is a terminal)",
+    return parse_options(
+        parser,
+        argv,
+        counts=("stream_mib", "throughput_mib", "stored_mib", "repeats"),
+        progress=True,
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    args = parser.parse_args(argv)
-    for name in ("stream_mib", "throughput_mib", "stored_mib", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
 
 
 async def run(args: argparse.Namespace, out: Output) -> dict[str, Any]:

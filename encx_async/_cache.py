@@ -478,6 +478,13 @@ class DEKCache:
         self._decrypt.loader = decrypt_loader
         return self._encrypt, self._decrypt  # type: ignore[return-value]
 
+    def _release(self, owner: object) -> None:
+        """Free this cache for another Crypto, after ``owner`` failed to open
+        (it has cached nothing yet)."""
+        if self._owner is owner:
+            self._owner = None
+            self._encrypt.loader = self._decrypt.loader = _unbound
+
     @property
     def clock(self) -> Callable[[], float]:
         """The clock of the ttl and refresh-ahead (its Crypto's key ring follows it too)."""

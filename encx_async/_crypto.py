@@ -260,6 +260,7 @@ class Crypto(AsyncResource):
         # Keys of failed rotations that could not be cleaned up yet.
         self._unrecorded: list[Unrecorded] = []
         self._forked = False  # closed by a fork: this process is the child
+        self._failed_to_open = False
         self._encrypt_side: _Side[Sealer] | None = None
         self._decrypt_side: _Side[Sealer] | None = None
         self._max_cached_bytes = self._max_cached_uses = 0
@@ -320,6 +321,15 @@ class Crypto(AsyncResource):
         if self._opened:
             raise ConfigurationError("this Crypto was opened already: open it once")
         self._opened = True
+        try:
+            await self._connect()
+        except BaseException:
+            self._failed_to_open = True
+            if self._cache is not None:
+                self._cache._release(self)  # for the Crypto made to try again
+            raise
+
+    async def _connect(self) -> None:
         kms, kek_alias = self._kms, self._kek_alias
         database = await resolve_database(self._database, kms, kek_alias)
         store = open_keystore(database, timeout=self._store_timeout)
@@ -458,6 +468,11 @@ class Crypto(AsyncResource):
                 "this Crypto is not open: use 'async with Crypto(...) as crypto', "
                 "or 'crypto = await Crypto.create(...)'"
             )
+        if self._failed_to_open:
+            return ClosedError(
+                "this Crypto failed to open (its opening raised why): make a new Crypto "
+                "to try again; the same DEKCache may be given to it"
+            )
         return ClosedError("this Crypto is closed")
 
     def _check_open(self) -> None:
@@ -483,7 +498,7 @@ class Crypto(AsyncResource):
     @property
     def database_url(self) -> str:
         """The key-version database in use, any password removed: safe to log."""
-        return self._keyring.store.url
+        return self._opened_keyring().store.url
 
     @property
     def kek_version(self) -> int:
@@ -498,7 +513,7 @@ class Crypto(AsyncResource):
     def _opened_keyring(self) -> KeyRing:
         """The key ring, which an unopened Crypto does not have yet (ClosedError)."""
         keyring: KeyRing | None = getattr(self, "_keyring", None)
-        if keyring is None:
+        if keyring is None or self._failed_to_open:
             raise self._closed_error()
         return keyring
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from encx_async import ClosedError, ConfigurationError, Crypto, DEKCache
+from encx_async import ClosedError, ConfigurationError, Crypto, DEKCache, KMSKeyNotFoundError
 from encx_async._keystore._sqlite import SQLiteKeyStore
 from encx_async.providers.local import LocalKMSService
 
@@ -159,6 +159,8 @@ async def test_async_with_crypto_opens_and_closes_it() -> None:
             await crypto.encrypt(b"too early")
         with pytest.raises(ClosedError, match="not open"):
             _ = crypto.kek_version
+        with pytest.raises(ClosedError, match="not open"):
+            _ = crypto.database_url
         async with crypto as opened:
             assert opened is crypto
             blob = await crypto.encrypt(b"inside", context={"t": "1"})
@@ -188,3 +190,22 @@ def test_a_crypto_never_opened_does_not_warn() -> None:
         gc.collect()
     unclosed = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert len(unclosed) == 1, unclosed  # the opened one only
+
+
+async def test_a_crypto_that_failed_to_open_frees_its_cache_for_the_next_try() -> None:
+    cache = DEKCache()
+    async with LocalKMSService() as kms:
+        failed = Crypto(kms=kms, kek_alias="alias/later", dek_cache=cache)
+        with pytest.raises(KMSKeyNotFoundError):
+            async with failed:  # no such alias yet
+                pass
+        with pytest.raises(ClosedError, match="failed to open") as caught:
+            await failed.encrypt(b"x")
+        assert "make a new Crypto" in str(caught.value)
+        with pytest.raises(ClosedError, match="failed to open"):
+            _ = failed.kek_version
+        await kms.create_key("later", alias="alias/later")
+        async with Crypto(kms=kms, kek_alias="alias/later", dek_cache=cache) as retry:
+            assert await retry.decrypt(await retry.encrypt(b"x")) == b"x"
+            with pytest.raises(ConfigurationError, match="serves one Crypto"):
+                Crypto(kms=kms, kek_alias="alias/later", dek_cache=cache)  # still one at a time

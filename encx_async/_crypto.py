@@ -72,7 +72,7 @@ from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
 from ._keystore._default import resolve_database
 from ._models import EncryptedRecord
 from ._ordered import check_concurrency, ordered_map
-from ._orphans import Unrecorded, create_and_learn_id, discard, to_the_end
+from ._orphans import Unrecorded, create_and_learn_id, discard
 from ._pepper import Pepper
 from ._stream import (
     MAX_BUFFERED_GCM_BODY,
@@ -88,6 +88,7 @@ from ._stream import (
     seal_body,
     transform_file,
 )
+from ._tasks import to_the_end
 from .kms import KeyManagementService, KeyRotationService, PartialWrapping
 
 __all__ = ["DEFAULT_THREAD_THRESHOLD", "Crypto", "CryptoStats"]

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from ._exceptions import DatabaseUnavailableError, EncxError
 from ._keystore import KeyStore, UncommittedError
+from ._tasks import to_the_end
 from .kms import KeyDeletion, KeyManagementService, KeyRotationService
 
-__all__ = ["DELETION_PENDING_DAYS", "Unrecorded", "create_and_learn_id", "discard", "to_the_end"]
+__all__ = ["DELETION_PENDING_DAYS", "Unrecorded", "create_and_learn_id", "discard"]
 
 logger = logging.getLogger("encx_async.keys")
 _T = TypeVar("_T")
@@ -77,21 +78,6 @@ async def _answer(creating: asyncio.Future[str]) -> str | None:
         creating.cancel()
         return None
     return creating.result()
-
-
-async def to_the_end(work: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``work`` to its end even if the caller is cancelled meanwhile.
-
-    The cancellation is not lost: the caller is on its way out with an
-    exception already, or re-raises the CancelledError it caught.
-    """
-    task = asyncio.ensure_future(work)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
 
 
 async def discard(

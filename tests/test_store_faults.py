@@ -179,20 +179,26 @@ async def test_a_deleted_sqlite_file_is_named_and_no_key_is_made(
 _HOLD_LOCK = """
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")  # no other connection may read or write
+if sys.argv[2] == "exclusive":
+    db.execute("BEGIN EXCLUSIVE")  # no other connection may read or write
+else:
+    db.execute("BEGIN")
+    db.execute("SELECT count(*) FROM encx_kek_versions").fetchall()  # a reader: no commits
 print("locked", flush=True)
 sys.stdin.read()  # until the test closes our stdin
 """
 
 
 @contextlib.asynccontextmanager
-async def _locked_by_another_process(path: Path) -> AsyncIterator[None]:
-    """The SQLite file at ``path`` exclusively locked by a child process, until exit."""
+async def _locked_by_another_process(path: Path, how: str = "exclusive") -> AsyncIterator[None]:
+    """The SQLite file at ``path`` locked by a child process until exit: ``"exclusive"``
+    (nobody else reads or writes), or ``"read"`` (an open read transaction)."""
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _HOLD_LOCK,
         str(path),
+        how,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -260,6 +266,43 @@ async def test_a_wait_for_a_sqlite_lock_ends_at_the_callers_deadline(
         await crypto.aclose()
 
 
+@pytest.mark.parametrize("deadline", ["store_timeout", "caller"])
+async def test_a_commit_kept_waiting_by_a_reader_leaves_no_version_behind(
+    tmp_path: Path, local_kms: LocalKMSService, deadline: str
+) -> None:
+    # The rotation's writes are done when its COMMIT waits for a reader elsewhere
+    # to finish; when the wait ends, the transaction must be rolled back, not
+    # left open on the connection (where this instance alone would see it).
+    path = tmp_path / "keys.db"
+    crypto = await _sqlite_crypto(
+        local_kms, path, store_timeout=0.5 if deadline == "store_timeout" else 60
+    )
+    first = crypto.key_id
+    try:
+        async with _locked_by_another_process(path, "read"):
+            if deadline == "store_timeout":
+                with pytest.raises(DatabaseUnavailableError, match="store_timeout"):
+                    await crypto.rotate_kek()
+            else:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(crypto.rotate_kek(), 0.5)
+            assert crypto.kek_version == 1
+        await crypto._keyring.reload()
+        assert [v.version for v in crypto.kek_versions()] == [1]
+        made = [key_id for key_id in local_kms._keys if key_id != first]
+        assert len(made) == 1
+        assert (await local_kms.describe_key(made[0]))["key_state"] == "PendingDeletion"
+        assert await local_kms.get_key_id("alias/locked") == first  # the alias is back
+        rotated = await crypto.rotate_kek()  # the connection is free: the next one works
+        assert rotated.version == 2
+    finally:
+        await crypto.aclose()
+    async with Crypto(
+        kms=local_kms, kek_alias="alias/locked", database=f"sqlite:///{path}"
+    ) as again:
+        assert [v.version for v in again.kek_versions()] == [1, 2]  # committed for everyone
+
+
 async def test_statements_abandoned_by_cancelled_tasks_never_overlap(
     tmp_path: Path, local_kms: LocalKMSService
 ) -> None:
@@ -294,6 +337,10 @@ class _OverlapWatch:
         self._running = 0
         self.calls = 0
         self.most_at_once = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._connection.in_transaction
 
     def _enter(self) -> None:
         with self._guard:

@@ -10,6 +10,7 @@ at exit, and it runs under any anyio backend, trio included. An
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from encx_async._exceptions import DatabaseUnavailableError, KeyVersionNotFoundError
+from encx_async._tasks import uninterrupted
 
 from ._rows import (
     COLUMNS,
@@ -55,6 +57,9 @@ _LOCK_SLICE_MS = 100
 class _Connection(Protocol):
     """What the store needs of a connection: the part of aiosqlite's API it uses."""
 
+    @property
+    def in_transaction(self) -> bool: ...
+
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object: ...
 
     async def execute_fetchall(
@@ -68,16 +73,18 @@ class _ThreadedConnection:
     """A ``sqlite3`` connection whose statements run in anyio worker threads.
 
     One statement runs at a time, whichever thread it runs in (hence
-    ``check_same_thread=False``): the store's lock is not enough for that,
-    because a task cancelled natively by asyncio (``asyncio.timeout``) stops
-    waiting for its worker thread without stopping the thread, and the next
-    statement must not start while that one is still running. The wait for
-    it happens in the next statement's worker thread, not in the event loop.
+    ``check_same_thread=False``). The store waits for each statement to end
+    even when its task is cancelled (see _Patient); the lock here makes sure
+    of it for the connection itself, whatever its callers do.
     """
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
         self._one_at_a_time = threading.Lock()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._connection.in_transaction
 
     async def _run(self, call: Callable[[], _T]) -> _T:
         def alone() -> _T:
@@ -119,38 +126,53 @@ class _Patient:
     ``timeout`` seconds each, and stay cancellable while they wait.
 
     SQLite waits for a lock inside the statement (its busy timeout), in a worker
-    thread that nothing can interrupt. So that wait is one short slice, and a
-    statement that runs out of it is tried again from the event loop, where a
-    cancellation or the deadline ends the wait. Some conflicts SQLite reports
-    at once rather than risk a deadlock (switching a new file's journal while
-    another process opens it, for one): those are retried the same way.
-    Retrying is safe: a statement that fails as busy has changed nothing, and a
-    transaction whose COMMIT was busy is still open, waiting for that COMMIT.
+    thread that nothing can interrupt. So that wait is one short slice (the
+    busy timeout of a connection the store opens; a connection passed in keeps
+    its own), and a statement that runs out of it is tried again from the event
+    loop, where a cancellation or the deadline ends the wait. Some conflicts
+    SQLite reports at once rather than risk a deadlock (switching a new file's
+    journal while another process opens it, for one): those are retried the
+    same way. Only what SQLite allows is retried: a busy statement outside a
+    transaction has changed nothing, and a transaction whose COMMIT was busy is
+    still open, waiting for that COMMIT. Any other busy statement inside a
+    transaction fails, and the transaction is rolled back.
+
+    A cancelled statement is still waited for, up to the end of its slice,
+    before the cancellation goes on: under asyncio the worker thread would
+    otherwise run on, unseen, and could finish after the statements that
+    follow it (a ROLLBACK after the next transaction's BEGIN, say).
     """
 
     def __init__(self, connection: _Connection, timeout: float) -> None:
         self._connection = connection
         self._timeout = timeout
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._connection.in_transaction
+
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object:
-        return await self._patiently(partial(self._connection.execute, sql, parameters))
+        return await self._patiently(sql, partial(self._connection.execute, sql, parameters))
 
     async def execute_fetchall(
         self, sql: str, parameters: Iterable[Any] = ()
     ) -> Iterable[sqlite3.Row]:
-        return await self._patiently(partial(self._connection.execute_fetchall, sql, parameters))
+        call = partial(self._connection.execute_fetchall, sql, parameters)
+        return await self._patiently(sql, call)
 
     async def close(self) -> None:
-        await self._connection.close()
+        await _whole(self._connection.close)
 
-    async def _patiently(self, statement: Callable[[], Awaitable[_T]]) -> _T:
+    async def _patiently(self, sql: str, statement: Callable[[], Awaitable[_T]]) -> _T:
         deadline = time.monotonic() + self._timeout
         delay = 0.005
         while True:
             try:
-                return await statement()
+                return await _whole(statement)
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                if self._connection.in_transaction and sql != "COMMIT":
                     raise
                 if time.monotonic() >= deadline:
                     raise sqlite3.OperationalError(
@@ -159,6 +181,19 @@ class _Patient:
                     ) from exc
             await anyio.sleep(delay)
             delay = min(delay * 2, _LOCK_SLICE_MS / 1000)
+
+
+async def _whole(statement: Callable[[], Awaitable[_T]]) -> _T:
+    """``await statement()``, waited for to its end even if the task is cancelled."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another anyio backend (trio): a cancelled scope waits anyway
+        return await statement()
+    return await uninterrupted(_awaited(statement))
+
+
+async def _awaited(statement: Callable[[], Awaitable[_T]]) -> _T:
+    return await statement()
 
 
 class SQLiteKeyStore:
@@ -233,8 +268,6 @@ class SQLiteKeyStore:
             # The default rollback journal, not WAL: a few small writes a day need
             # no concurrent readers, and switching a new file to WAL while another
             # process opens it can deadlock the two until the busy timeout.
-            # (A connection passed in gets the slice too: see _Patient.)
-            await db.execute(f"PRAGMA busy_timeout = {_LOCK_SLICE_MS}")
             async with self._transaction(db):
                 for statement in _SCHEMA:
                     await db.execute(statement)
@@ -323,17 +356,18 @@ class SQLiteKeyStore:
     @asynccontextmanager
     async def _transaction(self, db: _Connection) -> AsyncIterator[None]:
         try:
-            # Inside the try: a caller cancelled while BEGIN waits for a lock may
-            # have left it to finish in its thread, and so to open a transaction.
+            # BEGIN and COMMIT inside the try: a BEGIN whose caller was cancelled
+            # may have opened the transaction all the same, and a COMMIT that
+            # failed (busy past the timeout) or was cancelled leaves it open.
             await db.execute("BEGIN IMMEDIATE")
             yield
+            await db.execute("COMMIT")
         except BaseException:
             # Shielded: under a cancelled scope the rollback must still run,
             # or the connection stays inside the failed transaction.
             with anyio.CancelScope(shield=True):
                 await _rollback(db)
             raise
-        await db.execute("COMMIT")
 
     async def _failed(self, action: str, exc: sqlite3.Error) -> DatabaseUnavailableError:
         """The error for a failed statement: the file's fate, if that is the reason."""

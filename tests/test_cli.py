@@ -33,6 +33,7 @@ from encx_async import (
     ConfigurationError,
     DatabaseUnavailableError,
     DecryptionError,
+    KeyStoreCorruptError,
     KeyVersionNotFoundError,
     KMSAccessDeniedError,
     KMSKeyNotFoundError,
@@ -246,6 +247,34 @@ def test_keys_on_an_alias_never_created_exit_3(cli: CLI) -> None:
     error, hint = result.error_lines()
     assert ALIAS in error
     assert "keys create" in hint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("corruption", "message"),
+    [
+        ("UPDATE encx_kek_versions SET state = 'deprecated'", "has no active KEK version"),
+        ("UPDATE encx_kek_versions SET created_at = 'yesterday'", "is corrupt: bad timestamp"),
+    ],
+)
+def test_a_corrupt_key_store_exits_3_with_how_to_repair_it(
+    local_cli: CLI, tmp_path: Path, corruption: str, message: str
+) -> None:
+    local_cli.ok("keys", "create")
+    # What a manual edit could leave, within the table's CHECK constraints.
+    with contextlib.closing(sqlite3.connect(tmp_path / "keys.db")) as db, db:
+        db.execute(corruption)
+    for command in (["keys", "list-versions"], ["encrypt", "-o", "out.enc"]):
+        result = local_cli(*command, input=b"data")
+        assert result.code == ExitCode.SERVICE, (command, result.stderr)
+        error, hint = result.error_lines()
+        assert message in error
+        assert str(tmp_path / "keys.db") in error
+        assert "encx_kek_versions" in hint
+        assert "restore a backup" in hint
+        assert "unexpected" not in error
+        assert "--debug" not in hint
+    assert not (tmp_path / "out.enc").exists()
 
 
 # -- encrypt and decrypt -------------------------------------------------------------
@@ -804,6 +833,7 @@ def test_parse_context() -> None:
         (KMSAccessDeniedError("x"), ExitCode.SERVICE),
         (KMSUnavailableError("x"), ExitCode.SERVICE),
         (DatabaseUnavailableError("x"), ExitCode.SERVICE),
+        (KeyStoreCorruptError("x"), ExitCode.SERVICE),
         (FileNotFoundError(2, "No such file", "a.txt"), ExitCode.IO),
         (BrokenPipeError(32, "Broken pipe"), ExitCode.IO),
         (KeyboardInterrupt(), ExitCode.INTERRUPTED),

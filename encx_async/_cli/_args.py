@@ -37,7 +37,8 @@ exit codes:
   1    decryption or authentication failed (wrong key, context or aad; tampered,
        truncated or not an encx-async ciphertext)
   2    usage or configuration error (bad flags, bad settings, missing package)
-  3    KMS or key-version database unavailable, access denied, or key not found
+  3    KMS or key-version database unavailable, access denied, or key not found;
+       or the key-version database holds corrupt rows
   4    input or output error (a file cannot be read or written)
   70   unexpected internal error (rerun with --debug)
   130  interrupted

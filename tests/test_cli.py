@@ -44,6 +44,7 @@ from encx_async._cli._args import parse_context
 from encx_async._cli._errors import CLIError, ExitCode, describe_failure
 from encx_async._cli._io import atomic_output, naming, replace_file
 from encx_async._envelope import parse
+from encx_async._ordered import check_concurrency
 from encx_async._progress import Progress, format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -750,6 +751,21 @@ def test_usage_errors_are_one_line_and_a_hint(capsys: pytest.CaptureFixture[str]
         "encx-async: error: unrecognized arguments: --no-such-flag\n"
         "hint: run 'encx-async decrypt --help'\n"
     )
+
+
+def test_rewrap_refuses_a_concurrency_below_1_with_the_library_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        check_concurrency(0)
+    for value, reason in (("0", str(caught.value)), ("-3", str(caught.value)), ("x", "int")):
+        code, out, err = run_main(["rewrap", "--concurrency", value, "a.enc"], capsys)
+        assert code == ExitCode.USAGE
+        assert out == ""
+        error, hint = err.splitlines()
+        assert error.startswith("encx-async: error: argument --concurrency: ")
+        assert reason in error
+        assert hint == "hint: run 'encx-async rewrap --help'"
 
 
 def test_demo_without_moto_says_how_to_install_it(

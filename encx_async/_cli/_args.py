@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, cast
 
 from encx_async._crypto import ROTATIONS
+from encx_async._exceptions import ConfigurationError
+from encx_async._ordered import check_concurrency
 from encx_async._progress import progress_default
 
 from ._errors import CLIError, ExitCode
@@ -182,6 +184,18 @@ def _add_binding_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _concurrency(text: str) -> int:
+    """``--concurrency``, checked by the library's own rule."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    try:
+        return check_concurrency(number)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 Handler = Callable[..., Any]
 
 
@@ -312,7 +326,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     )
     rewrap.add_argument(
         "--concurrency",
-        type=int,
+        type=_concurrency,
         default=16,
         metavar="N",
         help="how many files or base64 lines are rewrapped at once, which bounds the "

@@ -322,8 +322,6 @@ def _refuse_moto_for_old_data(settings: Settings, command: str) -> None:
 
 async def rewrap(args: argparse.Namespace, settings: Settings) -> Report:
     _refuse_moto_for_old_data(settings, "rewrap")
-    if args.concurrency < 1:
-        raise CLIError("--concurrency must be at least 1", hint="run 'encx-async rewrap --help'")
     files: list[str] = args.files
     context = parse_context(args.context)
     if not files or files == [STDIO]:

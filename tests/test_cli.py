@@ -228,6 +228,7 @@ def test_keys_create_describe_rotate_list_versions(cli: CLI) -> None:
     rotated = cli.ok("keys", "rotate", "--json").json()
     assert (rotated["previous_version"], rotated["kek_version"]) == (1, 2)
     assert rotated["key_id"] != created["key_id"]
+    assert rotated["rotation"] == rotated["strategy"] == "new-key"
 
     listed = cli.ok("keys", "list-versions", "--json").json()
     versions = listed["versions"]
@@ -248,6 +249,23 @@ def test_keys_on_an_alias_never_created_exit_3(cli: CLI) -> None:
     error, hint = result.error_lines()
     assert ALIAS in error
     assert "keys create" in hint
+
+
+@pytest.mark.slow
+def test_rotate_takes_the_deprecated_strategy_flag_with_a_warning(local_cli: CLI) -> None:
+    local_cli.ok("keys", "create")
+    result = local_cli("keys", "rotate", "--strategy", "kms-managed", "--json")
+    assert result.code == 0, result.stderr
+    assert result.stderr == (
+        "encx-async: warning: --strategy is deprecated: use --rotation, which takes the same "
+        "values\n"
+    )
+    rotated = result.json()  # stdout is the JSON document alone
+    assert rotated["rotation"] == rotated["strategy"] == "kms-managed"
+    assert rotated["kek_version"] == 2
+    again = local_cli.ok("keys", "rotate", "--rotation", "kms-managed", "--json")
+    assert again.stderr == ""
+    assert again.json()["key_id"] == rotated["key_id"]  # kms-managed keeps the KMS key
 
 
 @pytest.mark.slow
@@ -741,6 +759,8 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["keys", "rotate", "--help"], capsys)
     assert code == 0
     assert "kms-managed" in out
+    assert "--rotation" in out
+    assert "--strategy" not in out  # deprecated: accepted, no longer offered
 
 
 def test_usage_errors_are_one_line_and_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
@@ -766,6 +786,24 @@ def test_rewrap_refuses_a_concurrency_below_1_with_the_library_rule(
         assert error.startswith("encx-async: error: argument --concurrency: ")
         assert reason in error
         assert hint == "hint: run 'encx-async rewrap --help'"
+
+
+def test_rotate_refuses_rotation_and_strategy_that_disagree(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    flags = ["--kms", "local", "--local-keys", str(tmp_path / "keys.json"), "--kek-alias", ALIAS]
+    args = ["keys", "rotate", "--rotation", "kms-managed", "--strategy", "new-key"]
+    code, out, err = run_main([*flags, *args], capsys)
+    assert code == ExitCode.USAGE
+    assert out == ""
+    warning, error, hint = err.splitlines()
+    assert warning.startswith("encx-async: warning: --strategy is deprecated")
+    assert error == (
+        "encx-async: error: --rotation kms-managed and --strategy new-key "
+        "(its former name) disagree"
+    )
+    assert hint == "hint: pass --rotation only"
+    assert not (tmp_path / "keys.json").exists()  # refused before the KMS was opened
 
 
 def test_demo_without_moto_says_how_to_install_it(

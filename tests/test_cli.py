@@ -33,6 +33,7 @@ from encx_async import (
     ConfigurationError,
     DatabaseUnavailableError,
     DecryptionError,
+    KeyStoreCorruptError,
     KeyVersionNotFoundError,
     KMSAccessDeniedError,
     KMSKeyNotFoundError,
@@ -43,6 +44,7 @@ from encx_async._cli._args import parse_context
 from encx_async._cli._errors import CLIError, ExitCode, describe_failure
 from encx_async._cli._io import atomic_output, naming, replace_file
 from encx_async._envelope import parse
+from encx_async._ordered import check_concurrency
 from encx_async._progress import Progress, format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,6 +228,7 @@ def test_keys_create_describe_rotate_list_versions(cli: CLI) -> None:
     rotated = cli.ok("keys", "rotate", "--json").json()
     assert (rotated["previous_version"], rotated["kek_version"]) == (1, 2)
     assert rotated["key_id"] != created["key_id"]
+    assert rotated["rotation"] == rotated["strategy"] == "new-key"
 
     listed = cli.ok("keys", "list-versions", "--json").json()
     versions = listed["versions"]
@@ -246,6 +249,51 @@ def test_keys_on_an_alias_never_created_exit_3(cli: CLI) -> None:
     error, hint = result.error_lines()
     assert ALIAS in error
     assert "keys create" in hint
+
+
+@pytest.mark.slow
+def test_rotate_takes_the_deprecated_strategy_flag_with_a_warning(local_cli: CLI) -> None:
+    local_cli.ok("keys", "create")
+    result = local_cli("keys", "rotate", "--strategy", "kms-managed", "--json")
+    assert result.code == 0, result.stderr
+    assert result.stderr == (
+        "encx-async: warning: --strategy is deprecated: use --rotation, which takes the same "
+        "values\n"
+    )
+    rotated = result.json()  # stdout is the JSON document alone
+    assert rotated["rotation"] == rotated["strategy"] == "kms-managed"
+    assert rotated["kek_version"] == 2
+    again = local_cli.ok("keys", "rotate", "--rotation", "kms-managed", "--json")
+    assert again.stderr == ""
+    assert again.json()["key_id"] == rotated["key_id"]  # kms-managed keeps the KMS key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("corruption", "message"),
+    [
+        ("UPDATE encx_kek_versions SET state = 'deprecated'", "has no active KEK version"),
+        ("UPDATE encx_kek_versions SET created_at = 'yesterday'", "is corrupt: bad timestamp"),
+    ],
+)
+def test_a_corrupt_key_store_exits_3_with_how_to_repair_it(
+    local_cli: CLI, tmp_path: Path, corruption: str, message: str
+) -> None:
+    local_cli.ok("keys", "create")
+    # What a manual edit could leave, within the table's CHECK constraints.
+    with contextlib.closing(sqlite3.connect(tmp_path / "keys.db")) as db, db:
+        db.execute(corruption)
+    for command in (["keys", "list-versions"], ["encrypt", "-o", "out.enc"]):
+        result = local_cli(*command, input=b"data")
+        assert result.code == ExitCode.SERVICE, (command, result.stderr)
+        error, hint = result.error_lines()
+        assert message in error
+        assert str(tmp_path / "keys.db") in error
+        assert "encx_kek_versions" in hint
+        assert "restore a backup" in hint
+        assert "unexpected" not in error
+        assert "--debug" not in hint
+    assert not (tmp_path / "out.enc").exists()
 
 
 # -- encrypt and decrypt -------------------------------------------------------------
@@ -711,6 +759,8 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["keys", "rotate", "--help"], capsys)
     assert code == 0
     assert "kms-managed" in out
+    assert "--rotation" in out
+    assert "--strategy" not in out  # deprecated: accepted, no longer offered
 
 
 def test_usage_errors_are_one_line_and_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
@@ -721,6 +771,39 @@ def test_usage_errors_are_one_line_and_a_hint(capsys: pytest.CaptureFixture[str]
         "encx-async: error: unrecognized arguments: --no-such-flag\n"
         "hint: run 'encx-async decrypt --help'\n"
     )
+
+
+def test_rewrap_refuses_a_concurrency_below_1_with_the_library_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        check_concurrency(0)
+    for value, reason in (("0", str(caught.value)), ("-3", str(caught.value)), ("x", "int")):
+        code, out, err = run_main(["rewrap", "--concurrency", value, "a.enc"], capsys)
+        assert code == ExitCode.USAGE
+        assert out == ""
+        error, hint = err.splitlines()
+        assert error.startswith("encx-async: error: argument --concurrency: ")
+        assert reason in error
+        assert hint == "hint: run 'encx-async rewrap --help'"
+
+
+def test_rotate_refuses_rotation_and_strategy_that_disagree(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    flags = ["--kms", "local", "--local-keys", str(tmp_path / "keys.json"), "--kek-alias", ALIAS]
+    args = ["keys", "rotate", "--rotation", "kms-managed", "--strategy", "new-key"]
+    code, out, err = run_main([*flags, *args], capsys)
+    assert code == ExitCode.USAGE
+    assert out == ""
+    warning, error, hint = err.splitlines()
+    assert warning.startswith("encx-async: warning: --strategy is deprecated")
+    assert error == (
+        "encx-async: error: --rotation kms-managed and --strategy new-key "
+        "(its former name) disagree"
+    )
+    assert hint == "hint: pass --rotation only"
+    assert not (tmp_path / "keys.json").exists()  # refused before the KMS was opened
 
 
 def test_demo_without_moto_says_how_to_install_it(
@@ -804,6 +887,7 @@ def test_parse_context() -> None:
         (KMSAccessDeniedError("x"), ExitCode.SERVICE),
         (KMSUnavailableError("x"), ExitCode.SERVICE),
         (DatabaseUnavailableError("x"), ExitCode.SERVICE),
+        (KeyStoreCorruptError("x"), ExitCode.SERVICE),
         (FileNotFoundError(2, "No such file", "a.txt"), ExitCode.IO),
         (BrokenPipeError(32, "Broken pipe"), ExitCode.IO),
         (KeyboardInterrupt(), ExitCode.INTERRUPTED),

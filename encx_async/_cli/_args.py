@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, cast
 
 from encx_async._crypto import ROTATIONS
+from encx_async._exceptions import ConfigurationError
+from encx_async._ordered import check_concurrency
 from encx_async._progress import progress_default
 
 from ._errors import CLIError, ExitCode
@@ -37,7 +39,8 @@ exit codes:
   1    decryption or authentication failed (wrong key, context or aad; tampered,
        truncated or not an encx-async ciphertext)
   2    usage or configuration error (bad flags, bad settings, missing package)
-  3    KMS or key-version database unavailable, access denied, or key not found
+  3    KMS or key-version database unavailable, access denied, or key not found;
+       or the key-version database holds corrupt rows
   4    input or output error (a file cannot be read or written)
   70   unexpected internal error (rerun with --debug)
   130  interrupted
@@ -181,6 +184,18 @@ def _add_binding_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _concurrency(text: str) -> int:
+    """``--concurrency``, checked by the library's own rule."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    try:
+        return check_concurrency(number)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 Handler = Callable[..., Any]
 
 
@@ -263,12 +278,15 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         "add a KEK version: new data is encrypted under it, old data still decrypts",
     )
     rotate.add_argument(
-        "--strategy",
+        "--rotation",
         choices=ROTATIONS,
-        default="new-key",
+        default=None,
         help="new-key (a new KMS key, the alias moved to it; default) or kms-managed "
         "(new key material inside the same key)",
     )
+    # The former name of --rotation, as the library's strategy= was: still
+    # accepted, with a note on stderr (keys_rotate), and left out of --help.
+    rotate.add_argument("--strategy", choices=ROTATIONS, default=None, help=argparse.SUPPRESS)
     command(keys_commands, "list-versions", "keys list-versions", "every KEK version, oldest first")
 
     encrypt = command(
@@ -311,7 +329,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     )
     rewrap.add_argument(
         "--concurrency",
-        type=int,
+        type=_concurrency,
         default=16,
         metavar="N",
         help="how many files or base64 lines are rewrapped at once, which bounds the "

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from encx_async._crypto import Crypto
+from encx_async._crypto import Crypto, Rotation
 from encx_async._keystore import KEKVersion
 from encx_async._ordered import ordered_map
 from encx_async._progress import Progress, format_bytes
@@ -49,7 +49,7 @@ from ._io import (
     write_stdout,
 )
 from ._kms import NoKeyError, Target, describe_key, open_crypto, open_kms
-from ._output import Report
+from ._output import Report, emit_warning
 
 __all__ = [
     "decrypt",
@@ -150,20 +150,38 @@ async def keys_describe(args: argparse.Namespace, settings: Settings) -> Report:
     return Report(data, text)
 
 
+def _rotation(args: argparse.Namespace) -> Rotation:
+    """--rotation, or --strategy (its deprecated former name); new-key by default."""
+    rotation: Rotation | None = args.rotation
+    strategy: Rotation | None = args.strategy
+    if strategy is None:
+        return rotation or "new-key"
+    emit_warning("--strategy is deprecated: use --rotation, which takes the same values")
+    if rotation is not None and rotation != strategy:
+        raise CLIError(
+            f"--rotation {rotation} and --strategy {strategy} (its former name) disagree",
+            hint="pass --rotation only",
+        )
+    return strategy
+
+
 async def keys_rotate(args: argparse.Namespace, settings: Settings) -> Report:
+    rotation = _rotation(args)
     async with _crypto(settings) as (target, crypto):
         previous = crypto.kek_version
-        rotated = await crypto.rotate_kek(rotation=args.strategy)
+        rotated = await crypto.rotate_kek(rotation=rotation)
         data = {
             "alias": crypto.kek_alias,
-            "strategy": args.strategy,
+            "rotation": rotation,
+            # The former name of "rotation", for scripts that read it; deprecated.
+            "strategy": rotation,
             "previous_version": previous,
             "kek_version": rotated.version,
             "key_id": rotated.key_id,
             **target.as_json(),
         }
     text = (
-        f"rotated {data['alias']} ({args.strategy}): KEK version {previous} -> "
+        f"rotated {data['alias']} ({rotation}): KEK version {previous} -> "
         f"{rotated.version}, KMS key {rotated.key_id}\n"
         "new data is encrypted under the new version; older data still decrypts "
         "('encx-async rewrap' moves it)"
@@ -322,8 +340,6 @@ def _refuse_moto_for_old_data(settings: Settings, command: str) -> None:
 
 async def rewrap(args: argparse.Namespace, settings: Settings) -> Report:
     _refuse_moto_for_old_data(settings, "rewrap")
-    if args.concurrency < 1:
-        raise CLIError("--concurrency must be at least 1", hint="run 'encx-async rewrap --help'")
     files: list[str] = args.files
     context = parse_context(args.context)
     if not files or files == [STDIO]:

@@ -18,6 +18,8 @@ from encx_async._exceptions import (
     EncryptionError,
     InvalidHashError,
     InvalidValueError,
+    KeyStoreCorruptError,
+    KeyStoreError,
     KeyVersionError,
     KMSAccessDeniedError,
     KMSCredentialsError,
@@ -38,7 +40,8 @@ class ExitCode(enum.IntEnum):
     DATA = 1
     #: bad flags or arguments, an invalid setting, a missing optional package
     USAGE = 2
-    #: the KMS or the key-version database is unreachable, refuses access, or lacks the key
+    #: the KMS or the key-version database is unreachable, refuses access, or lacks the key;
+    #: or the database holds rows encx-async never writes
     SERVICE = 3
     #: the input cannot be read or the output cannot be written
     IO = 4
@@ -99,6 +102,15 @@ _SERVICE_HINTS: tuple[tuple[type[Exception], str], ...] = (
         "check --database (or ENCX_DATABASE_URL): sqlite:///path/keys.db or "
         "postgresql://user@host/db",
     ),
+    (
+        # Every command reads the versions first, keys list-versions too: the
+        # rows can only be looked at in the database itself.
+        KeyStoreCorruptError,
+        "open the key-version database (the one the message names, or --database) with "
+        "sqlite3 or psql, and repair the rows of encx_kek_versions (exactly one active "
+        "version, the newest; the others deprecated or retired) or restore a backup",
+    ),
+    (KeyStoreError, "check --database (or ENCX_DATABASE_URL) and the database it names"),
 )
 
 

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from ._errors import Failure
 
-__all__ = ["Report", "emit", "emit_failure"]
+__all__ = ["Report", "emit", "emit_failure", "emit_warning"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +34,11 @@ def emit(report: Report, *, json_mode: bool, stream: TextIO | None = None) -> No
 def emit_failure(failure: Failure, *, stream: TextIO | None = None) -> None:
     err = stream if stream is not None else sys.stderr
     err.write(f"encx-async: error: {failure.message}\nhint: {failure.hint}\n")
+    err.flush()
+
+
+def emit_warning(text: str, *, stream: TextIO | None = None) -> None:
+    """A note on stderr that does not stop the command (a deprecated flag, say)."""
+    err = stream if stream is not None else sys.stderr
+    err.write(f"encx-async: warning: {text}\n")
     err.flush()

@@ -143,7 +143,8 @@ def _aad_bytes(aad: object) -> bytes:
 class Crypto(AsyncResource):
     """Envelope encryption under a key-encryption key (KEK) held in a KMS.
 
-    Create one per process with :meth:`create` and share it; it is safe to use
+    Open one per process with ``async with Crypto(...)`` (or :meth:`create`
+    where a context manager does not fit) and share it; it is safe to use
     from many tasks at once. ``aclose()`` (or ``async with``) wipes cached keys;
     it does not close the KMS service, which belongs to whoever opened it.
 
@@ -926,13 +927,13 @@ class Crypto(AsyncResource):
     def _basic_hasher(self) -> BasicHasher:
         self._check_open()
         if self._basic is None:
-            raise ConfigurationError("keyed hashes need a pepper: Crypto.create(pepper=...)")
+            raise ConfigurationError("keyed hashes need a pepper: Crypto(pepper=...)")
         return self._basic
 
     def _secure_hasher(self) -> SecureHasher:
         self._check_open()
         if self._secure is None:
-            raise ConfigurationError("keyed hashes need a pepper: Crypto.create(pepper=...)")
+            raise ConfigurationError("keyed hashes need a pepper: Crypto(pepper=...)")
         return self._secure
 
     # -- models: dataclasses and pydantic models with marked fields ----------
@@ -1079,7 +1080,7 @@ class Crypto(AsyncResource):
     ) -> KEKVersion:
         """Rotate the KEK and record the new version; new data is encrypted under it.
 
-        ``rotation`` (by default the one given to :meth:`create`):
+        ``rotation`` (by default the one given to the Crypto):
         ``"new-key"`` creates a KMS key and moves the alias to it;
         ``"kms-managed"`` has the KMS give the same key new material
         (``RotateKeyOnDemand``). Either way older data still decrypts, and the

@@ -31,10 +31,11 @@ Every error derives from :class:`EncxError`, which is never raised itself, so
 
 Loading the pepper from AWS Secrets Manager fails with a
 :class:`SecretsManagerError`. The family sits under :class:`KMSError`, and each
-of its classes also derives from the KMS class of the same meaning, because
-these failures were raised as those KMS classes before the family existed:
-``except KMSUnavailableError`` still catches an unreachable Secrets Manager,
-and ``except SecretsManagerError`` tells the pepper source apart from the KMS.
+of its classes also derives from the KMS class of the same meaning, because an
+unreachable AWS endpoint or a missing permission calls for the same handling
+whichever service it is: ``except KMSUnavailableError`` around the pepper
+loading catches an unreachable Secrets Manager too, and
+``except SecretsManagerError`` tells the pepper source apart from the KMS.
 
 Messages name aliases, key ids, regions and sizes, never key material,
 peppers or plaintext. When an error comes from botocore or the KMS, the

@@ -105,10 +105,10 @@ class KeyRotationService(Protocol):
 class KeyDeletion(Protocol):
     """What a provider adds so a failed new-key rotation can clean up after itself.
 
-    A separate protocol, so providers written before it still work: without
-    it, :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>` can only
-    report (log, and name in the error's ``orphan_key_ids``) a key it made but
-    could not record. All bundled providers implement it.
+    A separate protocol, so a provider need not implement it: without it,
+    :meth:`Crypto.rotate_kek <encx_async.Crypto.rotate_kek>` can only report
+    (log, and name in the error's ``orphan_key_ids``) a key it made but could
+    not record. All bundled providers implement it.
 
     IAM: ``kms:ScheduleKeyDeletion``.
     """

@@ -129,7 +129,7 @@ def test_multi_region_special_cases_no_provider() -> None:
     ]
     for module in multi_region:
         assert "encx_async.providers.local" not in graph[module], module
-    # What it asked of the local provider by name is a capability now.
+    # What it needs of a provider is a capability (a protocol), never a provider's name.
     from encx_async.providers._replication import ReplicatesByRegion, ReplicatesIntoServices
     from encx_async.providers.aws import KMSService
     from encx_async.providers.local import LocalKMSService

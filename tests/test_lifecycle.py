@@ -51,7 +51,7 @@ def test_a_forgotten_crypto_lets_the_process_exit_and_warns(tmp_path: Path) -> N
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,  # it used to wait for the store's thread forever
+        timeout=60,  # a thread keeping the process alive fails the test, not the run
         check=False,
     )
     assert completed.returncode == 0, completed.stderr

@@ -100,7 +100,7 @@ async def _round_trip(
     """Encrypt every record with one Crypto, decrypt them with another (as another process)."""
     label = "with the cache" if cached else "without a cache"
     started = time.perf_counter()
-    async with await Crypto.create(
+    async with Crypto(
         kms=kms, kek_alias=DEMO_ALIAS, database=database, dek_cache=DEKCache() if cached else None
     ) as sealer:
 
@@ -109,7 +109,7 @@ async def _round_trip(
 
         blobs = await _each(f"encrypt, {label}", len(records), seal, progress=progress)
         sealed = sealer.stats()
-    async with await Crypto.create(
+    async with Crypto(
         kms=kms, kek_alias=DEMO_ALIAS, database=database, dek_cache=DEKCache() if cached else None
     ) as opener:
 
@@ -168,7 +168,7 @@ async def demo(args: argparse.Namespace, settings: Settings) -> Report:
             else "LocalKMSService in this process (memory only)"
         )
         lines.append(f"encx-async demo on {place}; KEK versions in a temporary SQLite file")
-        async with await Crypto.create(
+        async with Crypto(
             kms=kms, kek_alias=DEMO_ALIAS, database=database, create_key_if_missing=True
         ) as crypto:
             key_id = crypto.key_id
@@ -206,7 +206,7 @@ async def demo(args: argparse.Namespace, settings: Settings) -> Report:
             f"${per_million:,.2f} per million records at $0.03 per 10,000 requests."
         )
 
-        async with await Crypto.create(kms=kms, kek_alias=DEMO_ALIAS, database=database) as crypto:
+        async with Crypto(kms=kms, kek_alias=DEMO_ALIAS, database=database) as crypto:
             wrong_record = await _refuses(crypto, blobs[0], _record_id(count))
             flipped = bytearray(blobs[0])
             flipped[-1] ^= 0x01

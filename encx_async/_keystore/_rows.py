@@ -30,7 +30,7 @@ __all__ = [
 KeyState = Literal["active", "deprecated", "retired"]
 STATES: tuple[KeyState, ...] = ("active", "deprecated", "retired")
 SCHEMA_VERSION = 2
-#: Seconds each step of a key-store operation may take (Crypto.create's store_timeout).
+#: Seconds each step of a key-store operation may take (the store_timeout given to Crypto).
 DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
 NewKey = Callable[["KEKVersion | None"], Awaitable[str]]

@@ -12,9 +12,8 @@ region, listed nearest first. It works in one of two modes:
     through a plain :class:`~encx_async.providers.aws.KMSService` reads back
     through this service and the other way round. A key that is not
     multi-region lives in one region and gets no failover, so
-    :meth:`~MultiRegionKMSService.get_key_id` (which
-    :meth:`Crypto.create <encx_async.Crypto.create>` checks its key with)
-    refuses one.
+    :meth:`~MultiRegionKMSService.get_key_id` (which an opening
+    :class:`~encx_async.Crypto` checks its key with) refuses one.
 
 ``"every-region"``
     The data key is wrapped under a separate key in every region (the AWS
@@ -143,11 +142,24 @@ class MultiRegionKMSService(ProviderResource):
     :param reset_timeout: seconds an opened breaker skips its region before
         letting a probe through; doubled each time the region fails again
         soon after recovering, up to ``max_reset_timeout``. A call no other
-        region can serve probes sooner (see the module's documentation).
+        region can serve probes sooner (below).
     :param min_regions: in ``"every-region"`` mode, how many regions a wrap
         needs (1 by default: a wrap made while a region is down lacks that
         region's copy; raise it to refuse such wraps).
     :param clock: monotonic seconds for the breakers; tests pass a fake one.
+
+    Only unavailability (a :class:`~encx_async.KMSUnavailableError`, or no
+    answer within ``attempt_timeout``) moves a call to the next region; a wrong
+    key, a denied permission or a ciphertext that does not match is raised from
+    the region that answered. Each region has a circuit breaker: after
+    ``failure_threshold`` such failures in a row it opens and calls skip the
+    region; after the open period one call probes it, and success closes the
+    breaker. A call that no other region can serve probes the skipped regions
+    early, the one whose latest failure is oldest first. A region has at most
+    one probe out at a time (other callers wait for its outcome) and none
+    within ``attempt_timeout`` of its latest failure; an early probe that fails
+    leaves the open period as it was. docs/multi-region.md ("Failover and the
+    circuit breaker") has the details.
 
     It is an anyio ``AsyncResource``: ``async with`` or :meth:`aclose`
     (idempotent; later calls raise :class:`~encx_async.ClosedError`). It also
@@ -342,10 +354,10 @@ class MultiRegionKMSService(ProviderResource):
         key's ARN comes back in the primary region, and a key that is not
         multi-region is refused with :class:`~encx_async.ConfigurationError`
         (it lives in one region, so nothing about it could fail over; this is
-        what :meth:`Crypto.create <encx_async.Crypto.create>` checks its key
-        with). ``"every-region"``: an alias name is resolved in every region
-        (all must answer), and the result is the composite id; a composite id
-        is checked in the regions that answer (at least one) and returned.
+        what an opening :class:`~encx_async.Crypto` checks its key with).
+        ``"every-region"``: an alias name is resolved in every region (all
+        must answer), and the result is the composite id; a composite id is
+        checked in the regions that answer (at least one) and returned.
         """
         key_ref = check_key_ref(alias)
         await self._ensure_open()

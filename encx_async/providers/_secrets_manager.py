@@ -164,9 +164,9 @@ class SecretsManagerPepperSource(AwsResource["SecretsManagerClient"]):
     missing permission :class:`~encx_async.SecretsManagerAccessDeniedError`,
     naming it; an endpoint that cannot be reached
     :class:`~encx_async.SecretsManagerUnavailableError`. Every Secrets Manager
-    failure is a :class:`~encx_async.SecretsManagerError` (and, as before that
-    family existed, the KMS class of the same meaning). No message or log line
-    contains the secret value.
+    failure is a :class:`~encx_async.SecretsManagerError` (and also the KMS
+    class of the same meaning, so one handler covers both). No message or log
+    line contains the secret value.
     """
 
     def __init__(self, config: Config | None = None, *, kms_key_id: str | None = None) -> None:

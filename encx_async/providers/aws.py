@@ -30,9 +30,8 @@ payloads with a placeholder; nothing else about botocore's logging changes.
 fleet's first boot if asked to; the same filter blanks its ``SecretString``
 payloads.
 
-The code lives in private modules (``_aws_client``: :class:`Config` and the
-client every provider here shares; ``_kms``; ``_secrets_manager``;
-``_multi_region``); import the names from this one.
+Import these names from this module; docs/architecture.md maps the code behind
+them.
 """
 
 from __future__ import annotations

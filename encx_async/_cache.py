@@ -132,8 +132,9 @@ class _Limits:
     def near_end(self, entry: _Entry[V], now: float) -> bool:
         if now >= entry.refresh_at:
             # An unwrapped key read once near its end is not worth a KMS call;
-            # refresh only keys that are being reused (the encrypt side always is).
-            return self.max_messages is not None or entry.messages >= 2
+            # refresh only keys that are being reused (the encrypt side always is):
+            # read twice before this read, which is counted already.
+            return self.max_messages is not None or entry.messages >= 3
         if not self.refresh_ahead_uses or self.max_messages is None or self.max_bytes is None:
             return False
         share = 1.0 - self.refresh_ahead_uses
@@ -328,7 +329,10 @@ class _Side(Generic[V]):
         if entry.dead:
             return False
         limits = self.limits
-        if cost is None or limits.max_messages is None or limits.max_bytes is None:
+        if cost is None:  # the decrypt side: counted, so that reuse can be told, never limited
+            entry.messages += uses
+            return True
+        if limits.max_messages is None or limits.max_bytes is None:
             return True
         if uses > limits.max_messages:
             return False  # never fits: the caller goes without the cache

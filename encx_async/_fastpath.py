@@ -141,8 +141,8 @@ class FastPath:
 
     def remember_seal(self, context: Context | None, key: tuple[str, int, bytes]) -> None:
         """After a cache hit or load for ``key``: serve ``context`` from it next time."""
-        if key[1] != self._keyring.current:
-            return  # rotated while the KMS was asked: the next message looks again
+        if key[1] != self._keyring.current or self._encrypt.closed:
+            return  # rotated (or closed) while the KMS was asked: the next message looks again
         entry = self._encrypt.entries.get(key)
         if entry is not None:
             self._seal_context, self._seal_entry = context, entry
@@ -181,8 +181,8 @@ class FastPath:
         self, context: Context | None, key: tuple[bytes, bytes], kek_version: int
     ) -> None:
         """After opening a small AES-GCM envelope through the cache entry of ``key``."""
-        if kek_version not in self._keyring.key_ids:
-            return  # retired while the KMS was asked
+        if kek_version not in self._keyring.key_ids or self._decrypt.closed:
+            return  # retired (or closed) while the KMS was asked
         entry = self._decrypt.entries.get(key)
         if entry is not None:
             self._open_header = entry.value.header

@@ -415,6 +415,29 @@ async def test_decrypt_side_refreshes_only_reused_keys(local: LocalKMSService) -
     assert calls(reader, "decrypt_dek") == 3
 
 
+async def test_decrypt_side_counts_reuse_however_the_reads_interleave(
+    local: LocalKMSService,
+) -> None:
+    # Read in turns, so no read repeats the one before (the fast path's case):
+    # each key is still seen to be reused, and so refreshed ahead.
+    clock = FakeClock()
+    writer = await make(local)
+    a = await writer.encrypt(b"a", context={"tenant": "a"})
+    b = await writer.encrypt(b"b", context={"tenant": "b"})
+    reader = await make(local, DEKCache(ttl=100, refresh_ahead=10, clock=clock))
+    for _ in range(3):
+        await reader.decrypt(a, context={"tenant": "a"})
+        await reader.decrypt(b, context={"tenant": "b"})
+    clock.advance(95)
+    await reader.decrypt(a, context={"tenant": "a"})
+    await reader.decrypt(b, context={"tenant": "b"})
+    await asyncio.sleep(0.01)
+    stats = reader.stats().cache
+    assert stats is not None
+    assert stats.decrypt.refreshes == 2
+    assert stats.decrypt.hits == 6
+
+
 # -- the repeat-key fast paths --------------------------------------------------
 # A use of the same key as the previous message skips the lookup; these check
 # that it keeps every rule of the slow path.
@@ -565,6 +588,21 @@ async def test_a_rotation_while_a_key_is_being_wrapped_is_followed_at_once(
     assert parse(await pending).kek_version == 1  # begun before the rotation
     # The DEK wrapped under version 1 must not become the fast path's key.
     assert parse(await writer.encrypt(b"b", context=CTX)).kek_version == 2
+
+
+async def test_a_call_in_flight_at_close_leaves_the_fast_path_empty(
+    local: LocalKMSService, gated: GatedKMS
+) -> None:
+    crypto = await make(gated, DEKCache())
+    gated.gate.clear()
+    waiting = [asyncio.ensure_future(crypto.encrypt(b"a", context=CTX)) for _ in range(2)]
+    await gated.entered.wait()
+    gated.gate.set()
+    closing = asyncio.ensure_future(crypto.aclose())  # in the step the waiters resume
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await closing
+    assert crypto._fast is not None
+    assert crypto._fast.sealers() == []
 
 
 async def test_closing_forgets_the_fast_path(local: LocalKMSService) -> None:

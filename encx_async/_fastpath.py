@@ -16,6 +16,11 @@ the cache, the clock (the Crypto has one, shared by its cache and key ring) is
 before both the entry's refresh point and the key ring's next look for other
 instances' rotations, and, when encrypting, the use leaves the entry's counts
 below the cache's quiet limits.
+The context's keys and values are compared with ``==`` and not type-checked
+again (that would cost about 5% of a warm round trip): a value whose own
+``==`` calls it equal to the remembered string (``mock.ANY``, say) is taken
+for that string, and the message is sealed under the remembered context,
+exactly as if the string itself had been passed.
 Such a use is counted on the cache entry itself, exactly as a cache hit is. The
 use that reaches a limit, starts a refresh-ahead or is due for a version
 check never comes this way: it goes through the cache, which decides.

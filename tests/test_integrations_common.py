@@ -225,6 +225,37 @@ async def test_serve_crypto_opens_then_closes_crypto_before_kms() -> None:
         await service.get_key_id("alias/serve")
 
 
+@pytest.mark.parametrize("factory", ["plain", "async"])
+async def test_serve_crypto_opens_a_crypto_the_factory_has_not(factory: str) -> None:
+    def build(kms: KeyManagementService) -> Crypto:
+        return Crypto(
+            kms=kms,
+            kek_alias="alias/serve",
+            database="sqlite:///:memory:",
+            create_key_if_missing=True,
+        )
+
+    async def build_later(kms: KeyManagementService) -> Crypto:
+        return build(kms)
+
+    async with serve_crypto(LocalKMSService, build if factory == "plain" else build_later) as c:
+        assert c.kek_version == 1
+        assert await c.decrypt(await c.encrypt(b"x")) == b"x"
+    with pytest.raises(ClosedError, match="closed"):
+        await c.encrypt(b"after")
+
+
+async def test_serve_crypto_refuses_a_crypto_closed_already() -> None:
+    async def closed(kms: KeyManagementService) -> Crypto:
+        crypto = await _local_crypto(kms)
+        await crypto.aclose()
+        return crypto
+
+    with pytest.raises(ClosedError, match="closed"):
+        async with serve_crypto(LocalKMSService, closed):
+            pytest.fail("must not be reached")
+
+
 async def test_serve_crypto_closes_the_kms_when_the_crypto_cannot_be_made() -> None:
     made: list[LocalKMSService] = []
 

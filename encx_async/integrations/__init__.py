@@ -12,14 +12,18 @@ You say how to build both with two callables, so the settings stay yours::
 
     kms = lambda: aws.KMSService(aws.Config(region=os.environ["AWS_REGION"]))
 
-    async def crypto(kms: KeyManagementService) -> Crypto:
-        return await Crypto.create(kms=kms, kek_alias="alias/my-app", dek_cache=DEKCache())
+    def crypto(kms: KeyManagementService) -> Crypto:
+        return Crypto(kms=kms, kek_alias="alias/my-app", dek_cache=DEKCache())
+
+The Crypto factory may return a Crypto not opened yet, as here (it is opened
+for you), or an opened one (``async def`` returning ``await Crypto.create(...)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -47,8 +51,9 @@ logger = logging.getLogger("encx_async.integrations")
 KMSFactory = Callable[[], KeyManagementService]
 """Builds the (not yet opened) KMS service: ``lambda: aws.KMSService(aws.Config(...))``."""
 
-CryptoFactory = Callable[[KeyManagementService], Awaitable[Crypto]]
-"""Builds the Crypto on the opened service: usually a call to ``Crypto.create(kms=kms, ...)``."""
+CryptoFactory = Callable[[KeyManagementService], Crypto | Awaitable[Crypto]]
+"""Builds the Crypto on the opened service: ``lambda kms: Crypto(kms=kms, ...)``, or an
+``async def`` returning an opened one."""
 
 
 @contextlib.asynccontextmanager
@@ -67,7 +72,7 @@ async def serve_crypto(
     if not callable(kms) or not callable(crypto):
         raise ConfigurationError(
             "kms and crypto must be callables: kms() returns a KMS service, "
-            "await crypto(service) returns a Crypto"
+            "crypto(service) returns a Crypto (or an awaitable of one)"
         )
     async with contextlib.AsyncExitStack() as stack:
         service = kms()
@@ -76,10 +81,12 @@ async def serve_crypto(
         # The service is entered before anything can fail, so it is closed on every path.
         await stack.enter_async_context(service)
         stack.push_async_callback(_shielded_close, service.aclose)
-        made = await crypto(service)
+        built = crypto(service)
+        made = await built if inspect.isawaitable(built) else built
         if not isinstance(made, Crypto):
             raise ConfigurationError("crypto(kms) must return an encx_async.Crypto")
         stack.push_async_callback(_shielded_close, made.aclose)
+        await made.__aenter__()  # opens one not opened yet; refuses one already closed
         if metrics is not None:
             metrics.add(made, metric_attributes)
             stack.callback(metrics.discard, made)

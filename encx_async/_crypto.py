@@ -1195,7 +1195,7 @@ class Crypto(AsyncResource):
         self._check_open()
         return await self._rewrap(parse(blob), context, {})
 
-    async def rewrap_many(
+    def rewrap_many(
         self,
         items: Iterable[Bytes | tuple[Bytes, Context | None]]
         | AsyncIterable[Bytes | tuple[Bytes, Context | None]],
@@ -1210,9 +1210,20 @@ class Crypto(AsyncResource):
         Envelopes that share a wrapped DEK (a cached DEK's messages) cost one
         ``ReEncrypt`` between them. At most ``concurrency`` KMS calls run at
         once; ``progress(n)`` hears how many results have been yielded.
+        A closed Crypto or a bad ``concurrency`` raises here, at the call.
         """
         self._check_open()
         check_concurrency(concurrency)
+        return self._rewrap_all(items, context, concurrency, progress)
+
+    async def _rewrap_all(
+        self,
+        items: Iterable[Bytes | tuple[Bytes, Context | None]]
+        | AsyncIterable[Bytes | tuple[Bytes, Context | None]],
+        context: Context | None,
+        concurrency: int,
+        progress: Callable[[int], object] | None,
+    ) -> AsyncGenerator[bytes, None]:
         shared: dict[tuple[int, bytes, bytes], asyncio.Future[bytes]] = {}
 
         async def one(item: Bytes | tuple[Bytes, Context | None]) -> bytes:

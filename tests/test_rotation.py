@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from encx_async import (
+    ClosedError,
     ConfigurationError,
     Crypto,
     DatabaseUnavailableError,
@@ -400,6 +401,17 @@ async def test_a_failed_rewrap_many_leaves_no_error_unread(
         assert unread == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_rewrap_many_refuses_bad_arguments_at_the_call(local: LocalKMSService) -> None:
+    crypto = Crypto(kms=local, kek_alias=ALIAS, database="sqlite:///:memory:")
+    with pytest.raises(ClosedError, match="not open"):
+        crypto.rewrap_many([])  # not iterated: the check does not wait for the first item
+    async with crypto:
+        with pytest.raises(ConfigurationError, match="concurrency"):
+            crypto.rewrap_many([], concurrency=0)
+        blob = await crypto.encrypt(b"m")
+        assert [m async for m in crypto.rewrap_many([blob])] == [blob]  # current already
 
 
 async def test_strategy_is_the_deprecated_name_of_rotation(local: LocalKMSService) -> None:

@@ -68,7 +68,7 @@ from ._hashing import _LEGACY_WARNING, Argon2Params, BasicHasher, Domain, Secure
 from ._health import DEFAULT_CHECK_TIMEOUT, HealthReport, run_check
 from ._keyring import KeyRing
 from ._keys import DEK_SIZE, DataKey
-from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, open_keystore
+from ._keystore import DEFAULT_STORE_TIMEOUT, KEKVersion, check_database, open_keystore
 from ._keystore._default import resolve_database
 from ._models import EncryptedRecord
 from ._ordered import check_concurrency, ordered_map
@@ -245,6 +245,7 @@ class Crypto(AsyncResource):
         # wrap a key only in part (a region was down).
         self._partial_wrap = kms.partial_wrap if isinstance(kms, PartialWrapping) else None
         self._kek_alias = kek_alias
+        check_database(database)
         self._database = database
         self._create_key_if_missing = create_key_if_missing
         self._version_check_interval = version_check_interval

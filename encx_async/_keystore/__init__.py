@@ -45,6 +45,7 @@ __all__ = [
     "KeyStore",
     "NewKey",
     "UncommittedError",
+    "check_database",
     "default_database_url",
     "migrations",
     "now",
@@ -92,6 +93,28 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
         )
     if isinstance(database, KeyStore):
         return database
+    kind = _driver_kind(database)
+    if kind == "asyncpg":
+        from ._postgres import PostgresKeyStore
+
+        return PostgresKeyStore(pool=database, timeout=timeout)  # type: ignore[arg-type]
+    if kind == "aiosqlite":
+        from ._sqlite import SQLiteKeyStore
+
+        return SQLiteKeyStore(connection=database, timeout=timeout)  # type: ignore[arg-type]
+    raise _wrong_kind(database)
+
+
+def check_database(database: object) -> None:
+    """TypeError unless ``database`` is of a kind :func:`open_keystore` takes;
+    what is wrong with a URL itself shows when the store opens."""
+    if database is None or isinstance(database, str | KeyStore) or _driver_kind(database):
+        return
+    raise _wrong_kind(database)
+
+
+def _driver_kind(database: object) -> str | None:
+    """``"asyncpg"`` for an asyncpg pool, ``"aiosqlite"`` for an aiosqlite connection."""
     # Imported only to recognise what was passed: neither is a core dependency.
     try:
         import asyncpg
@@ -99,19 +122,19 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
         pass
     else:
         if isinstance(database, asyncpg.Pool):
-            from ._postgres import PostgresKeyStore
-
-            return PostgresKeyStore(pool=database, timeout=timeout)
+            return "asyncpg"
     try:
         import aiosqlite
     except ImportError:
         pass
     else:
         if isinstance(database, aiosqlite.Connection):
-            from ._sqlite import SQLiteKeyStore
+            return "aiosqlite"
+    return None
 
-            return SQLiteKeyStore(connection=database, timeout=timeout)
-    raise DatabaseUnavailableError(
-        f"database must be a URL, a KeyStore, an asyncpg pool or an aiosqlite connection, "
+
+def _wrong_kind(database: object) -> TypeError:
+    return TypeError(
+        "database must be a URL, a KeyStore, an asyncpg pool or an aiosqlite connection, "
         f"not {type(database).__name__}"
     )

@@ -153,7 +153,7 @@ async def test_async_with_crypto_opens_and_closes_it() -> None:
         await kms.create_key("lifecycle", alias="alias/lifecycle")
         with pytest.raises(ConfigurationError, match="kek_alias"):
             Crypto(kms=kms, kek_alias="")  # the settings are checked at once, before any I/O
-        with pytest.raises(TypeError, match="database must be a URL.*not int"):
+        with pytest.raises(TypeError, match=r"database must be a URL.*not int"):
             Crypto(kms=kms, kek_alias="alias/lifecycle", database=42)
         crypto = Crypto(kms=kms, kek_alias="alias/lifecycle", dek_cache=DEKCache())
         assert "not open" in repr(crypto)

@@ -38,7 +38,7 @@ from ._exceptions import (
 from ._hashing import Argon2Params
 from ._health import HealthReport
 from ._keys import DataKey
-from ._keystore import KEKVersion, KeyState, KeyStore
+from ._keystore import KEKVersion, KeyState, KeyStore, NewKey
 from ._models import Encrypt, EncryptedRecord, HashBasic, HashSecure
 from ._pepper import Pepper
 from ._telemetry import CryptoMetrics
@@ -88,6 +88,7 @@ __all__ = [
     "KeyVersionError",
     "KeyVersionNotFoundError",
     "ModelDefinitionError",
+    "NewKey",
     "PartialWrapping",
     "Pepper",
     "RegionsUnavailableError",

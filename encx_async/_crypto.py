@@ -189,7 +189,9 @@ class Crypto(AsyncResource):
         :param dek_cache: a :class:`~encx_async.DEKCache`; without one every encrypt
             wraps a new DEK and every decrypt unwraps through the KMS.
         :param database: where KEK versions live: ``sqlite:///path/keys.db``,
-            ``postgresql://...``, an asyncpg pool or an aiosqlite connection. By
+            ``postgresql://...``, an asyncpg pool, an aiosqlite connection, or a
+            :class:`~encx_async.KeyStore` of your own (opened and closed by the
+            Crypto, as the stores it makes from a URL are). By
             default ``$ENCX_DATABASE_URL``, else the provider's own: in memory
             for an in-memory LocalKMSService, ``<key file>.versions.db`` for one
             with a key file, a file per AWS account, region and endpoint under

@@ -34,6 +34,8 @@ SCHEMA_VERSION = 2
 DEFAULT_STORE_TIMEOUT = 5.0
 #: Given the current version (None before version 1), make the key of the next.
 NewKey = Callable[["KEKVersion | None"], Awaitable[str]]
+"""What a :class:`KeyStore` calls, under its write lock, for the key id of a new
+version: given the current version (None before the first), it asks the KMS."""
 
 
 class UncommittedError(DatabaseUnavailableError):
@@ -102,7 +104,15 @@ class KeyStore(Protocol):
         """The current version of ``alias``; under the write lock, version 1 if none exists."""
         ...
 
-    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion: ...
+    async def set_state(self, alias: str, version: int, state: KeyState) -> KEKVersion:
+        """Set the state of one version and return its row as it now is.
+
+        The active version is never retired, even when asked (another instance
+        may not have seen a rotation that made it current): the row comes back
+        unchanged then, and the Crypto says so. An unknown version raises
+        :class:`~encx_async.KeyVersionNotFoundError`.
+        """
+        ...
 
 
 def schema(timestamp_type: str) -> list[str]:

@@ -1177,11 +1177,15 @@ class Crypto(AsyncResource):
     async def retire_kek_version(self, version: int) -> KEKVersion:
         """Refuse, from now on, to decrypt data under ``version`` (rewrap it first).
 
-        The current version cannot be retired: rotate first.
+        The current version cannot be retired: rotate first. Retiring a version
+        retired already returns it as it is.
         """
         self._check_open()
         if version == self.kek_version:
             raise ConfigurationError(f"version {version} is current: rotate before retiring it")
+        known = {v.version: v for v in self._keyring.versions()}.get(version)
+        if known is not None and known.state == "retired":
+            return known
         await self._keyring.key_id_for(version)  # KeyVersionNotFoundError if unknown
         return await self._keyring.set_state(version, "retired")
 

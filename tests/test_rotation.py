@@ -185,6 +185,7 @@ async def test_retired_versions_are_refused(local: LocalKMSService) -> None:
         moved = await crypto.rewrap(old, context=CTX)
         retired = await crypto.retire_kek_version(1)
         assert retired.state == "retired"
+        assert await crypto.retire_kek_version(1) == retired  # again: nothing to do
         with pytest.raises(KeyVersionError, match="retired"):
             await crypto.decrypt(old, context=CTX)
         assert await crypto.decrypt(moved, context=CTX) == b"old"

@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DEFAULT_DATABASE_ENV",
     "MEMORY",
     "DefaultDatabase",
     "aws_database",

@@ -39,7 +39,9 @@ from __future__ import annotations
 from encx_async.providers._aws_client import Config, RetryMode
 from encx_async.providers._kms import KMSService
 from encx_async.providers._multi_region import (
+    BreakerState,
     MultiRegionKMSService,
+    MultiRegionMode,
     MultiRegionStats,
     RegionStats,
     RegionsUnavailableError,
@@ -48,9 +50,11 @@ from encx_async.providers._multi_region import (
 from encx_async.providers._secrets_manager import SecretsManagerPepperSource
 
 __all__ = [
+    "BreakerState",
     "Config",
     "KMSService",
     "MultiRegionKMSService",
+    "MultiRegionMode",
     "MultiRegionStats",
     "RegionStats",
     "RegionsUnavailableError",

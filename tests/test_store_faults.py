@@ -212,8 +212,9 @@ async def _locked_by_another_process(path: Path, how: str = "exclusive") -> Asyn
         await child.wait()
 
 
-async def _sqlite_crypto(kms: LocalKMSService, path: Path, store_timeout: float) -> Crypto:
-    return await Crypto.create(
+def _sqlite_crypto(kms: LocalKMSService, path: Path, store_timeout: float) -> Crypto:
+    """A Crypto (open it with ``async with``) on the SQLite file at ``path``."""
+    return Crypto(
         kms=kms,
         kek_alias="alias/locked",
         database=f"sqlite:///{path}",
@@ -226,8 +227,7 @@ async def test_a_sqlite_lock_held_elsewhere_fails_after_store_timeout(
     tmp_path: Path, local_kms: LocalKMSService
 ) -> None:
     path = tmp_path / "keys.db"
-    crypto = await _sqlite_crypto(local_kms, path, store_timeout=0.5)
-    try:
+    async with _sqlite_crypto(local_kms, path, store_timeout=0.5) as crypto:
         keys_before = len(local_kms._keys)
         async with _locked_by_another_process(path):
             started = time.monotonic()
@@ -239,8 +239,6 @@ async def test_a_sqlite_lock_held_elsewhere_fails_after_store_timeout(
             assert len(local_kms._keys) == keys_before  # the lock came first, no KMS call
         await crypto.rotate_kek()  # once the other process lets go
         assert crypto.kek_version == 2
-    finally:
-        await crypto.aclose()
 
 
 @pytest.mark.parametrize("operation", ["rotate", "read"])
@@ -250,8 +248,7 @@ async def test_a_wait_for_a_sqlite_lock_ends_at_the_callers_deadline(
     # SQLite waits for a lock inside a worker thread; the wait must still end
     # at once when the caller gives up, not when SQLite's own timeout would.
     path = tmp_path / "keys.db"
-    crypto = await _sqlite_crypto(local_kms, path, store_timeout=60)
-    try:
+    async with _sqlite_crypto(local_kms, path, store_timeout=60) as crypto:
         async with _locked_by_another_process(path):
             # A read is what the background check for other instances' rotations does.
             waiting = crypto.rotate_kek() if operation == "rotate" else crypto._keyring.reload()
@@ -262,8 +259,6 @@ async def test_a_wait_for_a_sqlite_lock_ends_at_the_callers_deadline(
         # The connection was left outside any transaction: it works at once.
         await crypto.rotate_kek()
         assert [v.version for v in crypto.kek_versions()] == [1, 2]
-    finally:
-        await crypto.aclose()
 
 
 @pytest.mark.parametrize("deadline", ["store_timeout", "caller"])
@@ -274,11 +269,10 @@ async def test_a_commit_kept_waiting_by_a_reader_leaves_no_version_behind(
     # to finish; when the wait ends, the transaction must be rolled back, not
     # left open on the connection (where this instance alone would see it).
     path = tmp_path / "keys.db"
-    crypto = await _sqlite_crypto(
+    async with _sqlite_crypto(
         local_kms, path, store_timeout=0.5 if deadline == "store_timeout" else 60
-    )
-    first = crypto.key_id
-    try:
+    ) as crypto:
+        first = crypto.key_id
         async with _locked_by_another_process(path, "read"):
             if deadline == "store_timeout":
                 with pytest.raises(DatabaseUnavailableError, match="store_timeout"):
@@ -295,8 +289,6 @@ async def test_a_commit_kept_waiting_by_a_reader_leaves_no_version_behind(
         assert await local_kms.get_key_id("alias/locked") == first  # the alias is back
         rotated = await crypto.rotate_kek()  # the connection is free: the next one works
         assert rotated.version == 2
-    finally:
-        await crypto.aclose()
     async with Crypto(
         kms=local_kms, kek_alias="alias/locked", database=f"sqlite:///{path}"
     ) as again:
@@ -306,15 +298,14 @@ async def test_a_commit_kept_waiting_by_a_reader_leaves_no_version_behind(
 async def test_statements_abandoned_by_cancelled_tasks_never_overlap(
     tmp_path: Path, local_kms: LocalKMSService
 ) -> None:
-    # Each cancelled read leaves its statement to finish in a worker thread;
-    # the next read must not run on the same connection meanwhile (two threads
-    # in one sqlite3 connection can crash the interpreter).
+    # Cancelled natively, a task stops waiting for its worker thread, which
+    # runs on; the next read must not run on the same connection meanwhile
+    # (two threads in one sqlite3 connection can crash the interpreter).
     path = tmp_path / "keys.db"
-    crypto = await _sqlite_crypto(local_kms, path, store_timeout=60)
-    threaded = crypto._keyring.store._connection._connection  # type: ignore[attr-defined]
-    watched = _OverlapWatch(threaded._connection)
-    threaded._connection = watched
-    try:
+    async with _sqlite_crypto(local_kms, path, store_timeout=60) as crypto:
+        threaded = crypto._keyring.store._connection._connection  # type: ignore[attr-defined]
+        watched = _OverlapWatch(threaded._connection)
+        threaded._connection = watched
         async with _locked_by_another_process(path):
             for _ in range(20):
                 with contextlib.suppress(TimeoutError):
@@ -324,8 +315,6 @@ async def test_statements_abandoned_by_cancelled_tasks_never_overlap(
         assert [v.version for v in crypto.kek_versions()] == [1, 2]
         assert watched.calls > 20
         assert watched.most_at_once == 1
-    finally:
-        await crypto.aclose()
 
 
 class _OverlapWatch:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["to_the_end", "uninterrupted"]
@@ -24,7 +24,7 @@ async def to_the_end(work: Coroutine[Any, Any, _T]) -> _T:
     return task.result()
 
 
-async def uninterrupted(work: Coroutine[Any, Any, _T]) -> _T:
+async def uninterrupted(work: Awaitable[_T]) -> _T:
     """Run ``work`` to its end; then, if the caller was cancelled meanwhile, go on
     with that cancellation, else return the outcome.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -72,26 +71,17 @@ class _Connection(Protocol):
 class _ThreadedConnection:
     """A ``sqlite3`` connection whose statements run in anyio worker threads.
 
-    One statement runs at a time, whichever thread it runs in (hence
-    ``check_same_thread=False``). The store waits for each statement to end
-    even when its task is cancelled (see _Patient); the lock here makes sure
-    of it for the connection itself, whatever its callers do.
+    The store runs one statement at a time, and waits for each to end even when
+    its task is cancelled (see _Patient), so the connection is never used by
+    two threads at once (hence ``check_same_thread=False``).
     """
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
-        self._one_at_a_time = threading.Lock()
 
     @property
     def in_transaction(self) -> bool:
         return self._connection.in_transaction
-
-    async def _run(self, call: Callable[[], _T]) -> _T:
-        def alone() -> _T:
-            with self._one_at_a_time:
-                return call()
-
-        return await anyio.to_thread.run_sync(alone)
 
     @classmethod
     async def connect(cls, target: str) -> _ThreadedConnection:
@@ -105,7 +95,7 @@ class _ThreadedConnection:
         return cls(await anyio.to_thread.run_sync(connect))
 
     async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> object:
-        return await self._run(partial(self._connection.execute, sql, tuple(parameters)))
+        return await anyio.to_thread.run_sync(self._connection.execute, sql, tuple(parameters))
 
     async def execute_fetchall(
         self, sql: str, parameters: Iterable[Any] = ()
@@ -113,12 +103,12 @@ class _ThreadedConnection:
         def fetch() -> list[sqlite3.Row]:
             return self._connection.execute(sql, tuple(parameters)).fetchall()
 
-        return await self._run(fetch)
+        return await anyio.to_thread.run_sync(fetch)
 
     async def close(self) -> None:
         # Shielded: a cancelled aclose() must not leave the file open.
         with anyio.CancelScope(shield=True):
-            await self._run(self._connection.close)
+            await anyio.to_thread.run_sync(self._connection.close)
 
 
 class _Patient:
@@ -138,9 +128,10 @@ class _Patient:
     transaction fails, and the transaction is rolled back.
 
     A cancelled statement is still waited for, up to the end of its slice,
-    before the cancellation goes on: under asyncio the worker thread would
-    otherwise run on, unseen, and could finish after the statements that
-    follow it (a ROLLBACK after the next transaction's BEGIN, say).
+    before the cancellation goes on: under asyncio its worker thread would
+    otherwise run on, unseen, beside the statements that follow on the same
+    connection (which can crash the interpreter), or after them (a ROLLBACK
+    after the next transaction's BEGIN, say).
     """
 
     def __init__(self, connection: _Connection, timeout: float) -> None:
@@ -161,14 +152,14 @@ class _Patient:
         return await self._patiently(sql, call)
 
     async def close(self) -> None:
-        await _whole(self._connection.close)
+        await _whole(self._connection.close())
 
     async def _patiently(self, sql: str, statement: Callable[[], Awaitable[_T]]) -> _T:
         deadline = time.monotonic() + self._timeout
         delay = 0.005
         while True:
             try:
-                return await _whole(statement)
+                return await _whole(statement())
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
@@ -183,17 +174,13 @@ class _Patient:
             delay = min(delay * 2, _LOCK_SLICE_MS / 1000)
 
 
-async def _whole(statement: Callable[[], Awaitable[_T]]) -> _T:
-    """``await statement()``, waited for to its end even if the task is cancelled."""
+async def _whole(statement: Awaitable[_T]) -> _T:
+    """``await statement``, waited for to its end even if the task is cancelled."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # another anyio backend (trio): a cancelled scope waits anyway
-        return await statement()
-    return await uninterrupted(_awaited(statement))
-
-
-async def _awaited(statement: Callable[[], Awaitable[_T]]) -> _T:
-    return await statement()
+        return await statement
+    return await uninterrupted(statement)
 
 
 class SQLiteKeyStore:

@@ -15,6 +15,7 @@ rows from schema 1 predate the binding and are migrated as unbound.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, TypeGuard
 
 from encx_async._exceptions import DatabaseUnavailableError
 
@@ -34,6 +35,10 @@ from ._rows import (
     row_to_version,
     schema,
 )
+
+if TYPE_CHECKING:
+    import aiosqlite
+    import asyncpg
 
 __all__ = [
     "COLUMNS",
@@ -93,44 +98,47 @@ def open_keystore(database: object, *, timeout: float = DEFAULT_STORE_TIMEOUT) -
         )
     if isinstance(database, KeyStore):
         return database
-    kind = _driver_kind(database)
-    if kind == "asyncpg":
+    if _is_asyncpg_pool(database):
         from ._postgres import PostgresKeyStore
 
-        return PostgresKeyStore(pool=database, timeout=timeout)  # type: ignore[arg-type]
-    if kind == "aiosqlite":
+        return PostgresKeyStore(pool=database, timeout=timeout)
+    if _is_aiosqlite_connection(database):
         from ._sqlite import SQLiteKeyStore
 
-        return SQLiteKeyStore(connection=database, timeout=timeout)  # type: ignore[arg-type]
+        return SQLiteKeyStore(connection=database, timeout=timeout)
     raise _wrong_kind(database)
 
 
 def check_database(database: object) -> None:
     """TypeError unless ``database`` is of a kind :func:`open_keystore` takes;
     what is wrong with a URL itself shows when the store opens."""
-    if database is None or isinstance(database, str | KeyStore) or _driver_kind(database):
+    if (
+        database is None
+        or isinstance(database, str | KeyStore)
+        or _is_asyncpg_pool(database)
+        or _is_aiosqlite_connection(database)
+    ):
         return
     raise _wrong_kind(database)
 
 
-def _driver_kind(database: object) -> str | None:
-    """``"asyncpg"`` for an asyncpg pool, ``"aiosqlite"`` for an aiosqlite connection."""
-    # Imported only to recognise what was passed: neither is a core dependency.
+# Imported only to recognise what was passed: neither driver is a core dependency.
+
+
+def _is_asyncpg_pool(database: object) -> TypeGuard[asyncpg.Pool]:
     try:
         import asyncpg
     except ImportError:
-        pass
-    else:
-        if isinstance(database, asyncpg.Pool):
-            return "asyncpg"
+        return False
+    return isinstance(database, asyncpg.Pool)
+
+
+def _is_aiosqlite_connection(database: object) -> TypeGuard[aiosqlite.Connection]:
     try:
         import aiosqlite
     except ImportError:
-        pass
-    else:
-        if isinstance(database, aiosqlite.Connection):
-            return "aiosqlite"
-    return None
+        return False
+    return isinstance(database, aiosqlite.Connection)
 
 
 def _wrong_kind(database: object) -> TypeError:
